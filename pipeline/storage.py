@@ -1,0 +1,124 @@
+"""Paths that may be local or URIs (s3://, gs://, file://, …) through pyarrow filesystems.
+
+Every path in a job goes through here so that one machine (local paths) and a cluster with
+shared object storage (URIs) run the same code. Credentials embedded in URIs are redacted
+before anything is logged or written to a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_CREDENTIALS_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:access_key|secret_key|secret|token|session_token|sig|signature|password)=)[^&\s]+")
+
+
+def is_uri(path: str) -> bool:
+    return bool(_URI.match(path)) and not path.startswith("file://")
+
+
+def redact(text: str) -> str:
+    """Remove credentials from URIs (user:secret@host, ?secret=...) in any string."""
+    text = _CREDENTIALS_IN_URI.sub(r"\g<scheme>***@", text)
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def redact_obj(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_obj(v) for v in obj]
+    return obj
+
+
+def join(base: str, *parts: str) -> str:
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return os.path.join(base, *parts)
+
+
+def local_path(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path or a URI."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(path))
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def makedirs(path: str) -> None:
+    fs, p = filesystem(path)
+    fs.create_dir(p, recursive=True)
+
+
+def read_text(path: str) -> str:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a small file so readers see the old content or the new, never a torn one."""
+    fs, p = filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    else:  # object stores: a single PUT is atomic
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def delete_dir(path: str) -> None:
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def move(src: str, dst: str) -> None:
+    fs, s = filesystem(src)
+    _, d = filesystem(dst)
+    fs.move(s, d)
+
+
+def list_files(path: str, suffix: str = "") -> list[str]:
+    """Sorted files directly under a directory (URI-preserving)."""
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    return [join(path, n) for n in names]
