@@ -1,0 +1,108 @@
+"""Starting or joining Ray, and sizing actor pools from the cluster's real resources.
+
+Two traps shape this module (STACK.md): a GPU request on a GPU-less cluster hangs forever, and an
+actor pool that takes every CPU starves Ray Data's read tasks and deadlocks. So GPU use is decided
+from `ray.cluster_resources()`, an explicit GPU request without GPUs fails fast, and CPU actors
+always leave at least one CPU for reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+from pipeline.config import RayConfig
+from pipeline.errors import ResourceError
+
+log = logging.getLogger("influcoder")
+
+# Environment every worker needs: nothing may reach a model hub at run time.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Start an in-process Ray (one machine) or join the cluster at `cfg.address`. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    env = {"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}}
+    if os.environ.get("INFLUCODER_CACHE"):
+        env["env_vars"]["INFLUCODER_CACHE"] = os.environ["INFLUCODER_CACHE"]
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+                 dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many stateful actors a Ray Data stage runs, and what each one asks for."""
+
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.num_gpus > 0
+
+    def map_batches_kwargs(self) -> dict:
+        import ray.data
+
+        return {
+            "compute": ray.data.ActorPoolStrategy(size=self.num_actors),
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+        }
+
+
+def cluster_cpus_gpus() -> tuple[float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+def plan_actors(use_gpu: bool | None, num_actors: int | None, key: str) -> ActorPlan:
+    """Size an actor pool. `key` names the config section (e.g. `sketch`) for error messages."""
+    cpus, gpus = cluster_cpus_gpus()
+    if use_gpu and gpus < 1:
+        raise ResourceError(
+            f"`{key}.use_gpu` is true but the Ray cluster has no GPU (resources: CPU={cpus:g}, GPU=0). "
+            f"Set `--set {key}.use_gpu=false` to run on CPUs, or add GPU nodes to the cluster."
+        )
+    if use_gpu is None:
+        use_gpu = gpus >= 1
+    if use_gpu:
+        n = num_actors or int(gpus)
+        if n > gpus:
+            raise ResourceError(f"`{key}.num_actors`={n} asks for more GPU actors than the cluster's {gpus:g} GPUs.")
+        return ActorPlan(num_actors=n, num_cpus=1.0, num_gpus=1.0, torch_threads=max(1, int(cpus // max(n, 1)) - 1))
+    if cpus < 2:
+        raise ResourceError(f"the Ray cluster has {cpus:g} CPU; `{key}` needs at least 2 (one for reads).")
+    # Leave one CPU for Ray Data's read tasks (an actor pool that takes every CPU deadlocks).
+    available = cpus - 1.0
+    threads = max(1, min(8, int(available)))
+    n = num_actors or max(1, int(available // threads))
+    per_actor = min(float(threads), available / n)
+    per_actor = max(0.25, math.floor(per_actor * 4) / 4)
+    # Reads are short and I/O-light, so each actor's torch may use the cores its share rounds to,
+    # plus the read CPU on small machines where one idle core would otherwise halve throughput.
+    torch_threads = max(1, int(cpus // n)) if cpus <= 4 else max(1, int(per_actor))
+    return ActorPlan(num_actors=n, num_cpus=per_actor, num_gpus=0.0, torch_threads=torch_threads)

@@ -1,0 +1,7 @@
+"""The eval stage (not implemented yet)."""
+
+from pipeline.errors import UsageError
+
+
+def run(ctx) -> None:
+    raise UsageError("the `eval` stage is not available yet: it arrives with issue #5.")
