@@ -170,7 +170,7 @@ def run_stage(job: JobConfig, stage: str, overwrite: bool = False,
                      stage, config_hash)
             return existing
         if existing.get("config_hash") != config_hash and not overwrite:
-            changed = sorted(k for k, v in stage_inputs(job, stage).items()
+            changed = sorted(k for k, v in storage.redact_obj(stage_inputs(job, stage)).items()
                              if existing.get("stage_inputs", {}).get(k) != v)
             raise ArtifactMismatchError(
                 f"{storage.redact(final)} was produced with a different config (changed: "
@@ -198,7 +198,7 @@ def run_stage(job: JobConfig, stage: str, overwrite: bool = False,
         "stage": stage,
         "identity": identity,
         "config_hash": config_hash,
-        "stage_inputs": stage_inputs(job, stage),
+        "stage_inputs": storage.redact_obj(stage_inputs(job, stage)),
         "config": storage.redact_obj(to_dict(job)),
         "inputs": storage.redact_obj(input_fp),
         "upstream": {s: {"identity": m.get("identity"), "config_hash": m.get("config_hash")}
