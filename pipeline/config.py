@@ -262,6 +262,10 @@ class EvalConfig:
         default_factory=lambda: ["influcoder", "gradient", "untrained_encoder", "bm25", "random"]
     )
     recall_k: list[int] = field(default_factory=lambda: [10, 50])
+    """k values of Recall@k (retrieval metrics; relevant rows are the corpus rows with label 1)."""
+    max_rows: Optional[int] = None
+    """Evaluate on a seeded sample of this many corpus rows (every method sees the same rows);
+    default: all rows. The gradient method costs a teacher backward pass per row."""
     timing_rows: int = field(default=64, metadata=EXEC_ONLY)
     """Rows used to time ms per scored sample (after a warm-up)."""
 
@@ -271,6 +275,7 @@ class EvalConfig:
             _require(m in known, "methods", self.methods, f"a list drawn from {sorted(known)}")
         for k in self.recall_k:
             _require(isinstance(k, int) and k > 0, "recall_k", self.recall_k, "positive integers")
+        _positive(self, "max_rows", "timing_rows")
 
 
 @dataclass(frozen=True)

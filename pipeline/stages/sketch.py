@@ -60,8 +60,10 @@ class SketchActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
+        t0 = time.perf_counter()
         res = self.sketcher.sketch(batch.column(PROMPT).to_pylist(), batch.column(RESPONSE).to_pylist(),
                                    self.batch_size)
+        compute_s = time.perf_counter() - t0  # model load excluded: it happened in __init__
         flat = np.zeros((n, self.proj_dim), dtype=np.float32)
         valid = np.zeros(n, dtype=bool)
         if len(res.ok_index):
@@ -78,6 +80,7 @@ class SketchActor:
             SOURCE: batch.column(SOURCE), ROW: batch.column(ROW), TEXT: batch.column(TEXT),
             SKETCH: sketches, REASON: pa.array(reasons, pa.string()),
             "tokens": pa.array([res.tokens if i == 0 else 0 for i in range(n)], pa.int64()),
+            "compute_s": pa.array([compute_s if i == 0 else 0.0 for i in range(n)], pa.float64()),
         })
 
 
@@ -171,7 +174,7 @@ def run(ctx: StageRun) -> None:
     log.info("sketch: %d anchors + %d pool rows in %d shards (%d already done), %s",
              len(selected["anchors"]), len(selected["pool"]), len(all_shards), len(all_shards) - len(pending), plan)
     t0 = time.perf_counter()
-    tokens = _sketch_shards(job, plan, pending, shard_dir)
+    tokens, compute_s = _sketch_shards(job, plan, pending, shard_dir)
     sketch_seconds = time.perf_counter() - t0
 
     tables = {role: [] for role in ROLES}
@@ -209,17 +212,20 @@ def run(ctx: StageRun) -> None:
         seeds={"seed": job.seed, "split_seed": cfg.split_seed, "proj_seed": cfg.proj_seed, "lora_seed": job.lora_seed},
         resources={"actors": plan.num_actors, "gpus_per_actor": plan.num_gpus, "cpus_per_actor": plan.num_cpus},
         throughput={"samples": n_sketched, "seconds": round(sketch_seconds, 3), "tokens_this_run": tokens,
+                    "actor_compute_s": round(compute_s, 3),
                     "samples_per_s": round(len([r for _, rows in pending for r in rows]) / max(sketch_seconds, 1e-9), 3)},
         fidelity=fidelity,
     )
 
 
-def _sketch_shards(job: JobConfig, plan: ActorPlan, pending: list[tuple[str, list[dict]]], shard_dir: str) -> int:
-    """Run the actor pool over pending shards; write each shard file when all its rows are back."""
+def _sketch_shards(job: JobConfig, plan: ActorPlan, pending: list[tuple[str, list[dict]]],
+                   shard_dir: str) -> tuple[int, float]:
+    """Run the actor pool over pending shards; write each shard file when all its rows are back.
+    Returns (tokens processed, actor compute seconds)."""
     import ray
 
     if not pending:
-        return 0
+        return 0, 0.0
     cfg = job.sketch
     cols = [SHARD, ID, SPLIT, SOURCE, ROW, TEXT, PROMPT, RESPONSE]
     blocks = [pa.Table.from_pylist([{**{k: r.get(k) for k in cols if k != SHARD}, SHARD: name} for r in rows])
@@ -237,10 +243,11 @@ def _sketch_shards(job: JobConfig, plan: ActorPlan, pending: list[tuple[str, lis
     )
     buffers: dict[str, list[pa.Table]] = {}
     got: dict[str, int] = {}
-    tokens = 0
+    tokens, compute_s = 0, 0.0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         tokens += int(pa.compute.sum(batch.column("tokens")).as_py() or 0)
-        batch = batch.drop_columns(["tokens"])
+        compute_s += float(pa.compute.sum(batch.column("compute_s")).as_py() or 0.0)
+        batch = batch.drop_columns(["tokens", "compute_s"])
         for name in set(batch.column(SHARD).to_pylist()):
             part = batch.filter(pa.compute.equal(batch.column(SHARD), name))
             buffers.setdefault(name, []).append(part)
@@ -254,7 +261,7 @@ def _sketch_shards(job: JobConfig, plan: ActorPlan, pending: list[tuple[str, lis
         from pipeline.errors import StageError
 
         raise StageError(f"sketch: shards {missing[:5]} came back incomplete; rerun to resume.")
-    return tokens
+    return tokens, compute_s
 
 
 def _write_atomic(table: pa.Table, path: str) -> None:
