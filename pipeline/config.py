@@ -298,11 +298,13 @@ class JobConfig:
     """A whole job: every artifact lives under `run_dir`."""
 
     run_dir: str
+    """Where every artifact of the job lives (local path or URI)."""
     corpus: DatasetConfig
     """The corpus to encode and score."""
     anchors: DatasetConfig
     """Query-like samples whose influence sources are sought (teacher + distillation anchors)."""
     seed: int = 0
+    """Job seed: LoRA init (unless teacher.lora_seed), distillation order, random baseline."""
     pool: Optional[DatasetConfig] = None
     """Where distillation pool rows are sampled from; default: the corpus. Point it elsewhere to keep
     the evaluation corpus out of distillation (leak-free protocol, METHOD.md 4.4)."""
@@ -521,8 +523,10 @@ def stage_config_hash(job: JobConfig, stage: str) -> str:
     return stable_hash(stage_inputs(job, stage))
 
 
-def describe_fields(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, help) for every key: the README's job reference is built from it."""
+def describe_fields(cls: type = JobConfig, prefix: str = "",
+                    expand_datasets: bool = True) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) for every key: the README's job reference is built from it.
+    With `expand_datasets=False`, dataset sections are one row each (their keys are listed once)."""
     import ast
     import inspect
 
@@ -540,8 +544,13 @@ def describe_fields(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, 
     for f in dataclasses.fields(cls):
         tp, _ = _strip_optional(hints[f.name])
         key = prefix + f.name
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe_fields(tp, key + "."))
+        if dataclasses.is_dataclass(tp) and (expand_datasets or tp is not DatasetConfig):
+            rows.extend(describe_fields(tp, key + ".", expand_datasets))
+            continue
+        if tp is DatasetConfig:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            rows.append((key, "a dataset section (keys below)", "required" if required else "null",
+                         docs.get(f.name, "")))
             continue
         if f.default is not dataclasses.MISSING:
             default = json.dumps(f.default)
