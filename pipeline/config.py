@@ -94,6 +94,7 @@ class TeacherConfig:
     max_len: int = 256
     """Token budget per sample; the response gets at most half, the prompt is left-truncated."""
     lora_rank: int = 8
+    """Rank of the fresh LoRA adapter whose gradients define influence."""
     lora_alpha: Optional[float] = None
     """LoRA alpha; default 2 * lora_rank."""
     target_modules: str = "all-linear"
@@ -103,6 +104,7 @@ class TeacherConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """`auto`: bf16 autocast on GPUs with compute capability >= 8, fp32 otherwise."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel; sdpa is faster and per-sample gradients stay exact with it."""
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint. Off unless you trust the checkpoint."""
 
@@ -128,12 +130,17 @@ class SketchConfig:
     split_seed: int = 42
     """Seed of the anchor/pool sampling. Eval takes the front of the seeded order, train the next rows."""
     train_anchors: int = 64
+    """Anchors whose sketches become distillation targets (train split)."""
     train_pool: int = 128
+    """Pool rows of the train split (targets = train anchors x train pool cosines)."""
     eval_anchors: int = 16
+    """Held-out anchors: ground truth for fit and eval, never trained on."""
     eval_pool: int = 64
+    """Held-out pool rows of the ground-truth matrix."""
     fidelity_samples: int = 8
     """Samples whose exact gradients are kept to check sketch fidelity (0 disables)."""
     fidelity_warn_max_err: float = 0.15
+    """Warn when max |exact cosine - sketch cosine| passes this (raise proj_dim)."""
     max_reject_frac: float = 0.05
     """Fail the stage when more than this fraction of input rows is rejected."""
     rows_per_shard: int = field(default=64, metadata=EXEC_ONLY)
@@ -162,6 +169,7 @@ class EncoderConfig:
     anchor_prefix: str = DEFAULT_ANCHOR_PREFIX
     """Prepended to anchor and query texts (not to pool/corpus rows)."""
     trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust it."""
 
     def __post_init__(self) -> None:
         _positive(self, "max_len")
@@ -172,10 +180,15 @@ class FitConfig:
     """Distillation of the sketches' influence rankings into the encoder (METHOD.md 1d)."""
 
     epochs: int = 8
+    """Training epochs; the last epoch is exported unless restore_best."""
     lr: float = 5e-5
+    """AdamW learning rate (linear warm-up, then linear decay to 0)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_frac: float = 0.1
+    """Fraction of optimiser steps spent warming up the learning rate."""
     grad_clip: float = 1.0
+    """Gradient-norm clip."""
     alpha: float = 0.5
     """Weight of the Pearson term; 1 - alpha weights the listwise KL term."""
     tau: float = 0.05
@@ -189,9 +202,11 @@ class FitConfig:
     restore_best: bool = False
     """Export the best held-out epoch instead of the last (recorded in the metrics)."""
     select_best_on: Literal["aggregated", "per_anchor"] = "aggregated"
+    """Held-out metric that picks the best epoch when restore_best is on."""
     num_workers: Optional[int] = field(default=None, metadata=EXEC_ONLY)
     """Ray Train workers; default one per GPU, else 1 on small CPU clusters."""
     use_gpu: Optional[bool] = field(default=None, metadata=EXEC_ONLY)
+    """Default: train on GPUs when the cluster has them; true on a GPU-less cluster fails fast."""
     max_failures: int = field(default=2, metadata=EXEC_ONLY)
     """Worker failures tolerated; training resumes from the last epoch checkpoint."""
     embed_batch_size: int = field(default=64, metadata=EXEC_ONLY)
@@ -211,16 +226,23 @@ class EncodeConfig:
     """Corpus codes in LanceDB (issue: encode)."""
 
     batch_size: int = field(default=64, metadata=EXEC_ONLY)
+    """Texts per encoder forward pass."""
     code_dtype: Literal["float16", "int8", "float32"] = "float16"
+    """Stored code precision; int8 is scalar-quantised with its fidelity loss measured."""
     lancedb_uri: Optional[str] = None
     """LanceDB database; default `<run_dir>/lancedb`."""
     table: str = "codes"
+    """LanceDB table of the codes."""
     index: Literal["auto", "none", "ivf_pq", "ivf_hnsw_sq"] = "auto"
     """Vector index for interactive top-k; `auto` builds IVF_HNSW_SQ once the table is large enough."""
     index_min_rows: int = 5000
+    """`index: auto` builds the vector index once the table has this many rows."""
     max_reject_frac: float = 0.05
+    """Fail the stage when more than this fraction of corpus rows is rejected."""
     num_actors: Optional[int] = field(default=None, metadata=EXEC_ONLY)
+    """Encoder actors; default one per GPU, or as many as CPUs allow."""
     use_gpu: Optional[bool] = field(default=None, metadata=EXEC_ONLY)
+    """Default: use GPUs when the cluster has them; true on a GPU-less cluster fails fast."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "index_min_rows", "num_actors")
@@ -239,7 +261,9 @@ class ScoreConfig:
     ann: bool = False
     """Use the vector index (with refinement) for per-query top-k instead of exact search."""
     refine_factor: int = 10
+    """ANN only: re-rank refine_factor x top_k candidates with the stored codes."""
     nprobes: int = 20
+    """ANN only: IVF partitions probed per query."""
     select_top_frac: Optional[float] = None
     """Select the top fraction of rows by mean score (for curation)."""
     select_threshold: Optional[float] = None
@@ -261,6 +285,7 @@ class EvalConfig:
     methods: list[str] = field(
         default_factory=lambda: ["influcoder", "gradient", "untrained_encoder", "bm25", "random"]
     )
+    """Methods compared on the same rows and queries (influcoder, gradient, untrained_encoder, bm25, random)."""
     recall_k: list[int] = field(default_factory=lambda: [10, 50])
     """k values of Recall@k (retrieval metrics; relevant rows are the corpus rows with label 1)."""
     max_rows: Optional[int] = None
