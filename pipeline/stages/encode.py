@@ -1,7 +1,379 @@
-"""The encode stage (not implemented yet)."""
+"""The encode stage: every corpus row -> one code in LanceDB, incrementally and crash-safely.
 
-from pipeline.errors import UsageError
+Shape: Ray Data reads the corpus files and `map_batches` a stateful `CodeEncoder` actor (model
+loaded once per actor, GPU actors when the cluster has GPUs); the driver consumes the stream and is
+the single writer into LanceDB (`merge_insert` on id, so a crash + rerun never duplicates a row).
+
+Incremental: the table's `Ledger` lists the files whose rows are all in the table (path, size,
+mtime). A run encodes only files missing from it, deletes the rows of files that changed or left
+the corpus, and marks files done one *wave* (~WAVE_BYTES of input) at a time, after the wave's
+rows are upserted. A crash loses at most the wave in flight; its partial rows are deleted and
+re-encoded on the rerun. `input_fingerprint` lists the corpus files, so a new shard makes
+`run_stage` rerun this stage (without --overwrite), and only the new shard is encoded.
+
+Rejected rows: per file, in `<table>.rejects/` next to the ledger (so rejects of files encoded by
+earlier runs are not lost), gathered into `encode/rejects.parquet` for the current corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import corpus, storage
+from pipeline.codes import bytes_per_row, numpy_dtype, quantization_fidelity, quantize
+from pipeline.codestore import (CODE_DTYPE, CODE_SCALE, ENCODED_UTC, ENCODER_FINGERPRINT, CodeSpec,
+                                CodeStore, Ledger, code_array, codes_from_arrow, utc_now)
+from pipeline.config import JobConfig, stable_hash
+from pipeline.errors import ArtifactMissingError
+from pipeline.schema import CODE, ID, REJECTS, ROW, SOURCE
+
+log = logging.getLogger("influcoder")
+
+WAVE_BYTES = 256 * 1024 * 1024  # input bytes per wave: the unit of crash recovery
+WRITE_ROWS = 8192  # rows per merge_insert (fewer, larger LanceDB commits)
+FIDELITY_ROWS = 256  # rows embedded in float32 to measure int8 ranking fidelity
+RECALL_QUERIES, RECALL_K = 100, 10
+TRUNCATED = "truncated"
+
+
+# --------------------------------------------------------------------------- the Ray actor
+
+
+class CodeEncoder:
+    """Ray Data callable class: canonical rows -> (id, code, code_scale, source, row, truncated).
+
+    Rejected rows pass through with a zero code and their `reject_reason` so that the driver can
+    route them (one output schema per batch is what Ray Data needs).
+    """
+
+    def __init__(self, model_dir: str, max_len: int, code_dtype: str, torch_threads: int,
+                 batch_size: int, use_gpu: bool = False, text_prefix: str = "", trust_remote_code: bool = False):
+        import torch
+
+        from pipeline.encoder import TextEncoder
+
+        torch.set_num_threads(torch_threads)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.encoder = TextEncoder(model_dir, max_len, trust_remote_code=trust_remote_code, device=device)
+        self.code_dtype, self.batch_size, self.prefix = code_dtype, batch_size, text_prefix
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        good = pc.is_null(batch.column(corpus.REJECT_REASON)).to_numpy(zero_copy_only=False)
+        idx = np.nonzero(good)[0]
+        texts = [self.prefix + t for t in batch.column("text").take(pa.array(idx)).to_pylist()]
+        dim = self.encoder.dim
+        codes = np.zeros((n, dim), dtype=numpy_dtype(self.code_dtype))
+        scales = np.ones(n, np.float32)
+        truncated = np.zeros(n, bool)
+        if len(texts):
+            q = quantize(self.encoder.embed(texts, batch_size=self.batch_size), self.code_dtype)
+            codes[idx], scales[idx] = q.codes, q.scales
+            lengths = self.encoder.tokenizer(texts, truncation=False, return_length=True, verbose=False)["length"]
+            truncated[idx] = np.asarray(lengths) > self.encoder.max_len
+        return pa.table({
+            ID: batch.column(ID), CODE: code_array(codes), CODE_SCALE: pa.array(scales),
+            SOURCE: batch.column(SOURCE), ROW: batch.column(ROW), TRUNCATED: pa.array(truncated),
+            corpus.REJECT_REASON: batch.column(corpus.REJECT_REASON),
+        })
+
+
+def encode_stream(job: JobConfig, ds, model_dir: str, code_dtype: str, text_prefix: str = "",
+                  stage_key: str = "encode") -> Iterator[pa.Table]:
+    """Map a dataset of canonical rows through CodeEncoder actors; yield the output batches."""
+    from pipeline.ray_runtime import plan_actors
+
+    plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, stage_key)
+    out = ds.map_batches(
+        CodeEncoder,
+        fn_constructor_kwargs={"model_dir": model_dir, "max_len": job.encoder.max_len,
+                               "code_dtype": code_dtype, "torch_threads": plan.torch_threads,
+                               "batch_size": job.encode.batch_size, "use_gpu": plan.use_gpu,
+                               "text_prefix": text_prefix, "trust_remote_code": job.encoder.trust_remote_code},
+        batch_size=job.encode.batch_size * 4,  # the encoder sorts by length within a batch
+        batch_format="pyarrow",
+        **plan.map_batches_kwargs(),
+    )
+    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield batch
+
+
+def split_output(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(good code rows, rejects in the REJECTS schema)."""
+    bad = pc.is_valid(batch.column(corpus.REJECT_REASON))
+    rej = batch.filter(bad)
+    rejects = pa.table({SOURCE: rej.column(SOURCE), ROW: rej.column(ROW), ID: rej.column(ID),
+                        "reason": rej.column(corpus.REJECT_REASON)})
+    return batch.filter(pc.invert(bad)).drop_columns([corpus.REJECT_REASON]), rejects
+
+
+# --------------------------------------------------------------------------- stage helpers
+
+
+def fit_encoder_dir(job: JobConfig) -> str:
+    path = storage.join(job.run_dir, "fit", "encoder")
+    if not storage.exists(storage.join(path, "config.json")):
+        raise ArtifactMissingError(
+            f"the fitted encoder {storage.redact(path)} is missing; run `influcoder fit JOB.yaml` first."
+        )
+    return storage.local_path(path)
+
+
+def encoder_dim(model_dir: str) -> int:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    for key in ("hidden_size", "dim", "d_model"):
+        if key in cfg:
+            return int(cfg[key])
+    raise ArtifactMissingError(f"{model_dir}/config.json has no hidden_size; cannot size the code column.")
+
+
+def code_spec(job: JobConfig, model_dir: str) -> CodeSpec:
+    """What the codes are: the encoder (weights + max_len), the text view of the corpus, the dtype."""
+    from pipeline.models import model_fingerprint
+
+    view = {k: getattr(job.corpus, k) for k in
+            ("id_column", "prompt_column", "response_column", "text_column", "encoder_text_column")}
+    return CodeSpec(
+        encoder_fingerprint=f"{model_fingerprint(model_dir)}-len{job.encoder.max_len}-view{stable_hash(view)[:8]}",
+        dim=encoder_dim(model_dir),
+        code_dtype=job.encode.code_dtype,
+    )
+
+
+def input_fingerprint(job: JobConfig) -> dict[str, Any]:
+    """The corpus files (path, size, mtime): a new or changed shard reruns the stage incrementally."""
+    files = corpus.files_fingerprint(corpus.discover(job.corpus, "corpus"))
+    out: dict[str, Any] = {"corpus_files": len(files), "corpus_bytes": sum(f["size"] for f in files),
+                           "corpus_digest": stable_hash(files)}
+    if len(files) <= 50:  # keep manifests readable for big corpora: the digest identifies the rest
+        out["files"] = files
+    return out
+
+
+def waves(files: list, max_bytes: int) -> Iterator[list]:
+    wave, size = [], 0
+    for f in files:
+        if wave and size + f.size > max_bytes:
+            yield wave
+            wave, size = [], 0
+        wave.append(f)
+        size += f.size
+    if wave:
+        yield wave
+
+
+class RejectFiles:
+    """Per-input-file rejects, kept next to the ledger: `<uri>/<table>.rejects/<hash>.parquet`."""
+
+    def __init__(self, uri: str, table: str):
+        self.dir = storage.join(uri, f"{table}.rejects")
+
+    def _path(self, source: str) -> str:
+        return storage.join(self.dir, hashlib.sha1(source.encode()).hexdigest()[:20] + ".parquet")
+
+    def write(self, source: str, rejects: pa.Table) -> None:
+        path = self._path(source)
+        if rejects.num_rows == 0:
+            if storage.exists(path):
+                fs, p = storage.filesystem(path)
+                fs.delete_file(p)
+            return
+        storage.makedirs(self.dir)
+        fs, p = storage.filesystem(path)
+        pq.write_table(rejects.cast(REJECTS), p, filesystem=fs)
+
+    def forget(self, sources: list[str]) -> None:
+        self.write_many({s: REJECTS.empty_table() for s in sources})
+
+    def write_many(self, by_source: dict[str, pa.Table]) -> None:
+        for s, t in by_source.items():
+            self.write(s, t)
+
+    def clear(self) -> None:
+        storage.delete_dir(self.dir)
+
+    def gather(self, sources: list[str]) -> pa.Table:
+        tables = []
+        for s in sources:
+            path = self._path(s)
+            if storage.exists(path):
+                fs, p = storage.filesystem(path)
+                tables.append(pq.read_table(p, filesystem=fs))
+        return pa.concat_tables(tables) if tables else REJECTS.empty_table()
+
+
+# --------------------------------------------------------------------------- the stage
 
 
 def run(ctx) -> None:
-    raise UsageError("the `encode` stage is not available yet: it arrives with issue #4.")
+    from pipeline.ray_runtime import ensure_ray
+
+    job: JobConfig = ctx.job
+    cfg = job.encode
+    files = corpus.discover(job.corpus, "corpus")
+    model_dir = fit_encoder_dir(job)
+    # Start Ray before LanceDB spins up its runtime threads: Ray forks helper processes.
+    ensure_ray(job.ray)
+    spec = code_spec(job, model_dir)
+    uri = job.lancedb_uri
+    storage.makedirs(uri)
+    store = CodeStore(uri, cfg.table)
+    opened = store.prepare(spec)
+    ledger = Ledger(uri, cfg.table).load({"spec": spec.to_json()})
+    rejects_store = RejectFiles(uri, cfg.table)
+    if opened["action"] != "reused" or (store.count_rows() == 0 and ledger.files):
+        ledger.reset()  # a new or replaced table holds none of the ledger's files
+        rejects_store.clear()
+
+    # Files that left the corpus or changed since they were encoded: their rows go.
+    current = {f.path: f for f in files}
+    stale = [p for p, e in ledger.files.items()
+             if p not in current or not ledger.is_done(p, current[p].size, current[p].mtime)]
+    todo = [f for f in files if not ledger.is_done(f.path, f.size, f.mtime)]
+    deleted = store.delete_sources(sorted(set(stale) | {f.path for f in todo}))
+    ledger.forget(stale)
+    rejects_store.forget([p for p in stale if p not in current])
+    log.info("encode: %d corpus files, %d already encoded, %d to encode, %d rows of stale files removed",
+             len(files), len(files) - len(todo), len(todo), deleted)
+
+    written = truncated = 0
+    t0 = time.perf_counter()
+    if todo:
+        for wave in waves(todo, WAVE_BYTES):
+            n, t = _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store)
+            written, truncated = written + n, truncated + t
+            if written and store.count_rows() >= 100_000:
+                store.ensure_id_index()
+        store.optimize()
+    encode_s = time.perf_counter() - t0
+
+    total = store.count_rows()
+    all_rejects = rejects_store.gather([f.path for f in files])
+    ctx.write_rejects(all_rejects, total + all_rejects.num_rows, cfg.max_reject_frac, "encode: corpus")
+    index = _maybe_index(job, store, spec, written)
+    distinct = store.count_distinct_ids()
+    ctx.record(
+        rows={"encoded": written, "in_table": total, "rejected": all_rejects.num_rows},
+        lancedb={"uri": uri, "table": cfg.table, "version": store.version, "opened": opened,
+                 "rows_deleted": deleted, "distinct_ids": distinct},
+        code_spec=spec.__dict__,
+        encoder_fingerprint=spec.encoder_fingerprint,
+        code_dtype=spec.code_dtype,
+        bytes_per_row=bytes_per_row(spec.dim, spec.code_dtype),
+        files={"corpus": len(files), "encoded_this_run": len(todo), "stale_removed": len(stale)},
+        truncated_rows=truncated,
+        encode_seconds=round(encode_s, 3),
+        rows_per_s=round(written / encode_s, 2) if written and encode_s > 0 else None,
+        index=index,
+        code_fidelity=_fidelity(job, files, model_dir) if spec.code_dtype == "int8" else None,
+    )
+    if distinct is not None and distinct != total:
+        from pipeline.errors import StageError
+
+        raise StageError(f"encode: table `{cfg.table}` has {total} rows but {distinct} distinct ids.")
+
+
+def _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store) -> tuple[int, int]:
+    """Encode one wave of files, upsert its rows, then mark the files done. Returns (rows, truncated)."""
+    ds = corpus.read_dataset(job.corpus, wave)
+    per_file = {f.path: {"size": f.size, "mtime": f.mtime, "rows": 0, "rejects": 0} for f in wave}
+    rejects: dict[str, list[pa.Table]] = {f.path: [] for f in wave}
+    buf: list[pa.Table] = []
+    buffered = written = truncated = 0
+    stamp = utc_now()
+
+    def flush() -> None:
+        nonlocal buf, buffered, written
+        if not buffered:
+            return
+        good = pa.concat_tables(buf)
+        n = good.num_rows
+        rows = pa.table({
+            ID: good.column(ID), CODE: good.column(CODE), SOURCE: good.column(SOURCE), ROW: good.column(ROW),
+            ENCODER_FINGERPRINT: pa.array([spec.encoder_fingerprint] * n, pa.string()),
+            CODE_DTYPE: pa.array([spec.code_dtype] * n, pa.string()),
+            CODE_SCALE: good.column(CODE_SCALE),
+            ENCODED_UTC: pa.array([stamp] * n, pa.string()),
+        })
+        store.upsert(rows)
+        written += n
+        buf, buffered = [], 0
+
+    for batch in encode_stream(job, ds, model_dir, spec.code_dtype):
+        good, rej = split_output(batch)
+        truncated += int(pc.sum(good.column(TRUNCATED)).as_py() or 0)
+        for src, cnt in zip(*_value_counts(good.column(SOURCE))):
+            per_file[src]["rows"] += cnt
+        for src, cnt in zip(*_value_counts(rej.column(SOURCE))):
+            per_file[src]["rejects"] += cnt
+            rejects[src].append(rej.filter(pc.equal(rej.column(SOURCE), src)))
+        if good.num_rows:
+            buf.append(good)
+            buffered += good.num_rows
+        if buffered >= WRITE_ROWS:
+            flush()
+    flush()
+    # Only now are all of the wave's rows in the table: record its files as done.
+    rejects_store.write_many({s: pa.concat_tables(t) if t else REJECTS.empty_table() for s, t in rejects.items()})
+    ledger.mark_done({p: {**e, "done_utc": utc_now()} for p, e in per_file.items()})
+    log.info("encode: wave of %d files done (%d rows)", len(wave), written)
+    return written, truncated
+
+
+def _value_counts(col) -> tuple[list, list]:
+    if len(col) == 0:
+        return [], []
+    vc = pc.value_counts(col)
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+
+
+def _maybe_index(job: JobConfig, store: CodeStore, spec: CodeSpec, written: int) -> dict[str, Any]:
+    """Build (or refresh) the vector index as configured, and measure its recall@k on real codes."""
+    cfg, n = job.encode, store.count_rows()
+    if cfg.index == "none":
+        return {"type": None, "reason": "encode.index=none"}
+    if cfg.index == "auto" and n < cfg.index_min_rows:
+        return {"type": None, "reason": f"{n} rows < encode.index_min_rows={cfg.index_min_rows}"}
+    if spec.code_dtype == "int8":
+        # LanceDB 0.40 refuses vector indices on int8 vectors ("cannot be created on ... Int8").
+        return {"type": None, "reason": "LanceDB cannot index int8 codes; scoring is exact"}
+    kind = "ivf_hnsw_sq" if cfg.index == "auto" else cfg.index
+    if store.has_vector_index() and written == 0:
+        info = {"type": kind, "reused": True}
+    elif store.has_vector_index() and written < 0.5 * n:
+        store.optimize()  # folds the new rows into the existing partitions
+        info = {"type": kind, "refreshed": True}
+    else:
+        info = store.build_index(kind, spec.dim)
+    info["recall"] = store.index_recall(RECALL_K, RECALL_QUERIES, job.score.nprobes, job.score.refine_factor,
+                                        spec.code_dtype, seed=job.seed)
+    return info
+
+
+def _fidelity(job: JobConfig, files, model_dir: str) -> dict[str, Any]:
+    """Spearman of scores from int8 codes vs float32 embeddings of the same real rows."""
+    import ray.data
+
+    sample = []
+    for batch in corpus.iter_file(files[0], job.corpus):
+        good = batch.filter(pc.is_null(batch.column(corpus.REJECT_REASON)))
+        sample.append(good)
+        if sum(t.num_rows for t in sample) >= FIDELITY_ROWS:
+            break
+    table = pa.concat_tables(sample).slice(0, FIDELITY_ROWS) if sample else None
+    if table is None or table.num_rows < 8:
+        return {"samples": 0, "reason": "too few rows in the first corpus file"}
+    out = pa.concat_tables(list(encode_stream(job, ray.data.from_arrow(table), model_dir, "float32")))
+    emb = codes_from_arrow(out.column(CODE), "float32")
+    return quantization_fidelity(emb, "int8")

@@ -1,0 +1,301 @@
+"""Benchmark: encode through Ray Data + LanceDB, full-corpus exact scoring, code storage per row.
+
+    python bench/bench_encode_score.py                    # quick: ~1k T0 rows, 200k synthetic codes
+    python bench/bench_encode_score.py --scale 100000 --encoder-max-len 32
+
+Figures (printed, and written to bench/out/encode_score.json):
+1. encode: rows/s of the encode stage (Ray Data actors -> driver -> LanceDB merge_insert) vs a
+   plain in-process batched loop of the same encoder on the same rows (target >= 0.8x).
+2. score: rows/s and GB/s of code bytes of the exact scorer streaming a Lance table, vs the
+   memory bandwidth measured here with a numpy copy (target >= 0.5x of the bandwidth bound).
+3. storage: bytes per row on disk for float16 and int8 codes vs a LESS-style 8192-dim float16
+   gradient (16 KiB).
+4. --scale N: a T0 corpus of N rows (the sample replicated with distinct ids) encoded and scored by
+   the real stages, with peak RSS of the driver + Ray processes, and cost per row at N vs N/10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+from pipeline import artifacts  # noqa: E402
+from pipeline.codes import exact_scores, quantize  # noqa: E402
+from pipeline.codestore import CODE_SCALE, CodeSpec, CodeStore, code_array, codes_from_arrow  # noqa: E402
+from pipeline.config import load_job  # noqa: E402
+from pipeline.schema import CODE, ID  # noqa: E402
+
+DATA = Path(os.environ.get("DATA", REPO.parent / "shared" / "data"))
+LESS_BYTES = 8192 * 2
+
+
+class PeakRSS:
+    """Samples the RSS of this process and all its descendants (Ray's raylet, workers, actors)."""
+
+    def __init__(self, every: float = 0.25):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+
+    def _rss(self) -> int:
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for c in me.children(recursive=True):
+            try:
+                total += c.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def __enter__(self):
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.every)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def t0_rows(n: int) -> list[dict]:
+    rows = []
+    with open(DATA / "t0" / "t0_train_50k.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            rows.append({"prompt": r["prompt"], "response": r["completion"]})
+            if len(rows) >= n:
+                break
+    return rows
+
+
+def write_corpus(out: Path, n: int, base: int = 2000, rows_per_file: int = 50_000) -> Path:
+    """N rows: the first `base` T0 rows replicated, each copy with distinct ids."""
+    sample = t0_rows(min(n, base))
+    out.mkdir(parents=True, exist_ok=True)
+    written, part = 0, 0
+    while written < n:
+        m = min(rows_per_file, n - written)
+        idx = [(written + i) % len(sample) for i in range(m)]
+        t = pa.table({"id": [f"r{written + i}" for i in range(m)],
+                      "prompt": [sample[i]["prompt"] for i in idx],
+                      "response": [sample[i]["response"] for i in idx]})
+        pq.write_table(t, out / f"part-{part:05d}.parquet", row_group_size=8192)
+        written, part = written + m, part + 1
+    return out
+
+
+def make_job(tmp: Path, corpus: Path, max_len: int, **extra) -> dict:
+    queries = tmp / "queries"
+    queries.mkdir(parents=True, exist_ok=True)
+    with open(DATA / "gsm8k" / "test.jsonl") as f:
+        q = [json.loads(next(f)) for _ in range(16)]
+    pq.write_table(pa.table({"qid": [f"q{i}" for i in range(16)], "prompt": [r["question"] for r in q],
+                             "response": [r["answer"] for r in q]}), queries / "q.parquet")
+    return {
+        "run_dir": str(tmp / "run"),
+        "corpus": {"path": str(corpus), "id_column": "id"},
+        "anchors": {"path": str(queries)},
+        "encoder": {"model": "all-minilm-l6-v2", "max_len": max_len},
+        "encode": {"batch_size": 64, "index": "none", **extra.get("encode", {})},
+        "score": {"queries": {"path": str(queries), "id_column": "qid"}, "top_k": 10},
+        "ray": {"num_cpus": os.cpu_count()},
+    }
+
+
+def fake_upstream(job) -> str:
+    from pipeline.encoder import TextEncoder
+    from pipeline.models import resolve_encoder
+
+    artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
+    artifacts.run_stage(job, "fit", runner=lambda ctx: TextEncoder(
+        resolve_encoder("all-minilm-l6-v2"), job.encoder.max_len).save(os.path.join(ctx.out_dir, "encoder")))
+    return os.path.join(job.run_dir, "fit", "encoder")
+
+
+def bench_encode(tmp: Path, rows: int, max_len: int) -> dict:
+    import torch
+
+    from pipeline.encoder import TextEncoder
+
+    corpus = write_corpus(tmp / "corpus", rows, rows_per_file=max(1, rows // 4))
+    job = load_job(data=make_job(tmp, corpus, max_len))
+    model_dir = fake_upstream(job)
+    texts = [f"{r['prompt']}\n{r['response']}" for r in t0_rows(rows)]
+    torch.set_num_threads(os.cpu_count())
+    enc = TextEncoder(model_dir, max_len)
+    enc.embed(texts[:64])  # warm-up (METHOD.md 1e)
+    t0 = time.perf_counter()
+    enc.embed(texts, batch_size=64)
+    plain_s = time.perf_counter() - t0
+    del enc
+    t0 = time.perf_counter()
+    m = artifacts.run_stage(job, "encode")
+    stage_s = time.perf_counter() - t0
+    out = {
+        "rows": rows, "max_len": max_len, "cpus": os.cpu_count(),
+        "plain_rows_per_s": round(rows / plain_s, 1),
+        "ray_lancedb_rows_per_s": m["rows_per_s"],
+        "ray_lancedb_stage_rows_per_s_incl_startup": round(rows / stage_s, 1),
+        "ratio_vs_plain": round(m["rows_per_s"] / (rows / plain_s), 3),
+        "ratio_vs_plain_incl_startup": round((rows / stage_s) / (rows / plain_s), 3),
+        "target_ratio": 0.8,
+    }
+    return out
+
+
+def memcpy_gbps(mb: int = 512) -> float:
+    a = np.ones(mb * 1024 * 1024 // 8, np.float64)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)  # bytes read (a copy also writes)
+    return best
+
+
+def synthetic_table(uri: str, name: str, n: int, dim: int, dtype: str) -> CodeStore:
+    store = CodeStore(uri, name)
+    store.prepare(CodeSpec("synthetic", dim, dtype))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 50_000):
+        m = min(50_000, n - start)
+        x = rng.standard_normal((m, dim)).astype(np.float32)
+        q = quantize(x / np.linalg.norm(x, axis=1, keepdims=True), dtype)
+        store.table.add(pa.table({
+            "id": [f"s{start + i}" for i in range(m)], CODE: code_array(q.codes),
+            "source": ["synthetic"] * m, "row": np.arange(start, start + m),
+            "encoder_fingerprint": ["synthetic"] * m, "code_dtype": [dtype] * m,
+            CODE_SCALE: q.scales, "encoded_utc": [""] * m,
+        }).cast(store.table.schema))
+    # Compact, and drop the superseded versions so the directory size is the steady-state size.
+    store.table.optimize(cleanup_older_than=dt.timedelta(0), delete_unverified=True)
+    return store
+
+
+def dir_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def bench_score_and_storage(tmp: Path, n: int, dim: int = 384, num_queries: int = 16) -> dict:
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((num_queries, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    bw = memcpy_gbps()
+    out = {"rows": n, "dim": dim, "queries": num_queries, "memcpy_gb_per_s": round(bw, 2), "dtypes": {}}
+    for dtype in ("float16", "int8"):
+        uri = str(tmp / f"lance_{dtype}")
+        store = synthetic_table(uri, "codes", n, dim, dtype)
+        ds = store.dataset()
+        for _ in store.iter_batches([ID, CODE, CODE_SCALE], 65536, dataset=ds):  # warm the page cache
+            pass
+        t0 = time.perf_counter()
+        nbytes = 0
+        for b in store.iter_batches([ID, CODE, CODE_SCALE], 65536, dataset=ds):
+            codes = codes_from_arrow(b.column(1), dtype)
+            scales = b.column(2).to_numpy() if dtype == "int8" else None
+            exact_scores(queries, codes, scales)
+            nbytes += codes.nbytes
+        s = time.perf_counter() - t0
+        gbps = nbytes / s / 1e9
+        disk = dir_bytes(os.path.join(uri, "codes.lance"))
+        out["dtypes"][dtype] = {
+            "score_rows_per_s": round(n / s, 1), "code_gb_per_s": round(gbps, 3),
+            "fraction_of_memcpy": round(gbps / bw, 3), "target_fraction": 0.5,
+            "disk_bytes_per_row": round(disk / n, 1), "code_bytes_per_row": nbytes // n,
+            "vs_less_8192_fp16": round(LESS_BYTES / (disk / n), 1),
+        }
+    out["less_bytes_per_row"] = LESS_BYTES
+    return out
+
+
+def bench_scale(tmp: Path, n: int, max_len: int) -> dict:
+    """The real encode + score stages on N rows; cost per row at N/10 and N."""
+    from pipeline.ray_runtime import ensure_ray
+
+    results = {}
+    for size in (max(1, n // 10), n):
+        d = tmp / f"scale_{size}"
+        corpus = write_corpus(d / "corpus", size)
+        job = load_job(data=make_job(d, corpus, max_len))
+        ensure_ray(job.ray)
+        fake_upstream(job)
+        with PeakRSS() as enc_rss:
+            t0 = time.perf_counter()
+            me = artifacts.run_stage(job, "encode")
+            enc_s = time.perf_counter() - t0
+        with PeakRSS() as sc_rss:
+            t0 = time.perf_counter()
+            ms = artifacts.run_stage(job, "score")
+            sc_s = time.perf_counter() - t0
+        results[str(size)] = {
+            "rows": me["rows"]["in_table"], "encoder_max_len": max_len,
+            "encode_s": round(enc_s, 2), "encode_ms_per_row": round(1000 * enc_s / size, 3),
+            "encode_peak_rss_mb": round(enc_rss.peak / 2**20), "score_s": round(sc_s, 2),
+            "score_ms_per_row": round(1000 * sc_s / size, 4), "score_peak_rss_mb": round(sc_rss.peak / 2**20),
+            "score_scan_rows_per_s": ms["timing"]["rows_per_s"], "score_scan_s": ms["timing"]["score_s"],
+        }
+        shutil.rmtree(d / "run" / "fit", ignore_errors=True)
+    small, big = results[str(max(1, n // 10))], results[str(n)]
+    results["cost_per_row_ratio_N_vs_N_over_10"] = {
+        "encode": round(big["encode_ms_per_row"] / small["encode_ms_per_row"], 3),
+        "score": round(big["score_ms_per_row"] / small["score_ms_per_row"], 3),
+    }
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encode-rows", type=int, default=1000)
+    p.add_argument("--max-len", type=int, default=128, help="encoder max_len for the encode comparison")
+    p.add_argument("--score-rows", type=int, default=200_000, help="synthetic codes for the scoring figures")
+    p.add_argument("--scale", type=int, default=0, help="also run the stages on a corpus of N rows")
+    p.add_argument("--encoder-max-len", type=int, default=32, help="encoder max_len in --scale mode")
+    p.add_argument("--skip", nargs="*", default=[], choices=["encode", "score"])
+    p.add_argument("--out", default=str(REPO / "bench" / "out" / "encode_score.json"))
+    args = p.parse_args()
+    report: dict = {"machine": {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                                "load_avg_1m": os.getloadavg()[0]}}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-encode-score-"))
+    try:
+        if "encode" not in args.skip:
+            report["encode"] = bench_encode(tmp / "enc", args.encode_rows, args.max_len)
+            print("encode:", json.dumps(report["encode"], indent=1))
+        if "score" not in args.skip:
+            report["score_storage"] = bench_score_and_storage(tmp / "score", args.score_rows)
+            print("score/storage:", json.dumps(report["score_storage"], indent=1))
+        if args.scale:
+            report["scale"] = bench_scale(tmp / "scale", args.scale, args.encoder_max_len)
+            print("scale:", json.dumps(report["scale"], indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
