@@ -2,7 +2,7 @@
 
 Lifecycle of a stage run (see `run_stage`):
 1. If `run_dir/<stage>/manifest.json` exists with the same identity (config hash, upstream
-   manifests, input fingerprint), the stage is skipped. A different config hash is refused
+   manifests, input fingerprint), the stage is skipped (`--overwrite` forces a recompute). A different config hash is refused
    unless `--overwrite` is given. The same config over changed upstream artifacts or inputs is
    recomputed (the stage is a function of them), and the log says why.
 2. The stage writes into a temporary directory `run_dir/.<stage>.tmp-<id>/`. Resumable work
@@ -165,7 +165,7 @@ def run_stage(job: JobConfig, stage: str, overwrite: bool = False,
 
     existing = read_manifest(job, stage)
     if existing is not None:
-        if existing.get("identity") == identity:
+        if existing.get("identity") == identity and not overwrite:
             log.info("%s: already finished with this config (%s); skipping. Use --overwrite to redo it.",
                      stage, config_hash)
             return existing

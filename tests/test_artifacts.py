@@ -42,6 +42,9 @@ def test_manifest_skip_and_overwrite(tmp_path):
         artifacts.run_stage(changed, "sketch", runner=_writer(calls))
     m2 = artifacts.run_stage(changed, "sketch", overwrite=True, runner=_writer(calls))
     assert m2["config_hash"] != m["config_hash"] and len(calls) == 2
+    # --overwrite with an unchanged config redoes the stage.
+    artifacts.run_stage(changed, "sketch", overwrite=True, runner=_writer(calls))
+    assert len(calls) == 3
 
 
 def test_failed_stage_leaves_no_output_but_keeps_work(tmp_path):
