@@ -267,11 +267,10 @@ def run(ctx: StageRun) -> None:
     }
     storage.write_json_atomic(storage.join(ctx.out_dir, "metrics.json"), out)
     storage.write_json_atomic(storage.join(ctx.out_dir, "pr_curves.json"), curves)
-    report_dir = write_report(job, out, curves, ctx.out_dir, ctx.upstream)
-    headline = _headline(out)
-    ctx.record(rows={"corpus": len(ids), "queries": len(q_texts)}, report=storage.join(job.run_dir, "eval", "report", "report.md"),
-               headline=headline)
-    log.info("eval: report written (%s)", report_dir)
+    write_report(job, out, curves, ctx.out_dir, ctx.upstream)
+    report = storage.join(job.run_dir, "eval", "report", "report.md")  # where it lands on commit
+    ctx.record(rows={"corpus": len(ids), "queries": len(q_texts)}, report=report,
+               headline=f"report: {storage.redact(report)}\n" + _headline(out))
 
 
 def _check_against_score_stage(ctx: StageRun, ids: list[str], influ: np.ndarray | None) -> dict[str, Any]:

@@ -291,7 +291,9 @@ def _fidelity_check(job: JobConfig, plan: ActorPlan, selected: dict[str, list[di
         return {"samples": len(keyed)}
     sk = np.stack([sketches[(role, r[ID])] for role, r in keyed])
 
-    @ray.remote(num_cpus=plan.num_cpus if not plan.use_gpu else 1, num_gpus=plan.num_gpus)
+    # max_calls=1: the worker exits right after this one task instead of idling in Ray's pool with
+    # torch's thread pools alive (a reused/killed idle worker aborted at teardown in testing).
+    @ray.remote(num_cpus=plan.num_cpus if not plan.use_gpu else 1, num_gpus=plan.num_gpus, max_calls=1)
     def exact(teacher, lora_seed, proj_dim, proj_seed, prompts, responses, threads, use_gpu):
         import torch
 
