@@ -42,7 +42,9 @@ def ensure_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+        # address="local": always a new in-process Ray. Without it, ray.init() joins any cluster that
+        # `ray start` runs on this machine (and then rejects num_cpus).
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
                  dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
@@ -79,6 +81,13 @@ def cluster_cpus_gpus() -> tuple[float, float]:
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the biggest alive node: one actor can never ask for more (it would never schedule)."""
+    import ray
+
+    return max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
 def plan_actors(use_gpu: bool | None, num_actors: int | None, key: str) -> ActorPlan:
     """Size an actor pool. `key` names the config section (e.g. `sketch`) for error messages."""
     cpus, gpus = cluster_cpus_gpus()
@@ -98,11 +107,14 @@ def plan_actors(use_gpu: bool | None, num_actors: int | None, key: str) -> Actor
         raise ResourceError(f"the Ray cluster has {cpus:g} CPU; `{key}` needs at least 2 (one for reads).")
     # Leave one CPU for Ray Data's read tasks (an actor pool that takes every CPU deadlocks).
     available = cpus - 1.0
-    threads = max(1, min(8, int(available)))
+    # On a multi-node cluster the total can exceed any single node: an actor sized from the total
+    # (e.g. 3 CPUs on two 2-CPU nodes) stays pending forever.
+    node_cpus = largest_node_cpus() or cpus
+    threads = max(1, min(8, int(available), int(node_cpus)))
     n = num_actors or max(1, int(available // threads))
     per_actor = min(float(threads), available / n)
     per_actor = max(0.25, math.floor(per_actor * 4) / 4)
     # Reads are short and I/O-light, so each actor's torch may use the cores its share rounds to,
     # plus the read CPU on small machines where one idle core would otherwise halve throughput.
-    torch_threads = max(1, int(cpus // n)) if cpus <= 4 else max(1, int(per_actor))
+    torch_threads = max(1, int(min(cpus, node_cpus) // n)) if cpus <= 4 else max(1, int(per_actor))
     return ActorPlan(num_actors=n, num_cpus=per_actor, num_gpus=0.0, torch_threads=torch_threads)

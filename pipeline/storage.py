@@ -17,7 +17,9 @@ import pyarrow.fs as pafs
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _CREDENTIALS_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:access_key|secret_key|secret|token|session_token|sig|signature|password)=)[^&\s]+")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&](?:access_key|secret_key|secret|token|session_token|sig|signature|password|api_key|apikey"
+    r"|x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential)=)[^&\s]+")
 
 
 def is_uri(path: str) -> bool:

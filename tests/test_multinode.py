@@ -1,0 +1,153 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`), token
+auth on, a job submitted with `ray job submit --working-dir`: it must produce the same artifacts as
+the same job on an in-process Ray.
+
+The README's "Running on a Ray cluster" steps are these commands. Nothing here calls `ray stop`
+(it would kill every Ray process on the machine); the processes this test starts are killed by pid
+(tests/proc_util.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import proc_util
+from conftest import REPO
+
+pytestmark = pytest.mark.timeout(480)
+
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+PYTHON = str(VENV_BIN / "python")  # absolute: the job's entrypoint must not depend on PATH (pitfall 4)
+EXCLUDES = {"excludes": [".git", ".venv", "runs", "data", "bench/out", ".pytest_cache", "*.egg-info"]}
+
+
+def _small(job: dict, run_dir: Path, ray_section: dict) -> dict:
+    job = json.loads(json.dumps(job))
+    job["run_dir"] = str(run_dir)
+    job["teacher"]["max_len"] = 32
+    job["sketch"].update({"proj_dim": 256, "train_anchors": 2, "eval_anchors": 2, "train_pool": 4,
+                          "eval_pool": 2, "rows_per_shard": 4, "fidelity_samples": 0})
+    job["ray"] = ray_section
+    return job
+
+
+def _run(cmd: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _sketches(run_dir: Path, role: str) -> dict[str, tuple[str, np.ndarray]]:
+    t = pq.read_table(run_dir / "sketch" / role)
+    vecs = np.asarray(t.column("sketch").combine_chunks().flatten()).reshape(t.num_rows, -1)
+    return {i: (s, v) for i, s, v in zip(t.column("id").to_pylist(), t.column("split").to_pylist(), vecs)}
+
+
+@pytest.fixture()
+def two_node_cluster():
+    """Head (CPU=2, resource head_node) + worker (CPU=2, resource worker_node), token auth on.
+
+    The token is a fresh one in the cluster's temp dir (RAY_AUTH_TOKEN_PATH), so the test neither
+    needs nor touches ~/.ray/auth_token.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="icmn", dir="/tmp"))  # short: Unix socket paths max 107 chars
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    tag = proc_util.new_tag()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), proc_util.TAG: tag,
+                "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    gcs_port, dash_port = proc_util.free_port(), proc_util.free_port()
+    # One temp dir per node: nodes sharing one would share the unpacked working_dir, and the worker
+    # node's runtime-env agent deletes it (the job driver's cwd!) when its actors exit.
+    common = ["--num-cpus=2", "--disable-usage-stats"]
+    try:
+        head = _run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+                     f"--ray-client-server-port={proc_util.free_port()}",
+                     f"--dashboard-agent-listen-port={proc_util.free_port()}",
+                     "--resources", '{"head_node": 1}', f"--temp-dir={tmp / 'ray'}", *common], env, timeout=180)
+        assert head.returncode == 0, head.stdout + head.stderr
+        worker = _run([RAY, "start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
+                       f"--dashboard-agent-listen-port={proc_util.free_port()}",
+                       "--resources", '{"worker_node": 1}', f"--temp-dir={tmp / 'ray_worker'}", *common],
+                      env, timeout=180)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        yield {"env": env, "gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}",
+               "dash_port": dash_port, "tmp": tmp, "tag": tag}
+    finally:
+        proc_util.kill_tagged(tag)
+        assert proc_util.tagged(tag) == [], "cluster processes survived cleanup"
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp_path):
+    c = two_node_cluster
+    env = c["env"]
+
+    # Both nodes joined: 4 CPUs, and each node's own custom resource.
+    def both_nodes():  # the autoscaler's status report lags the join by a few seconds
+        out = _run([RAY, "status", f"--address={c['gcs']}"], env, timeout=60).stdout
+        return all(s in out for s in ("/4.0 CPU", "/1.0 head_node", "/1.0 worker_node")) and out
+
+    proc_util.wait_for(both_nodes, 90, interval=2, what="both nodes in `ray status`")
+
+    # The dashboard listens on loopback only.
+    import psutil
+
+    listeners = [cn.laddr for cn in psutil.net_connections("tcp")
+                 if cn.status == psutil.CONN_LISTEN and cn.laddr.port == c["dash_port"]]
+    assert listeners and all(a.ip == "127.0.0.1" for a in listeners)
+
+    # Token auth is on: a client without the token is refused.
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    refused = _run([RAY, "job", "list", "--address", c["dashboard"]], no_token, timeout=60)
+    assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
+
+    cluster_job = tmp_path / "cluster.yaml"
+    cluster_job.write_text(yaml.safe_dump(_small(tiny_job, tmp_path / "cluster_run", {"address": "auto"})))
+    submit = [RAY, "job", "submit", "--address", c["dashboard"], "--working-dir", str(REPO),
+              "--runtime-env-json", json.dumps(EXCLUDES),
+              "--", PYTHON, "-m", "pipeline.cli", "run", str(cluster_job), "--to", "sketch"]
+    job = _run(submit, env, timeout=360)
+    out = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in out, out[-6000:]
+    assert "sketch: done" in out
+    # The upload held the code, not the venv, the data or old runs.
+    pkgs = list((c["tmp"] / "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
+    assert pkgs, "no working_dir package found"
+    uploaded = {p.name for p in pkgs[0].iterdir()}
+    assert "pipeline" in uploaded and not uploaded & {".venv", "runs", "data", ".git"}
+
+    # The same job on an in-process Ray (a separate process with its own local Ray).
+    local_job = tmp_path / "local.yaml"
+    local_job.write_text(yaml.safe_dump(_small(tiny_job, tmp_path / "local_run", {"num_cpus": 2})))
+    local_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    local_env["RAY_TMPDIR"] = str(c["tmp"])  # its session files stay in the test's temp dir
+    local = _run([PYTHON, "-m", "pipeline.cli", "run", str(local_job), "--to", "sketch"], local_env, timeout=360)
+    assert local.returncode == 0, (local.stdout + local.stderr)[-6000:]
+
+    m_cluster = json.loads((tmp_path / "cluster_run" / "sketch" / "manifest.json").read_text())
+    m_local = json.loads((tmp_path / "local_run" / "sketch" / "manifest.json").read_text())
+    assert m_cluster["config_hash"] == m_local["config_hash"]
+    assert m_cluster["identity"] == m_local["identity"]
+    assert m_cluster["rows"] == m_local["rows"]
+    assert m_cluster["resources"]["cpus_per_actor"] <= 2  # an actor fits on one 2-CPU node
+    for role in ("anchors", "pool"):
+        a, b = _sketches(tmp_path / "cluster_run", role), _sketches(tmp_path / "local_run", role)
+        assert sorted(a) == sorted(b) and len(a) > 0
+        for rid in a:
+            assert a[rid][0] == b[rid][0]
+            np.testing.assert_allclose(a[rid][1], b[rid][1], atol=2e-5)
