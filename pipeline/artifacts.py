@@ -163,58 +163,71 @@ def run_stage(job: JobConfig, stage: str, overwrite: bool = False,
     identity = stage_identity(job, stage, upstream, input_fp)
     final = stage_dir(job, stage)
 
-    existing = read_manifest(job, stage)
-    if existing is not None:
-        if existing.get("identity") == identity and not overwrite:
-            log.info("%s: already finished with this config (%s); skipping. Use --overwrite to redo it.",
-                     stage, config_hash)
-            return existing
-        if existing.get("config_hash") != config_hash and not overwrite:
-            changed = sorted(k for k, v in storage.redact_obj(stage_inputs(job, stage)).items()
-                             if existing.get("stage_inputs", {}).get(k) != v)
-            raise ArtifactMismatchError(
-                f"{storage.redact(final)} was produced with a different config (changed: "
-                f"{', '.join(changed) or 'unknown'}). Rerun with --overwrite to replace it, or use "
-                f"another run_dir."
-            )
-        log.info("%s: %s changed since the last run; recomputing.", stage,
-                 "config" if existing.get("config_hash") != config_hash else "upstream artifacts or inputs")
-
     storage.makedirs(job.run_dir)
-    out_dir = storage.join(job.run_dir, f".{stage}.tmp-{uuid.uuid4().hex[:8]}")
-    work_dir = storage.join(job.run_dir, ".work", f"{stage}-{identity}")
-    storage.makedirs(out_dir)
-    storage.makedirs(work_dir)
-    ctx = StageRun(job=job, stage=stage, config_hash=config_hash, identity=identity, upstream=upstream,
-                   out_dir=out_dir, work_dir=work_dir)
-    started, t0 = utc_now(), time.perf_counter()
-    log.info("%s: starting (run_dir %s)", stage, storage.redact(job.run_dir))
-    try:
-        runner(ctx)
-    except BaseException:
-        storage.delete_dir(out_dir)  # the work dir stays: it is what a rerun resumes from
-        raise
-    manifest = {
-        "stage": stage,
-        "identity": identity,
-        "config_hash": config_hash,
-        "stage_inputs": storage.redact_obj(stage_inputs(job, stage)),
-        "config": storage.redact_obj(to_dict(job)),
-        "inputs": storage.redact_obj(input_fp),
-        "upstream": {s: {"identity": m.get("identity"), "config_hash": m.get("config_hash")}
-                     for s, m in upstream.items()},
-        "versions": versions(),
-        "git_sha": git_sha(),
-        "started_utc": started,
-        "finished_utc": utc_now(),
-        "seconds": round(time.perf_counter() - t0, 3),
-        **storage.redact_obj(ctx.manifest),
-    }
-    storage.write_json_atomic(storage.join(out_dir, MANIFEST), manifest)
-    _commit(out_dir, final)
-    storage.delete_dir(work_dir)
-    log.info("%s: done in %.1f s -> %s", stage, manifest["seconds"], storage.redact(final))
-    return manifest
+    # One process per stage and run_dir: a second one waits, then usually finds the stage done.
+    with storage.exclusive_lock(storage.join(job.run_dir, ".locks", f"{stage}.lock"), f"stage `{stage}`"):
+        _remove_stale_tmp_dirs(job.run_dir, stage)
+        existing = read_manifest(job, stage)
+        if existing is not None:
+            if existing.get("identity") == identity and not overwrite:
+                log.info("%s: already finished with this config (%s); skipping. Use --overwrite to redo it.",
+                         stage, config_hash)
+                return existing
+            if existing.get("config_hash") != config_hash and not overwrite:
+                changed = sorted(k for k, v in storage.redact_obj(stage_inputs(job, stage)).items()
+                                 if existing.get("stage_inputs", {}).get(k) != v)
+                raise ArtifactMismatchError(
+                    f"{storage.redact(final)} was produced with a different config (changed: "
+                    f"{', '.join(changed) or 'unknown'}). Rerun with --overwrite to replace it, or use "
+                    f"another run_dir."
+                )
+            log.info("%s: %s changed since the last run; recomputing.", stage,
+                     "config" if existing.get("config_hash") != config_hash else "upstream artifacts or inputs")
+
+        out_dir = storage.join(job.run_dir, f".{stage}.tmp-{uuid.uuid4().hex[:8]}")
+        work_dir = storage.join(job.run_dir, ".work", f"{stage}-{identity}")
+        storage.makedirs(out_dir)
+        storage.makedirs(work_dir)
+        ctx = StageRun(job=job, stage=stage, config_hash=config_hash, identity=identity, upstream=upstream,
+                       out_dir=out_dir, work_dir=work_dir)
+        started, t0 = utc_now(), time.perf_counter()
+        log.info("%s: starting (run_dir %s)", stage, storage.redact(job.run_dir))
+        try:
+            runner(ctx)
+        except BaseException:
+            storage.delete_dir(out_dir)  # the work dir stays: it is what a rerun resumes from
+            raise
+        manifest = {
+            "stage": stage,
+            "identity": identity,
+            "config_hash": config_hash,
+            "stage_inputs": storage.redact_obj(stage_inputs(job, stage)),
+            "config": storage.redact_obj(to_dict(job)),
+            "inputs": storage.redact_obj(input_fp),
+            "upstream": {s: {"identity": m.get("identity"), "config_hash": m.get("config_hash")}
+                         for s, m in upstream.items()},
+            "versions": versions(),
+            "git_sha": git_sha(),
+            "started_utc": started,
+            "finished_utc": utc_now(),
+            "seconds": round(time.perf_counter() - t0, 3),
+            **storage.redact_obj(ctx.manifest),
+        }
+        storage.write_json_atomic(storage.join(out_dir, MANIFEST), manifest)
+        _commit(out_dir, final)
+        storage.delete_dir(work_dir)
+        log.info("%s: done in %.1f s -> %s", stage, manifest["seconds"], storage.redact(final))
+        return manifest
+
+
+def _remove_stale_tmp_dirs(run_dir: str, stage: str) -> None:
+    """Temporary outputs of a run that was killed (SIGKILL skips cleanup). Safe: we hold the lock."""
+    if storage.is_uri(run_dir):
+        return  # no lock on object stores; leave them (they never look finished: no manifest)
+    root = storage.local_path(run_dir)
+    for name in os.listdir(root):
+        if name.startswith(f".{stage}.tmp-"):
+            storage.delete_dir(os.path.join(root, name))
 
 
 def _commit(tmp: str, final: str) -> None:
@@ -232,13 +245,13 @@ def status(run_dir: str) -> list[dict[str, Any]]:
     """One entry per stage: finished (with its manifest summary), in progress, or missing."""
     from pipeline.config import STAGES
 
+    import pyarrow.fs as pafs
+
     rows = []
     work = storage.join(run_dir, ".work")
-    work_entries = [os.path.basename(p) for p in storage.list_files(work)] if storage.exists(work) else []
+    work_entries: list[str] = []
     if storage.is_dir(work):
         fs, p = storage.filesystem(work)
-        import pyarrow.fs as pafs
-
         work_entries = [i.base_name for i in fs.get_file_info(pafs.FileSelector(p))]
     for stage in STAGES:
         mpath = storage.join(run_dir, stage, MANIFEST)

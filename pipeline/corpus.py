@@ -198,7 +198,7 @@ def _check_jsonl(fs: pafs.FileSystem, path: str, shown: str, mapped: dict[str, s
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return  # a bad first line is a row-level problem (rejected with its line number)
+            continue  # a bad line is a row-level reject; check the schema on the first good record
         if not isinstance(record, dict):
             raise InputDataError(f"{what}: {shown} is not JSON Lines of objects (first record: {str(record)[:80]}).")
         for role, col in mapped.items():

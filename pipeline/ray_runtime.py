@@ -51,6 +51,9 @@ def ensure_ray(cfg: RayConfig) -> None:
     log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
 
 
+ACTOR_MAX_RESTARTS = 4
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """How many stateful actors a Ray Data stage runs, and what each one asks for."""
@@ -71,6 +74,10 @@ class ActorPlan:
             "compute": ray.data.ActorPoolStrategy(size=self.num_actors),
             "num_cpus": self.num_cpus,
             "num_gpus": self.num_gpus,
+            # A killed actor is replaced and its batch retried, but an actor that dies on every batch
+            # (out of memory, a poisoned input) must fail the stage instead of looping forever.
+            "max_restarts": ACTOR_MAX_RESTARTS,
+            "max_task_retries": ACTOR_MAX_RESTARTS,
         }
 
 

@@ -7,11 +7,13 @@ before anything is logged or written to a manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -124,3 +126,31 @@ def list_files(path: str, suffix: str = "") -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
     return [join(path, n) for n in names]
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str, what: str) -> Iterator[None]:
+    """Hold an exclusive lock so that only one process writes `what` at a time.
+
+    Local paths use `fcntl.flock` (released by the kernel if the holder dies, so a crash never
+    leaves a stale lock). A second writer waits, then sees the first one's finished work.
+    Object stores have no such primitive: writers there must be one per table (documented in the
+    README), and this is a no-op.
+    """
+    if is_uri(lock_path):
+        yield
+        return
+    import fcntl
+
+    path = os.path.abspath(local_path(lock_path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger("influcoder").info("waiting for another influcoder process writing %s", what)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

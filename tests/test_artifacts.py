@@ -90,3 +90,12 @@ def test_secrets_are_redacted_from_manifests(tmp_path):
     text = (tmp_path / "run" / "sketch" / "manifest.json").read_text()
     assert "supersecret" not in text and "token=abc" not in text
     assert m["config"]["corpus"]["path"].startswith("s3://***@bucket")
+
+
+def test_killed_run_leftovers_are_removed(tmp_path):
+    job = _job(tmp_path)
+    leftover = tmp_path / "run" / ".sketch.tmp-deadbeef"
+    leftover.mkdir(parents=True)
+    (leftover / "half.parquet").write_text("x")
+    artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
+    assert not leftover.exists()

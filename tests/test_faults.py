@@ -192,37 +192,43 @@ def test_driver_killed_mid_sketch_resumes(tiny_job, tmp_path, tagged_env):
     _assert_exactly_once(tmp_path / "run", _expected_ids(job))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "encode: two writers on one LanceDB table duplicate rows. Each run's CodeStore opens the table "
-    "before the other's upsert; merge_insert on that snapshot inserts every id again (observed: "
-    "1200 rows / 600 distinct ids). Needs a per-table writer lock (see the report)."))
-def test_two_encode_jobs_racing_on_one_table(tmp_path, shared_data, tagged_env):
-    """Two `influcoder encode` drivers on the same run_dir/table at once: whatever each one reports,
-    the table must end with exactly one row per corpus id (no corruption)."""
+@pytest.mark.parametrize("layout", ["same_run_dir", "shared_table_two_run_dirs"])
+def test_two_encode_jobs_racing_on_one_table(tmp_path, shared_data, tagged_env, layout):
+    """Two `influcoder encode` drivers writing one LanceDB table at once (from one run_dir, or from two
+    run_dirs whose `encode.lancedb_uri` is the same): the table must end with exactly one row per
+    corpus id (no corruption), and both runs succeed."""
     from test_encode_score import fake_upstream, make_job
 
     from pipeline.codestore import CodeStore
 
     data = make_job(tmp_path, shared_data, shards=2, rows_per_shard=20)  # 40 rows, one of them bad
     job = load_job_dict(data)
+    data.setdefault("encode", {})["lancedb_uri"] = job.lancedb_uri
     fake_upstream(job)
-    job_path = tmp_path / "job.yaml"
-    job_path.write_text(yaml.safe_dump(data))
-    cmd = [*INFLUCODER, "encode", str(job_path)]
+    paths = []
+    for i in range(2):
+        d = json.loads(json.dumps(data))
+        if layout == "shared_table_two_run_dirs" and i == 1:
+            d["run_dir"] = str(tmp_path / "run_b")
+            fake_upstream(load_job_dict(d))
+        paths.append(tmp_path / f"job{i}.yaml")
+        paths[-1].write_text(yaml.safe_dump(d))
     logs = [open(tmp_path / f"encode{i}.log", "w") for i in range(2)]
+    cmd = [*INFLUCODER, "encode", str(paths[0])]
     first = subprocess.Popen(cmd, cwd=REPO, env=tagged_env(), stdout=logs[0], stderr=subprocess.STDOUT)
     second = None
     try:
         # The second driver starts once the first has created the table, long before it upserts.
         proc_util.wait_for(lambda: (Path(job.lancedb_uri) / "codes.lance").exists() or first.poll() is not None,
                            240, what="the codes table")
-        second = subprocess.Popen(cmd, cwd=REPO, env=tagged_env(), stdout=logs[1], stderr=subprocess.STDOUT)
+        second = subprocess.Popen([*INFLUCODER, "encode", str(paths[1])], cwd=REPO, env=tagged_env(),
+                                  stdout=logs[1], stderr=subprocess.STDOUT)
         rcs = [first.wait(timeout=300), second.wait(timeout=300)]
     finally:
         for p in (first, second):
             if p is not None and p.poll() is None:
                 p.kill()
-    assert 0 in rcs, [(tmp_path / f"encode{i}.log").read_text()[-3000:] for i in range(2)]
+    assert rcs == [0, 0], [(tmp_path / f"encode{i}.log").read_text()[-3000:] for i in range(2)]
     ids = CodeStore(job.lancedb_uri, job.encode.table).table.to_arrow().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 39
 

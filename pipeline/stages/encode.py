@@ -228,60 +228,63 @@ def run(ctx) -> None:
     spec = code_spec(job, model_dir)
     uri = job.lancedb_uri
     storage.makedirs(uri)
-    store = CodeStore(uri, cfg.table)
-    opened = store.prepare(spec)
-    ledger = Ledger(uri, cfg.table).load({"spec": spec.to_json()})
-    rejects_store = RejectFiles(uri, cfg.table)
-    if opened["action"] != "reused" or (store.count_rows() == 0 and ledger.files):
-        ledger.reset()  # a new or replaced table holds none of the ledger's files
-        rejects_store.clear()
+    # One writer per table: two encodes racing on a stale snapshot would both insert every id.
+    # The second waits here, then finds the first one's files in the ledger and adds nothing.
+    with storage.exclusive_lock(storage.join(uri, f".{cfg.table}.lock"), f"LanceDB table `{cfg.table}`"):
+        store = CodeStore(uri, cfg.table)
+        opened = store.prepare(spec)
+        ledger = Ledger(uri, cfg.table).load({"spec": spec.to_json()})
+        rejects_store = RejectFiles(uri, cfg.table)
+        if opened["action"] != "reused" or (store.count_rows() == 0 and ledger.files):
+            ledger.reset()  # a new or replaced table holds none of the ledger's files
+            rejects_store.clear()
 
-    # Files that left the corpus or changed since they were encoded: their rows go.
-    current = {f.path: f for f in files}
-    stale = [p for p, e in ledger.files.items()
-             if p not in current or not ledger.is_done(p, current[p].size, current[p].mtime)]
-    todo = [f for f in files if not ledger.is_done(f.path, f.size, f.mtime)]
-    deleted = store.delete_sources(sorted(set(stale) | {f.path for f in todo}))
-    ledger.forget(stale)
-    rejects_store.forget([p for p in stale if p not in current])
-    log.info("encode: %d corpus files, %d already encoded, %d to encode, %d rows of stale files removed",
-             len(files), len(files) - len(todo), len(todo), deleted)
+        # Files that left the corpus or changed since they were encoded: their rows go.
+        current = {f.path: f for f in files}
+        stale = [p for p, e in ledger.files.items()
+                 if p not in current or not ledger.is_done(p, current[p].size, current[p].mtime)]
+        todo = [f for f in files if not ledger.is_done(f.path, f.size, f.mtime)]
+        deleted = store.delete_sources(sorted(set(stale) | {f.path for f in todo}))
+        ledger.forget(stale)
+        rejects_store.forget([p for p in stale if p not in current])
+        log.info("encode: %d corpus files, %d already encoded, %d to encode, %d rows of stale files removed",
+                 len(files), len(files) - len(todo), len(todo), deleted)
 
-    written = truncated = 0
-    t0 = time.perf_counter()
-    if todo:
-        for wave in waves(todo, WAVE_BYTES):
-            n, t = _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store)
-            written, truncated = written + n, truncated + t
-            if written and store.count_rows() >= 100_000:
-                store.ensure_id_index()
-        store.optimize()
-    encode_s = time.perf_counter() - t0
+        written = truncated = 0
+        t0 = time.perf_counter()
+        if todo:
+            for wave in waves(todo, WAVE_BYTES):
+                n, t = _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store)
+                written, truncated = written + n, truncated + t
+                if written and store.count_rows() >= 100_000:
+                    store.ensure_id_index()
+            store.optimize()
+        encode_s = time.perf_counter() - t0
 
-    total = store.count_rows()
-    all_rejects = rejects_store.gather([f.path for f in files])
-    ctx.write_rejects(all_rejects, total + all_rejects.num_rows, cfg.max_reject_frac, "encode: corpus")
-    index = _maybe_index(job, store, spec, written)
-    distinct = store.count_distinct_ids()
-    ctx.record(
-        rows={"encoded": written, "in_table": total, "rejected": all_rejects.num_rows},
-        lancedb={"uri": uri, "table": cfg.table, "version": store.version, "opened": opened,
-                 "rows_deleted": deleted, "distinct_ids": distinct},
-        code_spec=spec.__dict__,
-        encoder_fingerprint=spec.encoder_fingerprint,
-        code_dtype=spec.code_dtype,
-        bytes_per_row=bytes_per_row(spec.dim, spec.code_dtype),
-        files={"corpus": len(files), "encoded_this_run": len(todo), "stale_removed": len(stale)},
-        truncated_rows=truncated,
-        encode_seconds=round(encode_s, 3),
-        rows_per_s=round(written / encode_s, 2) if written and encode_s > 0 else None,
-        index=index,
-        code_fidelity=_fidelity(job, files, model_dir) if spec.code_dtype == "int8" else None,
-    )
-    if distinct is not None and distinct != total:
-        from pipeline.errors import StageError
+        total = store.count_rows()
+        all_rejects = rejects_store.gather([f.path for f in files])
+        ctx.write_rejects(all_rejects, total + all_rejects.num_rows, cfg.max_reject_frac, "encode: corpus")
+        index = _maybe_index(job, store, spec, written)
+        distinct = store.count_distinct_ids()
+        ctx.record(
+            rows={"encoded": written, "in_table": total, "rejected": all_rejects.num_rows},
+            lancedb={"uri": uri, "table": cfg.table, "version": store.version, "opened": opened,
+                     "rows_deleted": deleted, "distinct_ids": distinct},
+            code_spec=spec.__dict__,
+            encoder_fingerprint=spec.encoder_fingerprint,
+            code_dtype=spec.code_dtype,
+            bytes_per_row=bytes_per_row(spec.dim, spec.code_dtype),
+            files={"corpus": len(files), "encoded_this_run": len(todo), "stale_removed": len(stale)},
+            truncated_rows=truncated,
+            encode_seconds=round(encode_s, 3),
+            rows_per_s=round(written / encode_s, 2) if written and encode_s > 0 else None,
+            index=index,
+            code_fidelity=_fidelity(job, files, model_dir) if spec.code_dtype == "int8" else None,
+        )
+        if distinct is not None and distinct != total:
+            from pipeline.errors import StageError
 
-        raise StageError(f"encode: table `{cfg.table}` has {total} rows but {distinct} distinct ids.")
+            raise StageError(f"encode: table `{cfg.table}` has {total} rows but {distinct} distinct ids.")
 
 
 def _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store) -> tuple[int, int]:
