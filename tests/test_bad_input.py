@@ -112,10 +112,10 @@ def _write_corpus(root: Path, spec) -> tuple[list[dict], list[tuple[str, str]]]:
             path.write_bytes(b"\n".join(lines) + (b"\n" if lines else b"") if fault != "empty_file" else b"")
             if fault == "empty_file":
                 continue  # an empty JSONL file holds no rows: not an error
-            # The schema check reads the first non-blank line: if it parses, it must be an object with
-            # the mapped columns; if it does not, the check is skipped (a row-level problem).
-            first = next(((k, r) for k, r in recs if k != "blank_line"), None)
-            if first is not None and first[0] not in ("bad_json", "non_utf8"):
+            # The schema check reads the first line that parses as JSON (blank lines and unparseable
+            # lines are skipped: they are row-level rejects); it must be an object with the mapped columns.
+            first = next(((k, r) for k, r in recs if k not in ("blank_line", "bad_json", "non_utf8")), None)
+            if first is not None:
                 k, r = first
                 if k == "not_object":
                     errors.append((name, "not_objects"))
