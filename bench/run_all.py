@@ -1,0 +1,34 @@
+"""`make bench`: run every benchmark in turn (they print their figures and write bench/out/*.json).
+
+Benchmarks measure the machine's own limits in the same run (matmul GFLOP/s, memcpy GB/s), so
+their ratios are comparable across machines; run them on a quiet machine, one at a time.
+The fit-quality benchmark reuses the demo's sketches (`make demo` first), or sketches itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    py = sys.executable
+    runs = [
+        [py, "bench/bench_sketch.py", "--quick"],
+        [py, "bench/bench_encode_score.py", "--scale", "100000", "--encoder-max-len", "32"],
+    ]
+    demo = ROOT / "runs" / "demo" / "sketch" / "manifest.json"
+    fit = [py, "bench/bench_fit_quality.py", "--sizes", "16,32,56"]
+    runs.append(fit + (["--run-dir", "runs/demo"] if demo.exists() else ["--job", "jobs/demo.yaml"]))
+    failed = 0
+    for cmd in runs:
+        print("\n$ " + " ".join(cmd[1:]), flush=True)
+        failed += subprocess.call(cmd, cwd=ROOT) != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
