@@ -182,11 +182,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shutdown_ray() -> None:
-    if "ray" in sys.modules:
-        import ray
+    if "pipeline.ray_runtime" in sys.modules:
+        from pipeline.ray_runtime import shutdown_if_started
 
-        if ray.is_initialized():
-            ray.shutdown()
+        shutdown_if_started()
 
 
 if __name__ == "__main__":

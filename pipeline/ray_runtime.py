@@ -27,12 +27,17 @@ WORKER_ENV = {
 }
 
 
+_started_here = False  # whether ensure_ray started (or joined) Ray in this process
+
+
 def ensure_ray(cfg: RayConfig) -> None:
     """Start an in-process Ray (one machine) or join the cluster at `cfg.address`. Idempotent."""
+    global _started_here
     import ray
 
     if ray.is_initialized():
         return
+    _started_here = True
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     env = {"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}}
@@ -125,3 +130,14 @@ def plan_actors(use_gpu: bool | None, num_actors: int | None, key: str) -> Actor
     # plus the read CPU on small machines where one idle core would otherwise halve throughput.
     torch_threads = max(1, int(min(cpus, node_cpus) // n)) if cpus <= 4 else max(1, int(per_actor))
     return ActorPlan(num_actors=n, num_cpus=per_actor, num_gpus=0.0, torch_threads=torch_threads)
+
+
+def shutdown_if_started() -> None:
+    """Disconnect from Ray only if `ensure_ray` connected this process (never a caller's Ray)."""
+    global _started_here
+    if _started_here:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        _started_here = False
