@@ -1,5 +1,5 @@
-"""Real faults, real processes: kill a sketch actor, kill the driver, then check that nothing is lost
-or duplicated.
+"""Real faults, real processes: kill a sketch actor, kill the driver, kill the Ray Train worker, then
+check that nothing is lost or duplicated.
 
 Each test runs `influcoder` in a subprocess (with its own in-process Ray) and kills real processes
 found by pid; every process a test starts carries a tag so that leftovers are killed by pid
@@ -190,6 +190,122 @@ def test_driver_killed_mid_sketch_resumes(tiny_job, tmp_path, tagged_env):
     assert len(recomputed) == 7 - len(before)
     assert recomputed.isdisjoint({p.stem for p in before})
     _assert_exactly_once(tmp_path / "run", _expected_ids(job))
+
+
+def _train_snapshot(run_dir: Path) -> dict | None:
+    """Ray Train's checkpoint-manager snapshot of the fit stage, or None before the first checkpoint.
+
+    The Train controller rewrites it each time it registers a checkpoint, i.e. once a checkpoint has
+    been fully uploaded and is what a restarted worker group resumes from (a checkpoint directory can
+    exist half-copied; this file cannot: it is written after the copy)."""
+    for path in run_dir.glob(".work/fit-*/ray_train/fit-*/checkpoint_manager_snapshot.json"):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # being rewritten; the next poll reads it whole
+            return None
+    return None
+
+
+def _checkpointed_epochs(snapshot: dict | None) -> list[int]:
+    return sorted(r["metrics"]["epoch"] for r in (snapshot or {}).get("checkpoint_results", []))
+
+
+def _planted_sketch(sizes: dict[str, int], dim: int = 16, seed: int = 0):
+    """A stand-in sketch stage runner: short texts and random unit sketches in the artifact's
+    contract (id, split, text, sketch), written with a real manifest by `artifacts.run_stage`."""
+    import pyarrow as pa
+
+    from pipeline.schema import ID, SKETCH, SPLIT, TEXT
+
+    rng = np.random.default_rng(seed)
+    words = "river stone cloud number vote season paper garden signal winter market theory".split()
+    schema = pa.schema([pa.field(ID, pa.string()), pa.field(SPLIT, pa.string()), pa.field(TEXT, pa.string()),
+                        pa.field(SKETCH, pa.list_(pa.float32(), dim))])
+
+    def run(ctx):
+        for side in ("anchors", "pool"):
+            rows = []
+            for split in ("eval", "train"):
+                for i in range(sizes[f"{split}_{side}"]):
+                    v = rng.normal(size=dim)
+                    rows.append({ID: f"{side}-{split}-{i}", SPLIT: split,
+                                 TEXT: " ".join(rng.choice(words, size=8)),
+                                 SKETCH: (v / np.linalg.norm(v)).astype(np.float32).tolist()})
+            os.makedirs(os.path.join(ctx.out_dir, side))
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(ctx.out_dir, side, "part-0.parquet"))
+        ctx.record(rows={side: sizes[f"train_{side}"] + sizes[f"eval_{side}"] for side in ("anchors", "pool")})
+
+    return run
+
+
+def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagged_env):
+    """SIGKILL the real Ray Train worker process (`ray::RayTrainWorker`) once epoch 1's checkpoint is
+    registered: Ray Train (FailureConfig.max_failures) starts a new worker group that resumes from
+    that checkpoint, so `influcoder fit` still exits 0 with every epoch exactly once, and says it
+    resumed.
+
+    The upstream sketch artifact is a planted one (short texts, random unit sketches, a real
+    manifest), written in well under a second: the teacher is not what is under test here, and a
+    real sketch stage would add ~40 s on a 2-CPU machine.
+    """
+    from pipeline import artifacts
+    from pipeline.config import load_job
+
+    # An epoch is one optimiser step plus held-out eval plus a ~270 MB checkpoint (weights and AdamW
+    # state) written and copied: a few seconds. The kill lands early in epoch 2, so epochs 2-3 are
+    # the margin (checked below: the registered checkpoints at the kill stop short of the last).
+    epochs = 3
+    sizes = {"train_anchors": 4, "train_pool": 8, "eval_anchors": 2, "eval_pool": 4}
+    run_dir = tmp_path / "run"
+    job = {"run_dir": str(run_dir), "seed": 0, "corpus": {"path": "unused"}, "anchors": {"path": "unused"},
+           "sketch": {"proj_dim": 16, **sizes},
+           "encoder": {"model": "all-minilm-l6-v2", "max_len": 32},
+           "fit": {"epochs": epochs, "block_anchors": 4, "block_candidates": 8, "max_failures": 2},
+           "ray": {"num_cpus": 2}}
+    artifacts.run_stage(load_job(data=job), "sketch", runner=_planted_sketch(sizes))
+    job_path = tmp_path / "job.yaml"
+    job_path.write_text(yaml.safe_dump(job))
+    log_path = tmp_path / "fit.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([*INFLUCODER, "fit", str(job_path)], cwd=REPO, env=tagged_env(),
+                            stdout=log, stderr=subprocess.STDOUT)
+    def train_worker(not_pid: int | None = None):
+        """The live Ray Train worker process under the fit driver (True once the driver has exited)."""
+        w = proc_util.find_worker(proc.pid, "RayTrainWorker")
+        return (w if w is not None and w.pid != not_pid else None) or proc.poll() is not None
+
+    try:
+        worker = proc_util.wait_for(train_worker, 360, interval=0.2, what="the Ray Train worker process")
+        assert proc.poll() is None, log_path.read_text()[-4000:]
+        first = proc_util.wait_for(lambda: _checkpointed_epochs(_train_snapshot(run_dir)) or proc.poll() is not None,
+                                   240, interval=0.05, what="the first registered fit checkpoint")
+        assert proc.poll() is None and worker.is_running(), log_path.read_text()[-4000:]
+        title = " ".join(worker.cmdline()).strip()  # Ray pads it: "ray::RayTrainWorker      ..."
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+        at_kill = proc_util.wait_for(lambda: _checkpointed_epochs(_train_snapshot(run_dir)), 10,
+                                     what="a readable checkpoint snapshot")
+        replacement = proc_util.wait_for(lambda: train_worker(not_pid=worker.pid), 240, interval=0.2,
+                                         what="a restarted Ray Train worker")
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = log_path.read_text()
+    assert rc == 0, out[-6000:]
+    assert title.startswith("ray::RayTrainWorker"), title
+    assert first == [1] and max(at_kill) < epochs, f"the kill came after the last epoch ({at_kill}): nothing tested"
+    assert replacement is not True, "no new Ray Train worker was started before the fit ended"
+    metrics = json.loads((run_dir / "fit" / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, epochs + 1))
+    # Resumed from a checkpoint (epoch 1 or a later one), not restarted from scratch.
+    assert metrics["resumed_from_epochs"] and 1 <= metrics["resumed_from_epochs"][0] < epochs
+    manifest = json.loads((run_dir / "fit" / "manifest.json").read_text())
+    assert manifest["stage"] == "fit" and manifest["fit"]["resumed_from_epochs"] == metrics["resumed_from_epochs"]
+    assert manifest["fit"]["selected_epoch"] == epochs
+    assert (run_dir / "fit" / "encoder" / "model.safetensors").exists()
+    assert not list(run_dir.glob(".work/fit-*")), "the fit work dir (checkpoints) outlived the committed stage"
 
 
 @pytest.mark.parametrize("layout", ["same_run_dir", "shared_table_two_run_dirs"])

@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`), token
 auth on, a job submitted with `ray job submit --working-dir`: it must produce the same artifacts as
-the same job on an in-process Ray.
+the same job on an in-process Ray, through the sketch (Ray Data actors) and the fit (Ray Train's
+TorchTrainer, placed by the cluster's scheduler on either node).
 
 The README's "Running on a Ray cluster" steps are these commands. Nothing here calls `ray stop`
 (it would kill every Ray process on the machine); the processes this test starts are killed by pid
@@ -40,6 +41,8 @@ def _small(job: dict, run_dir: Path, ray_section: dict) -> dict:
     job["teacher"]["max_len"] = 32
     job["sketch"].update({"proj_dim": 256, "train_anchors": 2, "eval_anchors": 2, "train_pool": 4,
                           "eval_pool": 2, "rows_per_shard": 4, "fidelity_samples": 0})
+    # Two train anchors, four train pool rows: one block (all anchors, every candidate) per epoch.
+    job["fit"] = {"epochs": 2, "block_anchors": 2, "block_candidates": 4}
     job["ray"] = ray_section
     return job
 
@@ -120,11 +123,11 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
     cluster_job.write_text(yaml.safe_dump(_small(tiny_job, tmp_path / "cluster_run", {"address": "auto"})))
     submit = [RAY, "job", "submit", "--address", c["dashboard"], "--working-dir", str(REPO),
               "--runtime-env-json", json.dumps(EXCLUDES),
-              "--", PYTHON, "-m", "pipeline.cli", "run", str(cluster_job), "--to", "sketch"]
+              "--", PYTHON, "-m", "pipeline.cli", "run", str(cluster_job), "--to", "fit"]
     job = _run(submit, env, timeout=360)
     out = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in out, out[-6000:]
-    assert "sketch: done" in out
+    assert "sketch: done" in out and "fit: done" in out
     # The upload held the code, not the venv, the data or old runs.
     pkgs = list((c["tmp"] / "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
     assert pkgs, "no working_dir package found"
@@ -136,7 +139,7 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
     local_job.write_text(yaml.safe_dump(_small(tiny_job, tmp_path / "local_run", {"num_cpus": 2})))
     local_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
     local_env["RAY_TMPDIR"] = str(c["tmp"])  # its session files stay in the test's temp dir
-    local = _run([PYTHON, "-m", "pipeline.cli", "run", str(local_job), "--to", "sketch"], local_env, timeout=360)
+    local = _run([PYTHON, "-m", "pipeline.cli", "run", str(local_job), "--to", "fit"], local_env, timeout=360)
     assert local.returncode == 0, (local.stdout + local.stderr)[-6000:]
 
     m_cluster = json.loads((tmp_path / "cluster_run" / "sketch" / "manifest.json").read_text())
@@ -151,3 +154,28 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
         for rid in a:
             assert a[rid][0] == b[rid][0]
             np.testing.assert_allclose(a[rid][1], b[rid][1], atol=2e-5)
+
+    # The fit stage: Ray Train ran on the cluster and exported an encoder that matches the local one.
+    fits = {name: json.loads((tmp_path / name / "fit" / "metrics.json").read_text())
+            for name in ("cluster_run", "local_run")}
+    for m in fits.values():
+        assert [e["epoch"] for e in m["epochs"]] == [1, 2] and m["resumed_from_epochs"] == []
+        # Same worker shape on both: the cluster has 4 CPUs, but a worker must fit on one 2-CPU node.
+        assert m["workers"] == {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 2}
+    f_cluster = json.loads((tmp_path / "cluster_run" / "fit" / "manifest.json").read_text())
+    f_local = json.loads((tmp_path / "local_run" / "fit" / "manifest.json").read_text())
+    assert f_cluster["config_hash"] == f_local["config_hash"]
+    # Training is seeded (weights, block order, candidates, dropout per epoch and rank) and runs as
+    # one worker with the same torch thread count on the same CPU whichever node Ray Train places it
+    # on, from sketches that agree to 2e-5: the exported encoders embed texts alike. (Observed:
+    # bit-identical; the tolerance only absorbs sketch-level float noise.)
+    from pipeline.encoder import TextEncoder
+
+    texts = ["Natalia sold clips to 48 of her friends.", "Q: Is the sentence plausible?\nA: no", "hello"]
+    z = {name: TextEncoder(str(tmp_path / name / "fit" / "encoder"), max_len=64).embed(texts)
+         for name in ("cluster_run", "local_run")}
+    assert z["cluster_run"].shape == (3, 384) and np.isfinite(z["cluster_run"]).all()
+    np.testing.assert_allclose(z["cluster_run"], z["local_run"], atol=1e-4)
+    for key in ("loss", "spearman_per_anchor", "spearman_aggregated"):
+        assert [e[key] for e in fits["cluster_run"]["epochs"]] == pytest.approx(
+            [e[key] for e in fits["local_run"]["epochs"]], abs=1e-4), key
