@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +115,3 @@ class TextEncoder(torch.nn.Module):
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
                 os.remove(path)
-
-
-def copy_encoder(src_dir: str, dst_dir: str) -> None:
-    shutil.copytree(src_dir, dst_dir, dirs_exist_ok=True)

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -130,7 +129,3 @@ def model_fingerprint(path_or_id: str) -> str:
             with open(f, "rb") as fh:
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
-
-
-def copy_model_dir(src: str, dst: str) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
