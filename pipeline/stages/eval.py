@@ -17,6 +17,7 @@ The report (report.md + plots) is written next to the metrics.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -84,9 +85,13 @@ def _sketch_split(ctx: StageRun, role: str) -> tuple[list[str], list[str], np.nd
 # --------------------------------------------------------------------------- methods
 
 
-def _embed_method(model_dir: str, job: JobConfig, query_texts: list[str], row_texts: list[str],
-                  threads: int) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """(query embeddings, row embeddings, ms per row after warm-up, dim)."""
+def _embed_method(model_dir: str, job: JobConfig, pairs: list[tuple[list[str], list[str]]],
+                  threads: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], float, int]:
+    """Load one encoder and embed every (queries, rows) pair with it.
+
+    Returns the embeddings per pair, ms per row of the first pair's rows (timed after a warm-up,
+    model loading excluded), and the embedding dim.
+    """
     import torch
 
     from pipeline.encoder import TextEncoder
@@ -95,11 +100,15 @@ def _embed_method(model_dir: str, job: JobConfig, query_texts: list[str], row_te
     enc = TextEncoder(model_dir, max_len=job.encoder.max_len, trust_remote_code=job.encoder.trust_remote_code)
     prefix = job.encoder.anchor_prefix
     enc.embed(["warm-up"] * 2, batch_size=2)  # first-call kernels and allocations are not per-row cost
-    q = enc.embed([prefix + t for t in query_texts], batch_size=32)
-    t0 = time.perf_counter()
-    rows = enc.embed(row_texts, batch_size=32)
-    ms = 1000 * (time.perf_counter() - t0) / max(len(row_texts), 1)
-    return q, rows, ms, enc.dim
+    out, ms = [], float("nan")
+    for i, (query_texts, row_texts) in enumerate(pairs):
+        q = enc.embed([prefix + t for t in query_texts], batch_size=32)
+        t0 = time.perf_counter()
+        rows = enc.embed(row_texts, batch_size=32)
+        if i == 0:
+            ms = 1000 * (time.perf_counter() - t0) / max(len(row_texts), 1)
+        out.append((q, rows))
+    return out, ms, enc.dim
 
 
 def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[np.ndarray, np.ndarray, float]:
@@ -199,7 +208,7 @@ def run(ctx: StageRun) -> None:
     q_texts = queries.column(TEXT).to_pylist()
     log.info("eval: %d corpus rows (%s positives), %d queries, methods %s", len(ids),
              int(labels.sum()) if labels is not None else "no", len(q_texts), methods)
-    threads = max(1, int(__import__("os").cpu_count() or 1))
+    threads = max(1, os.cpu_count() or 1)
     fit_dir = storage.join(ctx.upstream_dir("fit"), "encoder")
     a_ids, a_texts, a_sk = _sketch_split(ctx, "anchors")
     p_ids, p_texts, p_sk = _sketch_split(ctx, "pool")
@@ -212,9 +221,9 @@ def run(ctx: StageRun) -> None:
         if name not in methods:
             continue
         t0 = time.perf_counter()
-        q, r, ms, dim = _embed_method(model_dir, job, q_texts, row_texts, threads)
+        ((q, r), (qa, pr)), ms, dim = _embed_method(model_dir, job, [(q_texts, row_texts), (a_texts, p_texts)],
+                                                    threads)
         per_query[name] = q @ r.T
-        qa, pr, _, _ = _embed_method(model_dir, job, a_texts, p_texts, threads)
         code_bytes = (ctx.upstream.get("encode") or {}).get("bytes_per_row") or dim * 2
         results[name] = {"heldout": _fidelity(qa @ pr.T, heldout_gt), "ms_per_sample": ms,
                          "setup_s": setup_influcoder if name == "influcoder" else 0.0,
