@@ -96,27 +96,33 @@ def _select(job: JobConfig, role: str, ds_cfg, files, n_eval: int, n_train: int,
     seen: set[str] = set()
     reject_tables: list[pa.Table] = []
     total = 0
-    ds = corpus.read_dataset(ds_cfg, files)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # duplicate ids: the first in file order wins, every run
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        total += batch.num_rows
-        good, bad = corpus.split_rejects(batch)
-        if bad.num_rows:
-            reject_tables.append(bad)
-        dup_rows = []
-        for row in good.to_pylist():
-            rid = row[ID]
-            if rid in seen:
-                dup_rows.append({SOURCE: row[SOURCE], ROW: row[ROW], ID: rid,
-                                 REASON: f"duplicate_id: `{rid}` appeared earlier in the {role} data"})
-                continue
-            seen.add(rid)
-            if rid in exclude:
-                continue
-            keeper.offer(sampling.order_key(job.sketch.split_seed, rid), rid, row)
-        if dup_rows:
-            reject_tables.append(pa.Table.from_pylist(dup_rows))
+    data_ctx = ray.data.DataContext.get_current()
+    previous_order = data_ctx.execution_options.preserve_order
+    # Duplicate ids: the first in file order wins, every run. Only this pass needs ordered output,
+    # so the global setting is restored afterwards (later stages stream unordered).
+    data_ctx.execution_options.preserve_order = True
+    try:
+        ds = corpus.read_dataset(ds_cfg, files)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            total += batch.num_rows
+            good, bad = corpus.split_rejects(batch)
+            if bad.num_rows:
+                reject_tables.append(bad)
+            dup_rows = []
+            for row in good.to_pylist():
+                rid = row[ID]
+                if rid in seen:
+                    dup_rows.append({SOURCE: row[SOURCE], ROW: row[ROW], ID: rid,
+                                     REASON: f"duplicate_id: `{rid}` appeared earlier in the {role} data"})
+                    continue
+                seen.add(rid)
+                if rid in exclude:
+                    continue
+                keeper.offer(sampling.order_key(job.sketch.split_seed, rid), rid, row)
+            if dup_rows:
+                reject_tables.append(pa.Table.from_pylist(dup_rows))
+    finally:
+        data_ctx.execution_options.preserve_order = previous_order
     ordered = keeper.sorted_rows()
     eval_rows, train_rows = sampling.split_rows(ordered, n_eval, n_train)
     for r in eval_rows:
