@@ -79,33 +79,33 @@ def dequantize(codes: np.ndarray, scales: Optional[np.ndarray] = None) -> np.nda
     return out
 
 
-def _as_float32(codes: np.ndarray):
-    """A float32 torch view/copy of a code block (torch converts fp16/int8 with SIMD; numpy's
-    float16 -> float32 cast is several times slower and would dominate a memory-bound scan)."""
+def _as_tensor(array: np.ndarray):
+    """A torch view of a numpy array (no copy), float32 for float inputs given as float64."""
     import torch
 
     with warnings.catch_warnings():
         # Arrow-backed arrays are read-only; torch warns on wrapping them, but the tensor is only
-        # read here (.to() makes the float32 copy), so the warning does not apply.
+        # read here (every block is converted into a new float32 tensor before use).
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(codes)).to(torch.float32)
+        return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def score_block(queries: np.ndarray, codes: np.ndarray, scales: Optional[np.ndarray] = None) -> np.ndarray:
     """[n, Q] float32 scores of code rows against float32 queries (cosines for unit-norm inputs)."""
     import torch
 
-    # Both the conversion and the product stay in torch: mixing torch's OpenMP pool with numpy's
-    # OpenBLAS threads in one loop made the two pools fight (30x slower in testing).
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    s = (_as_float32(codes) @ q.T).numpy()
+    q = _as_tensor(np.asarray(queries, np.float32))
+    # The fp16/int8 -> float32 conversion and the product both stay in torch: torch converts with
+    # SIMD (numpy's float16 cast is several times slower), and mixing torch's OpenMP pool with
+    # numpy's OpenBLAS threads in one loop made the two pools fight (30x slower in testing).
+    s = _as_tensor(codes).to(torch.float32) @ q.T
     if scales is not None and codes.dtype == np.int8:
         # (q_int * scale) . x == scale * (q_int . x): scale after the matmul, one multiply per score.
-        s *= np.asarray(scales, np.float32)[:, None]
-    return s
+        s *= _as_tensor(np.asarray(scales, np.float32))[:, None]
+    return s.numpy()
 
 
-# Rows per block are also capped so that the float32 copy of a block stays cache-resident (8 MiB):
+# Rows per block are capped so that the float32 copy of a block stays cache-resident (8 MiB):
 # converting 67 MB blocks then multiplying them went through RAM twice and ran 5x slower
 # (0.57 vs 2.9 GB/s of float16 codes, 1M x 384, 16 queries, bench/bench_encode_score.py).
 CACHE_BYTES = 8 * 1024 * 1024
@@ -113,7 +113,7 @@ CACHE_BYTES = 8 * 1024 * 1024
 
 def block_rows_for(num_queries: int, dim: int, block_elems: int = DEFAULT_BLOCK_ELEMS) -> int:
     """Rows per block: the float32 codes copy and the scores stay under block_elems and in cache."""
-    return max(1, min(block_elems // max(num_queries + 1, dim), CACHE_BYTES // (4 * dim)))
+    return max(1, min(block_elems // max(num_queries, dim), CACHE_BYTES // (4 * dim)))
 
 
 def exact_scores(
@@ -137,29 +137,32 @@ def exact_scores(
     Returns:
         (mean [N], max [N]) float32.
     """
+    import torch
+
     queries = np.asarray(queries, np.float32)
     if queries.ndim != 2 or queries.shape[0] == 0:
         raise ValueError(f"exact_scores needs queries [Q>=1, d], got shape {queries.shape}")
     if codes.shape[1] != queries.shape[1]:
         raise ValueError(f"codes have dim {codes.shape[1]} but queries have dim {queries.shape[1]}")
     n, nq = codes.shape[0], queries.shape[0]
-    # Mean over queries: (1/Q) sum_q c.q == c.(mean_q q) by linearity of the dot product, so the
-    # averaged query, appended as one extra column of the same matmul, gives it at the cost of
-    # one query; because codes and queries are unit norm, c.q is the cosine, so this is exactly
-    # the mean cosine METHOD.md 1e aggregates by. Each code block is read and converted once.
-    with_mean = np.concatenate([queries, queries.mean(axis=0, keepdims=True)])
-    mean = np.empty(n, np.float32)
-    mx = np.empty(n, np.float32)
+    # Everything per block stays in torch (one SIMD conversion, one GEMM, two row reductions):
+    # numpy reductions along a 16-wide axis cost as much as the product itself.
+    q_t = _as_tensor(queries).T.contiguous()
+    x = _as_tensor(codes)
+    sc = _as_tensor(np.asarray(scales, np.float32)) if scales is not None and codes.dtype == np.int8 else None
+    mean, mx = torch.empty(n), torch.empty(n)
     step = block_rows_for(nq, codes.shape[1], block_elems)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        s = score_block(with_mean, codes[start:stop], None if scales is None else scales[start:stop])
-        mean[start:stop] = s[:, nq]
-        s = s[:, :nq]
-        mx[start:stop] = s.max(axis=1)
+        s = x[start:stop].to(torch.float32) @ q_t
+        if sc is not None:
+            s *= sc[start:stop, None]
+        # Mean over queries of cosines (METHOD.md 1e); equal to the cosine sum with the mean query.
+        torch.mean(s, 1, out=mean[start:stop])
+        torch.amax(s, 1, out=mx[start:stop])
         if on_block is not None:
-            on_block(start, s)
-    return mean, mx
+            on_block(start, s.numpy())
+    return mean.numpy(), mx.numpy()
 
 
 def ranking_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -204,26 +207,42 @@ class TopK:
 
 
 class MultiTopK:
-    """One TopK per query, fed with [rows, Q] score blocks (one partition call per block)."""
+    """One TopK per query, fed with [rows, Q] score blocks.
+
+    Only rows that can still enter a query's top-k leave the vectorised compare: once every heap
+    is full (after the first block, in practice), a block of a large scan yields a handful of
+    candidates, so the per-block cost is one [rows, Q] comparison. `ids` may be a numpy array or
+    anything with ``.take(indices)`` (a pyarrow array): ids are materialised for candidates only.
+    """
 
     def __init__(self, num_queries: int, k: int):
         self.k = k
         self.heaps = [TopK(k) for _ in range(num_queries)]
+        self._thresholds = np.full(num_queries, -np.inf, np.float32)
 
     def update(self, ids, scores: np.ndarray) -> None:
-        ids = np.asarray(ids, dtype=object)
         n = scores.shape[0]
-        thr = np.array([h.threshold for h in self.heaps], np.float32)
-        if n > self.k:
+        thr = self._thresholds
+        if n > self.k and np.isneginf(thr).any():
+            # Some heap is not full yet: the block's own k-th best bounds what can enter it.
             kth = np.partition(scores, n - self.k, axis=0)[n - self.k]
             thr = np.maximum(thr, kth)
         mask = scores >= thr[None, :]
-        for q in np.nonzero(mask.any(axis=0))[0]:
-            rows = np.nonzero(mask[:, q])[0]
-            self.heaps[q].update(ids[rows], scores[rows, q])
+        for q in np.flatnonzero(mask.any(axis=0)):
+            rows = np.flatnonzero(mask[:, q])
+            self.heaps[q].update(_take(ids, rows), scores[rows, q])
+            self._thresholds[q] = self.heaps[q].threshold
 
     def results(self) -> list[tuple[np.ndarray, np.ndarray]]:
         return [h.result() for h in self.heaps]
+
+
+def _take(ids, rows: np.ndarray) -> np.ndarray:
+    if isinstance(ids, np.ndarray):
+        return ids[rows]
+    if hasattr(ids, "take"):
+        return np.asarray(ids.take(rows).to_pylist(), dtype=object)
+    return np.asarray(ids, dtype=object)[rows]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -99,8 +99,13 @@ def test_multitopk_equals_per_query_sort(rng):
     mt = MultiTopK(nq, k)
     for start in range(0, n, 300):
         mt.update(ids[start:start + 300], s[start:start + 300])
-    for q, (got_ids, _) in enumerate(mt.results()):
+    # Arrow ids (what the score stage passes): only candidate rows are converted.
+    mt_arrow = MultiTopK(nq, k)
+    for start in range(0, n, 300):
+        mt_arrow.update(pa.array(ids[start:start + 300].tolist()), s[start:start + 300])
+    for q, ((got_ids, _), (arrow_ids, _)) in enumerate(zip(mt.results(), mt_arrow.results())):
         assert list(got_ids) == brute_topk(list(ids), s[:, q], k)[0]
+        assert list(arrow_ids) == list(got_ids)
 
 
 def test_ranking_order_ties_by_id():

@@ -19,7 +19,7 @@ import logging
 import math
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,7 @@ log = logging.getLogger("influcoder")
 SELECTED = pa.schema([pa.field(ID, pa.string()), pa.field(SCORE, pa.float32()), pa.field(RANK, pa.int64()),
                       pa.field("action", pa.string())])
 ANN_QUERY_BATCH = 256
+SCAN_COLUMNS = [ID, CODE, CODE_SCALE]
 
 
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
@@ -98,21 +99,12 @@ def run(ctx) -> None:
     use_ann = cfg.ann and store.has_vector_index()
     topk = None if use_ann else MultiTopK(len(query_ids), cfg.top_k)
     t0 = time.perf_counter()
-    scored = bytes_read = 0
     with tempfile.TemporaryDirectory(prefix="influcoder-score-") as tmp:
         spiller = RunSpiller(tmp)
-        for batch in store.iter_batches([ID, CODE, CODE_SCALE], cfg.batch_rows, dataset=dataset):
-            ids = batch.column(0)
-            codes = codes_from_arrow(batch.column(1), spec.code_dtype)
-            scales = batch.column(2).to_numpy() if spec.code_dtype == "int8" else None
-            ids_np = ids.to_numpy(zero_copy_only=False)
-            on_block = None if topk is None else (lambda off, s: topk.update(ids_np[off:off + s.shape[0]], s))
-            mean, mx = exact_scores(queries, codes, scales, on_block=on_block)
-            spiller.add(pa.table({ID: ids, SCORE: pa.array(mean), SCORE_MAX: pa.array(mx)}))
-            scored += batch.num_rows
-            bytes_read += batch.nbytes
+        batches = store.iter_batches(SCAN_COLUMNS, cfg.batch_rows, dataset=dataset)
+        scored, bytes_read = score_batches(batches, queries, spec.code_dtype, topk, spiller.add)
+        score_s = time.perf_counter() - t0  # the scan; sorting and merging the runs is rank_s
         spiller.flush()
-        score_s = time.perf_counter() - t0
         selection = _write_ranked(ctx, cfg, spiller.paths, scored)
     rank_s = time.perf_counter() - t0 - score_s
 
@@ -136,6 +128,27 @@ def run(ctx) -> None:
                 "code_bytes_read": int(bytes_read),
                 "gb_per_s": round(bytes_read / score_s / 1e9, 3) if score_s > 0 else None},
     )
+
+
+def score_batches(batches: Iterable[pa.RecordBatch], queries: np.ndarray, code_dtype: str,
+                  topk: Optional[MultiTopK], sink: Callable[[pa.Table], None]) -> tuple[int, int]:
+    """Score a stream of (id, code, code_scale) batches against the queries.
+
+    Per batch, `sink` gets a table (id, score = mean cosine over queries, score_max) and `topk`
+    (when given) sees every [rows, Q] block of the score matrix. Returns (rows, bytes scanned).
+    """
+    rows = nbytes = 0
+    for batch in batches:
+        ids = batch.column(0)
+        codes = codes_from_arrow(batch.column(1), code_dtype)
+        scales = batch.column(2).to_numpy() if code_dtype == "int8" else None
+        # Arrow ids go to the top-k as is: only its few candidate rows become Python strings.
+        on_block = None if topk is None else (lambda off, s: topk.update(ids.slice(off, s.shape[0]), s))
+        mean, mx = exact_scores(queries, codes, scales, on_block=on_block)
+        sink(pa.table({ID: ids, SCORE: pa.array(mean), SCORE_MAX: pa.array(mx)}))
+        rows += batch.num_rows
+        nbytes += codes.nbytes + (scales.nbytes if scales is not None else 0)
+    return rows, nbytes
 
 
 def _write_ranked(ctx, cfg, run_paths: list[str], n: int) -> dict[str, Any]:
