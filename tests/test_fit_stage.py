@@ -215,3 +215,27 @@ def test_too_many_candidates_is_a_config_error(ray_local, sketched_run, tmp_path
     run_dir = _copy_run(sketched_run, tmp_path / "run")
     with pytest.raises(ConfigError, match="fit.block_candidates"):
         artifacts.run_stage(_job(run_dir, block_candidates=SIZES["train_pool"] + 1), "fit")
+
+
+@pytest.mark.parametrize("max_len", [8, 32])
+def test_one_tokenizer_pass_gives_the_inputs_and_the_cut_texts(max_len):
+    """TextEncoder.tokenize (one pass, overflow rows dropped) == the plain truncating call, and its
+    flags == an untruncated length count (the two passes it replaces)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.encoder import TextEncoder
+
+    texts = ["hello", "Q: Is the sentence plausible?\nA: no",
+             "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+             "How many clips did Natalia sell altogether in April and May?",
+             "short one", "word " * 40, "Ünïcödé tëxt with àccents and emoji 🙂 " * 3]
+    got, cut = TextEncoder(_minilm(), max_len=max_len).tokenize(texts)
+    tok = AutoTokenizer.from_pretrained(_minilm())
+    want = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    lengths = tok(texts, truncation=False, return_length=True)["length"]
+    assert cut.tolist() == [n > max_len for n in lengths]
+    assert cut.any() and not cut.all()

@@ -77,10 +77,9 @@ class CodeEncoder:
         scales = np.ones(n, np.float32)
         truncated = np.zeros(n, bool)
         if len(texts):
-            q = quantize(self.encoder.embed(texts, batch_size=self.batch_size), self.code_dtype)
+            emb, truncated[idx] = self.encoder.embed(texts, batch_size=self.batch_size, return_truncated=True)
+            q = quantize(emb, self.code_dtype)
             codes[idx], scales[idx] = q.codes, q.scales
-            lengths = self.encoder.tokenizer(texts, truncation=False, return_length=True, verbose=False)["length"]
-            truncated[idx] = np.asarray(lengths) > self.encoder.max_len
         return pa.table({
             ID: batch.column(ID), CODE: code_array(codes), CODE_SCALE: pa.array(scales),
             SOURCE: batch.column(SOURCE), ROW: batch.column(ROW), TRUNCATED: pa.array(truncated),
