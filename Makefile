@@ -37,8 +37,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -x tests
 
+# Rows of the encode/score scale run (~75 min at 1M on a 2-core CPU): make bench BENCH_SCALE=100000
+BENCH_SCALE ?= 1000000
 bench: install
-	$(BIN)/python bench/run_all.py
+	BENCH_SCALE=$(BENCH_SCALE) $(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -44,7 +44,7 @@ from pipeline import artifacts  # noqa: E402
 from pipeline.codes import exact_scores, quantize  # noqa: E402
 from pipeline.codestore import CODE_SCALE, CodeSpec, CodeStore, code_array, codes_from_arrow  # noqa: E402
 from pipeline.config import load_job  # noqa: E402
-from pipeline.schema import CODE, ID  # noqa: E402
+from pipeline.schema import CODE  # noqa: E402
 
 DATA = Path(os.environ.get("DATA", REPO.parent / "shared" / "data"))
 LESS_BYTES = 8192 * 2
@@ -217,7 +217,7 @@ def bench_score_and_storage(tmp: Path, n: int, dim: int = 384, query_counts=(1, 
     the per-batch score table) on synthetic unit codes, vs the memcpy bound; with two ceilings
     measured alongside: the Lance scan alone, and the scoring kernel on codes already in memory."""
     from pipeline.codes import MultiTopK
-    from pipeline.stages.score import SCAN_COLUMNS, score_batches
+    from pipeline.stages.score import scan_columns, score_batches
 
     rng = np.random.default_rng(1)
     bw = memcpy_gbps()
@@ -227,9 +227,9 @@ def bench_score_and_storage(tmp: Path, n: int, dim: int = 384, query_counts=(1, 
         store = synthetic_table(uri, "codes", n, dim, dtype)
         ds = store.dataset()
         code_bytes = n * (dim * np.dtype(dtype).itemsize + (4 if dtype == "int8" else 0))
-        scan_s = best_of(lambda: sum(1 for _ in store.iter_batches(SCAN_COLUMNS, 65536, dataset=ds)))
+        scan_s = best_of(lambda: sum(1 for _ in store.iter_batches(scan_columns(dtype), 65536, dataset=ds)))
         # Kernel ceiling: 256k rows (~200 MB of float16, far beyond cache) already in memory.
-        head = pa.Table.from_batches(list(itertools.islice(store.iter_batches(SCAN_COLUMNS, 65536, dataset=ds), 32)))
+        head = pa.Table.from_batches(list(itertools.islice(store.iter_batches(scan_columns(dtype), 65536, dataset=ds), 32)))
         codes = np.ascontiguousarray(codes_from_arrow(head.column(1), dtype))
         scales = head.column(2).to_numpy() if dtype == "int8" else None
         disk = dir_bytes(os.path.join(uri, "codes.lance"))
@@ -240,7 +240,7 @@ def bench_score_and_storage(tmp: Path, n: int, dim: int = 384, query_counts=(1, 
             queries = rng.standard_normal((nq, dim)).astype(np.float32)
             queries /= np.linalg.norm(queries, axis=1, keepdims=True)
             kernel_s = best_of(lambda: exact_scores(queries, codes, scales)) * n / len(codes)
-            s = best_of(lambda: score_batches(store.iter_batches(SCAN_COLUMNS, 65536, dataset=ds), queries,
+            s = best_of(lambda: score_batches(store.iter_batches(scan_columns(dtype), 65536, dataset=ds), queries,
                                               dtype, MultiTopK(nq, 10), lambda t: None))
             gbps = code_bytes / s / 1e9
             row["queries"][str(nq)] = {

@@ -80,7 +80,7 @@ def dequantize(codes: np.ndarray, scales: Optional[np.ndarray] = None) -> np.nda
 
 
 def _as_tensor(array: np.ndarray):
-    """A torch view of a numpy array (no copy), float32 for float inputs given as float64."""
+    """A torch view of a numpy array (no copy; a non-contiguous input is copied once)."""
     import torch
 
     with warnings.catch_warnings():
@@ -150,7 +150,7 @@ def exact_scores(
     q_t = _as_tensor(queries).T.contiguous()
     x = _as_tensor(codes)
     sc = _as_tensor(np.asarray(scales, np.float32)) if scales is not None and codes.dtype == np.int8 else None
-    mean, mx = torch.empty(n), torch.empty(n)
+    mean, mx = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
     step = block_rows_for(nq, codes.shape[1], block_elems)
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -221,6 +221,7 @@ class MultiTopK:
         self._thresholds = np.full(num_queries, -np.inf, np.float32)
 
     def update(self, ids, scores: np.ndarray) -> None:
+        scores = np.asarray(scores, np.float32)  # thresholds are float32: compare like with like
         n = scores.shape[0]
         thr = self._thresholds
         if n > self.k and np.isneginf(thr).any():

@@ -92,17 +92,18 @@ def test_topk_streaming_equals_sort_with_ties(rng):
     np.testing.assert_array_equal(got_scores, np.array(want_scores, np.float32))
 
 
-def test_multitopk_equals_per_query_sort(rng):
+@pytest.mark.parametrize("block", [300, 7, 1])  # blocks larger and smaller than k
+def test_multitopk_equals_per_query_sort(rng, block):
     n, nq, k = 2000, 5, 10
-    ids = np.array([f"d{i}" for i in range(n)], dtype=object)
+    ids = np.array([f"d{i}" for i in rng.permutation(n)], dtype=object)  # scan order != id order
     s = np.round(rng.standard_normal((n, nq)), 2).astype(np.float32)
     mt = MultiTopK(nq, k)
-    for start in range(0, n, 300):
-        mt.update(ids[start:start + 300], s[start:start + 300])
+    for start in range(0, n, block):
+        mt.update(ids[start:start + block], s[start:start + block])
     # Arrow ids (what the score stage passes): only candidate rows are converted.
     mt_arrow = MultiTopK(nq, k)
-    for start in range(0, n, 300):
-        mt_arrow.update(pa.array(ids[start:start + 300].tolist()), s[start:start + 300])
+    for start in range(0, n, block):
+        mt_arrow.update(pa.array(ids[start:start + block].tolist()), s[start:start + block])
     for q, ((got_ids, _), (arrow_ids, _)) in enumerate(zip(mt.results(), mt_arrow.results())):
         assert list(got_ids) == brute_topk(list(ids), s[:, q], k)[0]
         assert list(arrow_ids) == list(got_ids)

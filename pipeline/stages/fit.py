@@ -10,142 +10,35 @@ held-out eval split (eval anchors x eval pool) after every epoch, and writes:
 - `fit/curves.png`: loss and Spearman by epoch, the untrained level as a horizontal line.
 
 Crash recovery: every epoch ends with a Ray Train checkpoint (weights as safetensors, optimiser and
-scheduler state, RNG state, the metric history) under the stage's work dir. A worker failure
+scheduler state, the metric history; dropout is reseeded per (seed, epoch, rank)) under the stage's work dir. A worker failure
 restarts the worker group from the latest checkpoint (`fit.max_failures`), and a rerun of a killed
 driver resumes the same run, because the run name and storage path are keyed by the stage identity.
+
+Inputs are read and checked in `fit_data.py`; the per-worker training loop and its checkpoints are
+in `fit_worker.py`; this module plans the workers, runs the TorchTrainer and exports the result.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.artifacts import StageRun
 from pipeline.config import FitConfig, to_dict
-from pipeline.distill import cosine_targets
-from pipeline.errors import ArtifactMissingError, ConfigError, InputDataError, ResourceError, StageError
+from pipeline.errors import ConfigError, ResourceError, StageError
 from pipeline.models import resolve_encoder
-from pipeline.schema import ID, SKETCH, SPLIT, TEXT
+from pipeline.stages.fit_data import FitData, load_fit_data
+from pipeline.stages.fit_worker import BEST_WEIGHTS, HISTORY, WEIGHTS, train_loop
 
 log = logging.getLogger("influcoder")
-
-SIDES = ("anchors", "pool")
-SPLITS = ("train", "eval")
-NORM_TOL = 1e-3  # sketches are float32 unit vectors; anything further off was not normalised
-WEIGHTS = "model.safetensors"
-BEST_WEIGHTS = "best.safetensors"
-TRAIN_STATE = "train_state.pt"
-HISTORY = "history.json"
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class SplitRows:
-    ids: list[str]
-    texts: list[str]
-    sketches: np.ndarray  # float32 [n, proj_dim], unit rows
-
-
-@dataclass
-class FitData:
-    """Everything the workers need; small (targets are a few thousand x a few thousand floats)."""
-
-    train_anchors: SplitRows
-    train_pool: SplitRows
-    eval_anchors: SplitRows
-    eval_pool: SplitRows
-    targets: np.ndarray       # train anchors x train pool cosines (distillation targets)
-    ground_truth: np.ndarray  # eval anchors x eval pool cosines (held-out)
-
-    def sizes(self) -> dict[str, int]:
-        return {"train_anchors": len(self.train_anchors.ids), "train_pool": len(self.train_pool.ids),
-                "eval_anchors": len(self.eval_anchors.ids), "eval_pool": len(self.eval_pool.ids)}
-
-
-def _read_side(sketch_dir: str, side: str) -> pa.Table:
-    folder = storage.join(sketch_dir, side)
-    files = storage.list_files(folder, ".parquet")
-    if not files:
-        raise ArtifactMissingError(f"fit: no Parquet files under {storage.redact(folder)}; rerun the sketch "
-                                   f"stage (`influcoder sketch JOB.yaml --overwrite`).")
-    tables = []
-    for path in files:
-        fs, p = storage.filesystem(path)
-        names = pq.read_schema(p, filesystem=fs).names
-        missing = [c for c in (ID, SPLIT, SKETCH, TEXT) if c not in names]
-        if missing:
-            raise InputDataError(f"fit: {storage.redact(path)} lacks column(s) {missing} (has {names}); the sketch "
-                              f"artifact must carry id, split, sketch and text. Rerun the sketch stage.")
-        tables.append(pq.read_table(p, filesystem=fs, columns=[ID, SPLIT, SKETCH, TEXT]))
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRows:
-    rows = table.filter(pc.equal(table[SPLIT], split))
-    # Sort by id: the result must not depend on how the sketch stage sharded its output.
-    rows = rows.take(pc.sort_indices(rows, sort_keys=[(ID, "ascending")]))
-    ids = rows[ID].to_pylist()
-    texts = rows[TEXT].to_pylist()
-    if any(t is None for t in texts):
-        raise InputDataError(f"fit: {side} rows with a null `text` in the {split} split; fix the sketch artifact.")
-    col = rows[SKETCH].combine_chunks()
-    if len(ids):
-        width = col.type.list_size
-        sketches = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), width)
-    else:
-        sketches = np.zeros((0, 1), dtype=np.float32)
-    norms = np.linalg.norm(sketches, axis=1)
-    if len(ids) and np.abs(norms - 1.0).max() > NORM_TOL:
-        bad = int(np.argmax(np.abs(norms - 1.0)))
-        raise InputDataError(f"fit: {side} sketch of id {ids[bad]!r} has L2 norm {norms[bad]:.4f}; the contract "
-                          f"requires unit-norm sketches. Rerun the sketch stage.")
-    return SplitRows(ids=ids, texts=[prefix + t for t in texts], sketches=sketches)
-
-
-def load_fit_data(sketch_dir: str, anchor_prefix: str) -> FitData:
-    """Read the sketch artifact, split it and build targets and held-out ground truth."""
-    parts: dict[tuple[str, str], SplitRows] = {}
-    for side in SIDES:
-        table = _read_side(sketch_dir, side)
-        ids = table[ID].to_pylist()
-        if len(set(ids)) != len(ids):
-            raise InputDataError(f"fit: duplicate ids in sketch/{side}; every row must have a unique id.")
-        unknown = set(table[SPLIT].to_pylist()) - set(SPLITS)
-        if unknown:
-            raise InputDataError(f"fit: sketch/{side} has split values {sorted(unknown)}; expected 'train' or 'eval'.")
-        for split in SPLITS:
-            parts[side, split] = _split_rows(table, split, side, anchor_prefix if side == "anchors" else "")
-    for side in SIDES:
-        overlap = set(parts[side, "train"].ids) & set(parts[side, "eval"].ids)
-        if overlap:  # leakage (METHOD.md 4.4): unique ids already make this impossible, keep it explicit
-            raise InputDataError(f"fit: ids in both train and eval {side}: {sorted(overlap)[:3]}")
-    for (side, split), rows in parts.items():
-        minimum = 2 if side == "pool" else 1  # Spearman over the pool needs two items
-        if len(rows.ids) < minimum:
-            raise InputDataError(f"fit: the {split} split has {len(rows.ids)} {side} rows, at least {minimum} needed; "
-                                 f"raise sketch.{split}_{side if side == 'pool' else 'anchors'}.")
-    return FitData(
-        train_anchors=parts["anchors", "train"], train_pool=parts["pool", "train"],
-        eval_anchors=parts["anchors", "eval"], eval_pool=parts["pool", "eval"],
-        targets=cosine_targets(parts["anchors", "train"].sketches, parts["pool", "train"].sketches),
-        ground_truth=cosine_targets(parts["anchors", "eval"].sketches, parts["pool", "eval"].sketches),
-    )
 
 
 # --------------------------------------------------------------------------- resources
@@ -358,182 +251,3 @@ def _plot_curves(metrics: dict[str, Any], path: str) -> None:
     with fs.open_output_stream(local) as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------- Ray Train worker
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: DDP over anchor blocks, held-out eval and a checkpoint after every epoch.
-
-    Every worker runs this. Rank 0 evaluates and writes checkpoints; all ranks call
-    `ray.train.report` the same number of times (it is a barrier).
-    """
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from pipeline.distill import (CandidateSampler, block_loss, candidate_rng, derive_seed, epoch_blocks,
-                                  lr_lambda, steps_per_epoch, worker_block_ids)
-    from pipeline.encoder import TextEncoder
-
-    data: FitData = ray.get(config["data_ref"])
-    fit = FitConfig(**config["fit"])
-    seed = int(config["seed"])
-    train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
-    torch.set_num_threads(int(config["torch_threads"]))
-    device = ray.train.torch.get_device()
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    enc = TextEncoder(config["model_dir"], max_len=config["max_len"],
-                      trust_remote_code=config["trust_remote_code"], device=device)
-    _freeze_unused(enc)
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    params = [p for p in enc.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=fit.lr, weight_decay=fit.weight_decay)
-    n_anchors = len(data.train_anchors.ids)
-    n_blocks = math.ceil(n_anchors / fit.block_anchors)
-    total_steps = steps_per_epoch(n_blocks, world) * fit.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, fit.warmup_frac))
-    sampler = CandidateSampler(data.targets, m=fit.block_candidates, hard_ratio=fit.hard_ratio)
-
-    history: dict[str, Any] = {"untrained": None, "epochs": [], "resumed_from_epochs": [],
-                               "best_epoch": None, "best_score": None}
-    best_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            history, best_state = _load_checkpoint(ckpt_dir, enc, optimizer, scheduler, fit.restore_best)
-        history["resumed_from_epochs"].append(len(history["epochs"]))
-    model = ray.train.torch.prepare_model(enc)  # DDP when world > 1; weights broadcast from rank 0
-
-    if history["untrained"] is None:  # epoch 0: the untrained encoder, the cost-matched control
-        untrained = _evaluate(enc, data, fit.embed_batch_size) if rank == 0 else {}
-        history["untrained"] = untrained or None
-        ray.train.report({"epoch": 0, "loss": None, **untrained})
-
-    select_key = "spearman_aggregated" if fit.select_best_on == "aggregated" else "spearman_per_anchor"
-    for epoch in range(len(history["epochs"]) + 1, fit.epochs + 1):
-        t0 = time.perf_counter()
-        # Reseeding per (epoch, rank) makes dropout masks reproducible after a resume.
-        torch.manual_seed(derive_seed(seed, epoch, rank))
-        blocks = epoch_blocks(n_anchors, fit.block_anchors, seed, epoch)
-        my_blocks = worker_block_ids(len(blocks), rank, world)
-        model.train()
-        loss_sum, steps = 0.0, 0
-        for i, block_id in enumerate(my_blocks):
-            if checkpoint is None and config.get("fail_once_at_epoch") == epoch and i == min(1, len(my_blocks) - 1):
-                raise RuntimeError(f"injected failure in epoch {epoch} (fit test hook)")
-            a_idx = blocks[block_id]
-            c_idx = sampler.sample(a_idx, candidate_rng(seed, epoch, block_id))
-            # Internal invariant: candidates are train-pool columns, never eval rows.
-            assert 0 <= c_idx.min() and c_idx.max() < len(data.train_pool.ids)
-            texts = [data.train_anchors.texts[a] for a in a_idx] + [data.train_pool.texts[c] for c in c_idx]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                z = model(texts)
-            z = z.float()
-            scores = z[: len(a_idx)] @ z[len(a_idx):].T
-            target = torch.as_tensor(data.targets[np.ix_(a_idx, c_idx)], device=device)
-            loss = block_loss(scores, target, fit.alpha, fit.tau)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, fit.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.detach())
-            steps += 1
-        epoch_loss = _mean_over_workers(loss_sum, steps, device, world)
-        train_s = time.perf_counter() - t0
-        if rank != 0:
-            ray.train.report({"epoch": epoch, "loss": epoch_loss})
-            continue
-        t1 = time.perf_counter()
-        record = {"epoch": epoch, "loss": epoch_loss, **_evaluate(enc, data, fit.embed_batch_size),
-                  "steps": steps, "lr_last": float(scheduler.get_last_lr()[0]),
-                  "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3)}
-        history["epochs"].append(record)
-        if fit.restore_best and (history["best_score"] is None or record[select_key] > history["best_score"]):
-            history["best_epoch"], history["best_score"] = epoch, record[select_key]
-            best_state = _cpu_state(enc)
-        with tempfile.TemporaryDirectory() as tmp:
-            _save_checkpoint(tmp, enc, optimizer, scheduler, history, best_state)
-            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _freeze_unused(enc) -> None:
-    """Stop training parameters the pooled embedding does not depend on (e.g. BERT's pooler).
-
-    DDP fails on parameters that never receive a gradient unless `find_unused_parameters` makes it
-    scan the graph every step; freezing them is free. One probe backward finds them, identically on
-    every rank.
-    """
-    enc.zero_grad(set_to_none=True)
-    enc(["probe text", "a second probe"]).sum().backward()
-    unused = [name for name, p in enc.named_parameters() if p.requires_grad and p.grad is None]
-    for name, p in enc.named_parameters():
-        if name in unused:
-            p.requires_grad_(False)
-    enc.zero_grad(set_to_none=True)
-    if unused:
-        log.info("fit: %d parameter tensors do not reach the embedding and stay frozen: %s",
-                 len(unused), unused[:4])
-
-
-def _evaluate(enc, data: FitData, batch_size: int) -> dict[str, float]:
-    """Held-out Spearman of the encoder cosine against the eval ground truth (eval ids only)."""
-    from pipeline.metrics import spearman_aggregated, spearman_per_anchor
-
-    za = enc.embed(data.eval_anchors.texts, batch_size=batch_size)
-    zp = enc.embed(data.eval_pool.texts, batch_size=batch_size)
-    pred = za @ zp.T
-    assert pred.shape == data.ground_truth.shape  # eval anchors x eval pool, nothing else
-    mean, std = spearman_per_anchor(pred, data.ground_truth)
-    return {"spearman_per_anchor": mean, "spearman_per_anchor_std": std,
-            "spearman_aggregated": spearman_aggregated(pred, data.ground_truth)}
-
-
-def _mean_over_workers(loss_sum: float, steps: int, device, world: int) -> float:
-    import torch
-
-    if world > 1 and torch.distributed.is_initialized():
-        t = torch.tensor([loss_sum, float(steps)], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        loss_sum, steps = float(t[0]), int(t[1])
-    return loss_sum / max(steps, 1)
-
-
-def _cpu_state(enc) -> dict:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in enc.model.state_dict().items()}
-
-
-def _save_checkpoint(ckpt_dir: str, enc, optimizer, scheduler, history: dict, best_state: Optional[dict]) -> None:
-    """Weights as safetensors; optimiser/scheduler state via torch.save (our own transient state,
-    read back with weights_only=True); the metric history as JSON."""
-    import torch
-    from safetensors.torch import save_file
-
-    save_file(_cpu_state(enc), os.path.join(ckpt_dir, WEIGHTS))
-    if best_state is not None:
-        save_file(best_state, os.path.join(ckpt_dir, BEST_WEIGHTS))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(ckpt_dir, TRAIN_STATE))
-    with open(os.path.join(ckpt_dir, HISTORY), "w") as f:
-        json.dump(history, f)
-
-
-def _load_checkpoint(ckpt_dir: str, enc, optimizer, scheduler, restore_best: bool) -> tuple[dict, Optional[dict]]:
-    import torch
-    from safetensors.torch import load_file
-
-    enc.model.load_state_dict(load_file(os.path.join(ckpt_dir, WEIGHTS)), strict=True)
-    state = torch.load(os.path.join(ckpt_dir, TRAIN_STATE), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    with open(os.path.join(ckpt_dir, HISTORY)) as f:
-        history = json.load(f)
-    best_path = os.path.join(ckpt_dir, BEST_WEIGHTS)
-    best = load_file(best_path) if restore_best and os.path.exists(best_path) else None
-    return history, best

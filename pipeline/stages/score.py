@@ -3,7 +3,8 @@
 1. Queries (`score.queries`, small) are read in-process, get `encoder.anchor_prefix`, and are
    embedded in float32 by the same `CodeEncoder` actors as the corpus (same fitted encoder).
 2. The driver streams the Lance table (pinned at the version the encode stage recorded) in Arrow
-   batches of `score.batch_rows` rows: per row the mean and max cosine over queries
+   batches (a Lance row group: 8,192 rows after encode's compaction, capped by `score.batch_rows`),
+   decoded ahead by Lance's threads: per row the mean and max cosine over queries
    (codes.exact_scores), per query an exact streaming top-k (codes.MultiTopK) from the same matmul.
 3. Scores are spilled as sorted runs and merged into global ranks (ranking.py), streamed into
    `scores.parquet` (one file, written row group by row group, whatever N), together with the
@@ -40,7 +41,6 @@ log = logging.getLogger("influcoder")
 SELECTED = pa.schema([pa.field(ID, pa.string()), pa.field(SCORE, pa.float32()), pa.field(RANK, pa.int64()),
                       pa.field("action", pa.string())])
 ANN_QUERY_BATCH = 256
-SCAN_COLUMNS = [ID, CODE, CODE_SCALE]
 
 
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def run(ctx) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="influcoder-score-") as tmp:
         spiller = RunSpiller(tmp)
-        batches = store.iter_batches(SCAN_COLUMNS, cfg.batch_rows, dataset=dataset)
+        batches = store.iter_batches(scan_columns(spec.code_dtype), cfg.batch_rows, dataset=dataset)
         scored, bytes_read = score_batches(batches, queries, spec.code_dtype, topk, spiller.add)
         score_s = time.perf_counter() - t0  # the scan; sorting and merging the runs is rank_s
         spiller.flush()
@@ -130,9 +130,14 @@ def run(ctx) -> None:
     )
 
 
+def scan_columns(code_dtype: str) -> list[str]:
+    """What a scoring scan reads: ids and codes, plus the per-row scales of int8 codes."""
+    return [ID, CODE, CODE_SCALE] if code_dtype == "int8" else [ID, CODE]
+
+
 def score_batches(batches: Iterable[pa.RecordBatch], queries: np.ndarray, code_dtype: str,
                   topk: Optional[MultiTopK], sink: Callable[[pa.Table], None]) -> tuple[int, int]:
-    """Score a stream of (id, code, code_scale) batches against the queries.
+    """Score a stream of (id, code[, code_scale]) batches (`scan_columns`) against the queries.
 
     Per batch, `sink` gets a table (id, score = mean cosine over queries, score_max) and `topk`
     (when given) sees every [rows, Q] block of the score matrix. Returns (rows, bytes scanned).

@@ -1,0 +1,120 @@
+"""The fit stage's inputs: the sketch artifact's rows, split and checked, and the teacher targets.
+
+`load_fit_data` reads `sketch/anchors/*.parquet` and `sketch/pool/*.parquet`, checks that every
+sketch is a unit vector and every split name is known, and returns the train/eval rows of both
+sides with the teacher's cosine matrices (train: the distillation target; eval: the ground truth).
+Pure pyarrow/numpy: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.distill import cosine_targets
+from pipeline.errors import ArtifactMissingError, InputDataError
+from pipeline.schema import ID, SKETCH, SPLIT, TEXT
+
+SIDES = ("anchors", "pool")
+SPLITS = ("train", "eval")
+NORM_TOL = 1e-3  # sketches are float32 unit vectors; anything further off was not normalised
+
+
+@dataclass
+class SplitRows:
+    ids: list[str]
+    texts: list[str]
+    sketches: np.ndarray  # float32 [n, proj_dim], unit rows
+
+
+@dataclass
+class FitData:
+    """Everything the workers need; small (targets are a few thousand x a few thousand floats)."""
+
+    train_anchors: SplitRows
+    train_pool: SplitRows
+    eval_anchors: SplitRows
+    eval_pool: SplitRows
+    targets: np.ndarray       # train anchors x train pool cosines (distillation targets)
+    ground_truth: np.ndarray  # eval anchors x eval pool cosines (held-out)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train_anchors": len(self.train_anchors.ids), "train_pool": len(self.train_pool.ids),
+                "eval_anchors": len(self.eval_anchors.ids), "eval_pool": len(self.eval_pool.ids)}
+
+
+def _read_side(sketch_dir: str, side: str) -> pa.Table:
+    folder = storage.join(sketch_dir, side)
+    files = storage.list_files(folder, ".parquet")
+    if not files:
+        raise ArtifactMissingError(f"fit: no Parquet files under {storage.redact(folder)}; rerun the sketch "
+                                   f"stage (`influcoder sketch JOB.yaml --overwrite`).")
+    tables = []
+    for path in files:
+        fs, p = storage.filesystem(path)
+        names = pq.read_schema(p, filesystem=fs).names
+        missing = [c for c in (ID, SPLIT, SKETCH, TEXT) if c not in names]
+        if missing:
+            raise InputDataError(f"fit: {storage.redact(path)} lacks column(s) {missing} (has {names}); the sketch "
+                              f"artifact must carry id, split, sketch and text. Rerun the sketch stage.")
+        tables.append(pq.read_table(p, filesystem=fs, columns=[ID, SPLIT, SKETCH, TEXT]))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRows:
+    rows = table.filter(pc.equal(table[SPLIT], split))
+    # Sort by id: the result must not depend on how the sketch stage sharded its output.
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[(ID, "ascending")]))
+    ids = rows[ID].to_pylist()
+    texts = rows[TEXT].to_pylist()
+    if any(t is None for t in texts):
+        raise InputDataError(f"fit: {side} rows with a null `text` in the {split} split; fix the sketch artifact.")
+    col = rows[SKETCH].combine_chunks()
+    if len(ids):
+        width = col.type.list_size
+        sketches = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), width)
+    else:
+        sketches = np.zeros((0, 1), dtype=np.float32)
+    norms = np.linalg.norm(sketches, axis=1)
+    if len(ids) and np.abs(norms - 1.0).max() > NORM_TOL:
+        bad = int(np.argmax(np.abs(norms - 1.0)))
+        raise InputDataError(f"fit: {side} sketch of id {ids[bad]!r} has L2 norm {norms[bad]:.4f}; the contract "
+                          f"requires unit-norm sketches. Rerun the sketch stage.")
+    return SplitRows(ids=ids, texts=[prefix + t for t in texts], sketches=sketches)
+
+
+def load_fit_data(sketch_dir: str, anchor_prefix: str) -> FitData:
+    """Read the sketch artifact, split it and build targets and held-out ground truth."""
+    parts: dict[tuple[str, str], SplitRows] = {}
+    for side in SIDES:
+        table = _read_side(sketch_dir, side)
+        ids = table[ID].to_pylist()
+        if len(set(ids)) != len(ids):
+            raise InputDataError(f"fit: duplicate ids in sketch/{side}; every row must have a unique id.")
+        unknown = set(table[SPLIT].to_pylist()) - set(SPLITS)
+        if unknown:
+            raise InputDataError(f"fit: sketch/{side} has split values {sorted(unknown)}; expected 'train' or 'eval'.")
+        for split in SPLITS:
+            parts[side, split] = _split_rows(table, split, side, anchor_prefix if side == "anchors" else "")
+    for side in SIDES:
+        overlap = set(parts[side, "train"].ids) & set(parts[side, "eval"].ids)
+        if overlap:  # leakage (METHOD.md 4.4): unique ids already make this impossible, keep it explicit
+            raise InputDataError(f"fit: ids in both train and eval {side}: {sorted(overlap)[:3]}")
+    for (side, split), rows in parts.items():
+        minimum = 2 if side == "pool" else 1  # Spearman over the pool needs two items
+        if len(rows.ids) < minimum:
+            raise InputDataError(f"fit: the {split} split has {len(rows.ids)} {side} rows, at least {minimum} needed; "
+                                 f"raise sketch.{split}_{side if side == 'pool' else 'anchors'}.")
+    return FitData(
+        train_anchors=parts["anchors", "train"], train_pool=parts["pool", "train"],
+        eval_anchors=parts["anchors", "eval"], eval_pool=parts["pool", "eval"],
+        targets=cosine_targets(parts["anchors", "train"].sketches, parts["pool", "train"].sketches),
+        ground_truth=cosine_targets(parts["anchors", "eval"].sketches, parts["pool", "eval"].sketches),
+    )
+
+

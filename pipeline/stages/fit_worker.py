@@ -1,0 +1,206 @@
+"""The Ray Train worker loop of the fit stage, and its epoch checkpoints.
+
+Every worker runs `train_loop` (DDP over anchor blocks). Rank 0 evaluates the held-out split and
+writes a checkpoint after every epoch: weights as safetensors, optimiser/scheduler
+state (`torch.load(weights_only=True)` on resume: no pickle), and the metric history. Dropout is
+reseeded per (seed, epoch, rank), so a resumed epoch replays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from pipeline.config import FitConfig
+from pipeline.stages.fit_data import FitData
+
+log = logging.getLogger("influcoder")
+
+WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "best.safetensors"
+TRAIN_STATE = "train_state.pt"
+HISTORY = "history.json"
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: DDP over anchor blocks, held-out eval and a checkpoint after every epoch.
+
+    Every worker runs this. Rank 0 evaluates and writes checkpoints; all ranks call
+    `ray.train.report` the same number of times (it is a barrier).
+    """
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pipeline.distill import (CandidateSampler, block_loss, candidate_rng, derive_seed, epoch_blocks,
+                                  lr_lambda, steps_per_epoch, worker_block_ids)
+    from pipeline.encoder import TextEncoder
+
+    data: FitData = ray.get(config["data_ref"])
+    fit = FitConfig(**config["fit"])
+    seed = int(config["seed"])
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    torch.set_num_threads(int(config["torch_threads"]))
+    device = ray.train.torch.get_device()
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    enc = TextEncoder(config["model_dir"], max_len=config["max_len"],
+                      trust_remote_code=config["trust_remote_code"], device=device)
+    _freeze_unused(enc)
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    params = [p for p in enc.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=fit.lr, weight_decay=fit.weight_decay)
+    n_anchors = len(data.train_anchors.ids)
+    n_blocks = math.ceil(n_anchors / fit.block_anchors)
+    total_steps = steps_per_epoch(n_blocks, world) * fit.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, fit.warmup_frac))
+    sampler = CandidateSampler(data.targets, m=fit.block_candidates, hard_ratio=fit.hard_ratio)
+
+    history: dict[str, Any] = {"untrained": None, "epochs": [], "resumed_from_epochs": [],
+                               "best_epoch": None, "best_score": None}
+    best_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            history, best_state = _load_checkpoint(ckpt_dir, enc, optimizer, scheduler, fit.restore_best)
+        history["resumed_from_epochs"].append(len(history["epochs"]))
+    model = ray.train.torch.prepare_model(enc)  # DDP when world > 1; weights broadcast from rank 0
+
+    if history["untrained"] is None:  # epoch 0: the untrained encoder, the cost-matched control
+        untrained = _evaluate(enc, data, fit.embed_batch_size) if rank == 0 else {}
+        history["untrained"] = untrained or None
+        ray.train.report({"epoch": 0, "loss": None, **untrained})
+
+    select_key = "spearman_aggregated" if fit.select_best_on == "aggregated" else "spearman_per_anchor"
+    for epoch in range(len(history["epochs"]) + 1, fit.epochs + 1):
+        t0 = time.perf_counter()
+        # Reseeding per (epoch, rank) makes dropout masks reproducible after a resume.
+        torch.manual_seed(derive_seed(seed, epoch, rank))
+        blocks = epoch_blocks(n_anchors, fit.block_anchors, seed, epoch)
+        my_blocks = worker_block_ids(len(blocks), rank, world)
+        model.train()
+        loss_sum, steps = 0.0, 0
+        for i, block_id in enumerate(my_blocks):
+            if checkpoint is None and config.get("fail_once_at_epoch") == epoch and i == min(1, len(my_blocks) - 1):
+                raise RuntimeError(f"injected failure in epoch {epoch} (fit test hook)")
+            a_idx = blocks[block_id]
+            c_idx = sampler.sample(a_idx, candidate_rng(seed, epoch, block_id))
+            # Internal invariant: candidates are train-pool columns, never eval rows.
+            assert 0 <= c_idx.min() and c_idx.max() < len(data.train_pool.ids)
+            texts = [data.train_anchors.texts[a] for a in a_idx] + [data.train_pool.texts[c] for c in c_idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                z = model(texts)
+            z = z.float()
+            scores = z[: len(a_idx)] @ z[len(a_idx):].T
+            target = torch.as_tensor(data.targets[np.ix_(a_idx, c_idx)], device=device)
+            loss = block_loss(scores, target, fit.alpha, fit.tau)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, fit.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach())
+            steps += 1
+        epoch_loss = _mean_over_workers(loss_sum, steps, device, world)
+        train_s = time.perf_counter() - t0
+        if rank != 0:
+            ray.train.report({"epoch": epoch, "loss": epoch_loss})
+            continue
+        t1 = time.perf_counter()
+        record = {"epoch": epoch, "loss": epoch_loss, **_evaluate(enc, data, fit.embed_batch_size),
+                  "steps": steps, "lr_last": float(scheduler.get_last_lr()[0]),
+                  "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3)}
+        history["epochs"].append(record)
+        if fit.restore_best and (history["best_score"] is None or record[select_key] > history["best_score"]):
+            history["best_epoch"], history["best_score"] = epoch, record[select_key]
+            best_state = _cpu_state(enc)
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_checkpoint(tmp, enc, optimizer, scheduler, history, best_state)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _freeze_unused(enc) -> None:
+    """Stop training parameters the pooled embedding does not depend on (e.g. BERT's pooler).
+
+    DDP fails on parameters that never receive a gradient unless `find_unused_parameters` makes it
+    scan the graph every step; freezing them is free. One probe backward finds them, identically on
+    every rank.
+    """
+    enc.zero_grad(set_to_none=True)
+    enc(["probe text", "a second probe"]).sum().backward()
+    unused = [name for name, p in enc.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in enc.named_parameters():
+        if name in unused:
+            p.requires_grad_(False)
+    enc.zero_grad(set_to_none=True)
+    if unused:
+        log.info("fit: %d parameter tensors do not reach the embedding and stay frozen: %s",
+                 len(unused), unused[:4])
+
+
+def _evaluate(enc, data: FitData, batch_size: int) -> dict[str, float]:
+    """Held-out Spearman of the encoder cosine against the eval ground truth (eval ids only)."""
+    from pipeline.metrics import spearman_aggregated, spearman_per_anchor
+
+    za = enc.embed(data.eval_anchors.texts, batch_size=batch_size)
+    zp = enc.embed(data.eval_pool.texts, batch_size=batch_size)
+    pred = za @ zp.T
+    assert pred.shape == data.ground_truth.shape  # eval anchors x eval pool, nothing else
+    mean, std = spearman_per_anchor(pred, data.ground_truth)
+    return {"spearman_per_anchor": mean, "spearman_per_anchor_std": std,
+            "spearman_aggregated": spearman_aggregated(pred, data.ground_truth)}
+
+
+def _mean_over_workers(loss_sum: float, steps: int, device, world: int) -> float:
+    import torch
+
+    if world > 1 and torch.distributed.is_initialized():
+        t = torch.tensor([loss_sum, float(steps)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        loss_sum, steps = float(t[0]), int(t[1])
+    return loss_sum / max(steps, 1)
+
+
+def _cpu_state(enc) -> dict:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in enc.model.state_dict().items()}
+
+
+def _save_checkpoint(ckpt_dir: str, enc, optimizer, scheduler, history: dict, best_state: Optional[dict]) -> None:
+    """Weights as safetensors; optimiser/scheduler state via torch.save (our own transient state,
+    read back with weights_only=True); the metric history as JSON."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(_cpu_state(enc), os.path.join(ckpt_dir, WEIGHTS))
+    if best_state is not None:
+        save_file(best_state, os.path.join(ckpt_dir, BEST_WEIGHTS))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(ckpt_dir, TRAIN_STATE))
+    with open(os.path.join(ckpt_dir, HISTORY), "w") as f:
+        json.dump(history, f)
+
+
+def _load_checkpoint(ckpt_dir: str, enc, optimizer, scheduler, restore_best: bool) -> tuple[dict, Optional[dict]]:
+    import torch
+    from safetensors.torch import load_file
+
+    enc.model.load_state_dict(load_file(os.path.join(ckpt_dir, WEIGHTS)), strict=True)
+    state = torch.load(os.path.join(ckpt_dir, TRAIN_STATE), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    with open(os.path.join(ckpt_dir, HISTORY)) as f:
+        history = json.load(f)
+    best_path = os.path.join(ckpt_dir, BEST_WEIGHTS)
+    best = load_file(best_path) if restore_best and os.path.exists(best_path) else None
+    return history, best
