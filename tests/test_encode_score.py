@@ -225,3 +225,18 @@ def test_encode_resumes_after_kill(tmp_path, shared_data, ray_local):
     assert m["files"]["encoded_this_run"] == 3 - len(done_before)
     ids = table_rows(job).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 119
+
+
+def test_waves_bound_bytes_and_rows():
+    """Crash-recovery units: whole files, within the byte and the row budget (JSONL: bytes only)."""
+    from pipeline.corpus import FileInfo
+    from pipeline.stages.encode import waves
+
+    def f(name, size, rows):
+        return FileInfo(name, name, "parquet" if rows is not None else "jsonl", size, 0.0, rows, 1, ())
+
+    files = [f("a", 10, 60), f("b", 10, 60), f("c", 10, None), f("d", 50, 10), f("e", 10, 500), f("g", 5, 1)]
+    got = [[x.path for x in w] for w in waves(files, max_bytes=60, max_rows=100)]
+    # a+b would be 120 rows; c has no row count; d would pass 60 bytes; e alone exceeds the rows.
+    assert got == [["a"], ["b", "c"], ["d"], ["e"], ["g"]]
+    assert sum(got, []) == [x.path for x in files]  # every file once, in order

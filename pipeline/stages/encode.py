@@ -6,8 +6,8 @@ the single writer into LanceDB (`merge_insert` on id, so a crash + rerun never d
 
 Incremental: the table's `Ledger` lists the files whose rows are all in the table (path, size,
 mtime). A run encodes only files missing from it, deletes the rows of files that changed or left
-the corpus, and marks files done one *wave* (~WAVE_BYTES of input) at a time, after the wave's
-rows are upserted. A crash loses at most the wave in flight; its partial rows are deleted and
+the corpus, and marks files done one *wave* (whole files, up to WAVE_BYTES or WAVE_ROWS) at a time,
+after the wave's rows are upserted. A crash loses at most the wave in flight; its partial rows are deleted and
 re-encoded on the rerun. `input_fingerprint` lists the corpus files, so a new shard makes
 `run_stage` rerun this stage (without --overwrite), and only the new shard is encoded.
 
@@ -40,6 +40,9 @@ from pipeline.schema import CODE, ID, REJECTS, ROW, SOURCE
 log = logging.getLogger("influcoder")
 
 WAVE_BYTES = 256 * 1024 * 1024  # input bytes per wave: the unit of crash recovery
+# ...and rows (known for Parquet): well-compressed text packs millions of rows into 256 MB, and a
+# crash would then redo all of them (a 1M-row T0 corpus is 192 MB of Parquet: a single wave).
+WAVE_ROWS = 250_000
 WRITE_ROWS = 8192  # rows per merge_insert (fewer, larger LanceDB commits)
 FIDELITY_ROWS = 256  # rows embedded in float32 to measure int8 ranking fidelity
 RECALL_QUERIES, RECALL_K = 100, 10
@@ -160,14 +163,16 @@ def input_fingerprint(job: JobConfig) -> dict[str, Any]:
     return out
 
 
-def waves(files: list, max_bytes: int) -> Iterator[list]:
-    wave, size = [], 0
+def waves(files: list, max_bytes: int, max_rows: int = WAVE_ROWS) -> Iterator[list]:
+    """Consecutive groups of whole files, each within max_bytes and max_rows (or a single file)."""
+    wave, size, rows = [], 0, 0
     for f in files:
-        if wave and size + f.size > max_bytes:
+        n = f.num_rows or 0  # JSONL row counts are unknown until read: bounded by bytes only
+        if wave and (size + f.size > max_bytes or rows + n > max_rows):
             yield wave
-            wave, size = [], 0
+            wave, size, rows = [], 0, 0
         wave.append(f)
-        size += f.size
+        size, rows = size + f.size, rows + n
     if wave:
         yield wave
 
