@@ -12,7 +12,7 @@ Figures (printed, and written to bench/out/encode_score.json):
 3. storage: bytes per row on disk for float16 and int8 codes vs a LESS-style 8192-dim float16
    gradient (16 KiB).
 4. --scale N: a T0 corpus of N rows (the sample replicated with distinct ids) encoded and scored by
-   the real stages, with peak RSS of the driver + Ray processes, and cost per row at N vs N/10.
+   the real stages, with peak memory (PSS) of the driver + Ray processes, and cost per row at N vs N/10.
 """
 
 from __future__ import annotations
@@ -51,20 +51,34 @@ LESS_BYTES = 8192 * 2
 
 
 class PeakRSS:
-    """Samples the RSS of this process and all its descendants (Ray's raylet, workers, actors)."""
+    """Peak memory of this process and all its descendants (Ray's raylet, workers, actors).
 
-    def __init__(self, every: float = 0.25):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+    Sums PSS (proportional set size): pages shared between processes, such as Ray's object store
+    in /dev/shm, count once in total rather than once per process that maps them (a plain RSS sum
+    counts them several times). Also keeps the driver's own peak and the largest single process.
+    """
 
-    def _rss(self) -> int:
-        me = psutil.Process()
-        total = me.memory_info().rss
-        for c in me.children(recursive=True):
+    def __init__(self, every: float = 0.5):
+        self.every, self._stop = every, threading.Event()
+        self.peak = self.driver_peak = self.process_peak = 0
+
+    @staticmethod
+    def _pss(p: psutil.Process) -> int:
+        try:
+            return p.memory_full_info().pss
+        except (psutil.Error, AttributeError):  # exited, or no smaps: fall back to RSS
             try:
-                total += c.memory_info().rss
+                return p.memory_info().rss
             except psutil.Error:
-                pass
-        return total
+                return 0
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        mine = self._pss(me)
+        others = [self._pss(c) for c in me.children(recursive=True)]
+        self.peak = max(self.peak, mine + sum(others))
+        self.driver_peak = max(self.driver_peak, mine)
+        self.process_peak = max(self.process_peak, mine, *others)
 
     def __enter__(self):
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -73,12 +87,16 @@ class PeakRSS:
 
     def _loop(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
+            self._sample()
             time.sleep(self.every)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+    def summary(self, prefix: str) -> dict:
+        return {f"{prefix}_peak_pss_mb": round(self.peak / 2**20), f"{prefix}_driver_peak_pss_mb":
+                round(self.driver_peak / 2**20), f"{prefix}_largest_process_peak_pss_mb": round(self.process_peak / 2**20)}
 
 
 def t0_rows(n: int) -> list[dict]:
@@ -276,10 +294,10 @@ def bench_scale(tmp: Path, n: int, max_len: int) -> dict:
         results[str(size)] = {
             "rows": me["rows"]["in_table"], "encoder_max_len": max_len,
             "encode_s": round(enc_s, 2), "encode_ms_per_row": round(1000 * enc_s / size, 3),
-            "encode_peak_rss_mb": round(enc_rss.peak / 2**20), "score_s": round(sc_s, 2),
-            "score_ms_per_row": round(1000 * sc_s / size, 4), "score_peak_rss_mb": round(sc_rss.peak / 2**20),
+            **enc_rss.summary("encode"), "score_s": round(sc_s, 2),
+            "score_ms_per_row": round(1000 * sc_s / size, 4), **sc_rss.summary("score"),
             "score_scan_rows_per_s": ms["timing"]["rows_per_s"], "score_scan_s": ms["timing"]["score_s"],
-            "score_rank_s": ms["timing"]["rank_s"], "encode_stage_rows_per_s": me["rows_per_s"],
+            "score_rank_s": ms["timing"]["rank_s"], "score_scan_batches": ms["timing"].get("scan_batches"), "encode_stage_rows_per_s": me["rows_per_s"],
         }
         print(f"scale {size}:", json.dumps(results[str(size)]), flush=True)  # a long run shows each size
         shutil.rmtree(d / "run" / "fit", ignore_errors=True)

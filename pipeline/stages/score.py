@@ -102,7 +102,7 @@ def run(ctx) -> None:
     with tempfile.TemporaryDirectory(prefix="influcoder-score-") as tmp:
         spiller = RunSpiller(tmp)
         batches = store.iter_batches(scan_columns(spec.code_dtype), cfg.batch_rows, dataset=dataset)
-        scored, bytes_read = score_batches(batches, queries, spec.code_dtype, topk, spiller.add)
+        scored, bytes_read, num_batches = score_batches(batches, queries, spec.code_dtype, topk, spiller.add)
         score_s = time.perf_counter() - t0  # the scan; sorting and merging the runs is rank_s
         spiller.flush()
         selection = _write_ranked(ctx, cfg, spiller.paths, scored)
@@ -125,7 +125,7 @@ def run(ctx) -> None:
         selection=selection,
         timing={"score_s": round(score_s, 3), "rank_s": round(rank_s, 3), "topk_s": round(topk_s, 3),
                 "rows_per_s": round(scored / score_s, 1) if score_s > 0 else None,
-                "code_bytes_read": int(bytes_read),
+                "code_bytes_read": int(bytes_read), "scan_batches": num_batches,
                 "gb_per_s": round(bytes_read / score_s / 1e9, 3) if score_s > 0 else None},
     )
 
@@ -136,13 +136,13 @@ def scan_columns(code_dtype: str) -> list[str]:
 
 
 def score_batches(batches: Iterable[pa.RecordBatch], queries: np.ndarray, code_dtype: str,
-                  topk: Optional[MultiTopK], sink: Callable[[pa.Table], None]) -> tuple[int, int]:
+                  topk: Optional[MultiTopK], sink: Callable[[pa.Table], None]) -> tuple[int, int, int]:
     """Score a stream of (id, code[, code_scale]) batches (`scan_columns`) against the queries.
 
     Per batch, `sink` gets a table (id, score = mean cosine over queries, score_max) and `topk`
-    (when given) sees every [rows, Q] block of the score matrix. Returns (rows, bytes scanned).
+    (when given) sees every [rows, Q] block of the score matrix. Returns (rows, code bytes, batches).
     """
-    rows = nbytes = 0
+    rows = nbytes = num_batches = 0
     for batch in batches:
         ids = batch.column(0)
         codes = codes_from_arrow(batch.column(1), code_dtype)
@@ -153,7 +153,8 @@ def score_batches(batches: Iterable[pa.RecordBatch], queries: np.ndarray, code_d
         sink(pa.table({ID: ids, SCORE: pa.array(mean), SCORE_MAX: pa.array(mx)}))
         rows += batch.num_rows
         nbytes += codes.nbytes + (scales.nbytes if scales is not None else 0)
-    return rows, nbytes
+        num_batches += 1
+    return rows, nbytes, num_batches
 
 
 def _write_ranked(ctx, cfg, run_paths: list[str], n: int) -> dict[str, Any]:
