@@ -90,19 +90,29 @@ def _as_tensor(array: np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def score_block(queries: np.ndarray, codes: np.ndarray, scales: Optional[np.ndarray] = None) -> np.ndarray:
-    """[n, Q] float32 scores of code rows against float32 queries (cosines for unit-norm inputs)."""
+def _block_scores(codes, queries_t, scales):
+    """torch [b, Q] scores of a torch code block against queries_t [d, Q]; scales: int8 only, else None."""
     import torch
 
-    q = _as_tensor(np.asarray(queries, np.float32))
     # The fp16/int8 -> float32 conversion and the product both stay in torch: torch converts with
     # SIMD (numpy's float16 cast is several times slower), and mixing torch's OpenMP pool with
     # numpy's OpenBLAS threads in one loop made the two pools fight (30x slower in testing).
-    s = _as_tensor(codes).to(torch.float32) @ q.T
-    if scales is not None and codes.dtype == np.int8:
+    s = codes.to(torch.float32) @ queries_t
+    if scales is not None:
         # (q_int * scale) . x == scale * (q_int . x): scale after the matmul, one multiply per score.
-        s *= _as_tensor(np.asarray(scales, np.float32))[:, None]
-    return s.numpy()
+        s *= scales[:, None]
+    return s
+
+
+def _int8_scales(codes: np.ndarray, scales: Optional[np.ndarray]):
+    """The scales as a torch tensor when the codes are int8 (float codes carry none)."""
+    return _as_tensor(np.asarray(scales, np.float32)) if scales is not None and codes.dtype == np.int8 else None
+
+
+def score_block(queries: np.ndarray, codes: np.ndarray, scales: Optional[np.ndarray] = None) -> np.ndarray:
+    """[n, Q] float32 scores of code rows against float32 queries (cosines for unit-norm inputs)."""
+    queries_t = _as_tensor(np.asarray(queries, np.float32)).T
+    return _block_scores(_as_tensor(codes), queries_t, _int8_scales(codes, scales)).numpy()
 
 
 # Rows per block are capped so that the float32 copy of a block stays cache-resident (8 MiB):
@@ -149,14 +159,12 @@ def exact_scores(
     # numpy reductions along a 16-wide axis cost as much as the product itself.
     q_t = _as_tensor(queries).T.contiguous()
     x = _as_tensor(codes)
-    sc = _as_tensor(np.asarray(scales, np.float32)) if scales is not None and codes.dtype == np.int8 else None
+    sc = _int8_scales(codes, scales)
     mean, mx = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
     step = block_rows_for(nq, codes.shape[1], block_elems)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        s = x[start:stop].to(torch.float32) @ q_t
-        if sc is not None:
-            s *= sc[start:stop, None]
+        s = _block_scores(x[start:stop], q_t, None if sc is None else sc[start:stop])
         # Mean over queries of cosines (METHOD.md 1e); equal to the cosine sum with the mean query.
         torch.mean(s, 1, out=mean[start:stop])
         torch.amax(s, 1, out=mx[start:stop])
@@ -222,6 +230,8 @@ class MultiTopK:
 
     def update(self, ids, scores: np.ndarray) -> None:
         scores = np.asarray(scores, np.float32)  # thresholds are float32: compare like with like
+        if not isinstance(ids, np.ndarray) and not hasattr(ids, "take"):
+            ids = np.asarray(ids, dtype=object)  # a list: index it like an array
         n = scores.shape[0]
         thr = self._thresholds
         if n > self.k and np.isneginf(thr).any():
@@ -241,9 +251,7 @@ class MultiTopK:
 def _take(ids, rows: np.ndarray) -> np.ndarray:
     if isinstance(ids, np.ndarray):
         return ids[rows]
-    if hasattr(ids, "take"):
-        return np.asarray(ids.take(rows).to_pylist(), dtype=object)
-    return np.asarray(ids, dtype=object)[rows]
+    return np.asarray(ids.take(rows).to_pylist(), dtype=object)  # pyarrow: convert candidates only
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
