@@ -47,11 +47,13 @@ from pipeline.codestore import CODE_SCALE, CodeSpec, CodeStore, code_array, code
 from pipeline.config import load_job  # noqa: E402
 from pipeline.schema import CODE  # noqa: E402
 
+from common import best_of, read_jsonl  # noqa: E402  (bench/ is the script's directory)
+
 DATA = Path(os.environ.get("DATA", REPO.parent / "shared" / "data"))
 LESS_BYTES = 8192 * 2
 
 
-class PeakRSS:
+class PeakPSS:
     """Peak memory of this process and all its descendants (Ray's raylet, workers, actors).
 
     Sums PSS (proportional set size): pages shared between processes, such as Ray's object store
@@ -101,14 +103,8 @@ class PeakRSS:
 
 
 def t0_rows(n: int) -> list[dict]:
-    rows = []
-    with open(DATA / "t0" / "t0_train_50k.jsonl") as f:
-        for line in f:
-            r = json.loads(line)
-            rows.append({"prompt": r["prompt"], "response": r["completion"]})
-            if len(rows) >= n:
-                break
-    return rows
+    return [{"prompt": r["prompt"], "response": r["completion"]}
+            for r in read_jsonl(DATA / "t0" / "t0_train_50k.jsonl", n)]
 
 
 def write_corpus(out: Path, n: int, base: int = 2000, rows_per_file: int = 50_000) -> Path:
@@ -221,16 +217,6 @@ def dir_bytes(path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def best_of(fn, reps: int = 3) -> float:
-    """Fastest of `reps` timed runs (this VM's neighbours make single runs noisy)."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_score_and_storage(tmp: Path, n: int, dim: int = 384, query_counts=(1, 16)) -> dict:
     """The score stage's scan loop (score.score_batches: Lance scan, exact mean/max, top-10 per query,
     the per-batch score table) on synthetic unit codes, vs the memcpy bound; with two ceilings
@@ -284,11 +270,11 @@ def bench_scale(tmp: Path, n: int, max_len: int) -> dict:
         job = load_job(data=make_job(d, corpus, max_len))
         ensure_ray(job.ray)
         fake_upstream(job)
-        with PeakRSS() as enc_rss:
+        with PeakPSS() as enc_rss:
             t0 = time.perf_counter()
             me = artifacts.run_stage(job, "encode")
             enc_s = time.perf_counter() - t0
-        with PeakRSS() as sc_rss:
+        with PeakPSS() as sc_rss:
             t0 = time.perf_counter()
             ms = artifacts.run_stage(job, "score")
             sc_s = time.perf_counter() - t0

@@ -25,7 +25,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,17 +39,9 @@ from pipeline.gradients import collate, reference_per_sample_grads  # noqa: E402
 from pipeline.sketching import l2_normalize  # noqa: E402
 from pipeline.teacher import TeacherSketcher  # noqa: E402
 
+from common import best_of, read_jsonl  # noqa: E402  (bench/ is the script's directory)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_jsonl(path: Path, limit: int) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if len(rows) >= limit:
-                break
-    return rows
 
 
 def load_samples(data_dir: Path, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -65,14 +57,8 @@ def load_samples(data_dir: Path, n: int, seed: int = 0) -> tuple[list[str], list
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
-    best = min(timed(lambda: a @ b) for _ in range(reps))
+    best = best_of(lambda: a @ b, reps)
     return 2 * n ** 3 / best / 1e9
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def batches(order: list[int], size: int) -> Iterable[list[int]]:

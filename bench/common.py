@@ -1,0 +1,29 @@
+"""Helpers shared by the benchmark scripts (timing, reading the shared datasets)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def best_of(fn: Callable[[], object], reps: int = 3) -> float:
+    """Seconds of the fastest of `reps` runs of fn (neighbours on a shared VM make single runs noisy)."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_jsonl(path: Path, limit: int) -> list[dict]:
+    """The first `limit` records of a JSONL file."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) >= limit:
+                break
+    return rows
