@@ -107,9 +107,9 @@ def _shard_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(".work/sketch-*/shards/*.parquet"))
 
 
-def _start(job_path: Path, env: dict, log_path: Path) -> subprocess.Popen:
+def _start(job_path: Path, env: dict, log_path: Path, stage: str = "sketch") -> subprocess.Popen:
     log = open(log_path, "w")
-    return subprocess.Popen([*INFLUCODER, "sketch", str(job_path)], cwd=REPO, env=env, stdout=log,
+    return subprocess.Popen([*INFLUCODER, stage, str(job_path)], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
 
@@ -249,7 +249,6 @@ def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagge
     real sketch stage would add ~40 s on a 2-CPU machine.
     """
     from pipeline import artifacts
-    from pipeline.config import load_job
 
     # An epoch is one optimiser step plus held-out eval plus a ~270 MB checkpoint (weights and AdamW
     # state) written and copied: a few seconds. The kill lands early in epoch 2, so epochs 2-3 are
@@ -262,13 +261,11 @@ def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagge
            "encoder": {"model": "all-minilm-l6-v2", "max_len": 32},
            "fit": {"epochs": epochs, "block_anchors": 4, "block_candidates": 8, "max_failures": 2},
            "ray": {"num_cpus": 2}}
-    artifacts.run_stage(load_job(data=job), "sketch", runner=_planted_sketch(sizes))
+    artifacts.run_stage(load_job_dict(job), "sketch", runner=_planted_sketch(sizes))
     job_path = tmp_path / "job.yaml"
     job_path.write_text(yaml.safe_dump(job))
     log_path = tmp_path / "fit.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([*INFLUCODER, "fit", str(job_path)], cwd=REPO, env=tagged_env(),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = _start(job_path, tagged_env(), log_path, "fit")
     def train_worker(not_pid: int | None = None):
         """The live Ray Train worker process under the fit driver (True once the driver has exited)."""
         w = proc_util.find_worker(proc.pid, "RayTrainWorker")
@@ -291,7 +288,6 @@ def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagge
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
     out = log_path.read_text()
     assert rc == 0, out[-6000:]
     assert title.startswith("ray::RayTrainWorker"), title
@@ -329,16 +325,13 @@ def test_two_encode_jobs_racing_on_one_table(tmp_path, shared_data, tagged_env, 
             fake_upstream(load_job_dict(d))
         paths.append(tmp_path / f"job{i}.yaml")
         paths[-1].write_text(yaml.safe_dump(d))
-    logs = [open(tmp_path / f"encode{i}.log", "w") for i in range(2)]
-    cmd = [*INFLUCODER, "encode", str(paths[0])]
-    first = subprocess.Popen(cmd, cwd=REPO, env=tagged_env(), stdout=logs[0], stderr=subprocess.STDOUT)
+    first = _start(paths[0], tagged_env(), tmp_path / "encode0.log", "encode")
     second = None
     try:
         # The second driver starts once the first has created the table, long before it upserts.
         proc_util.wait_for(lambda: (Path(job.lancedb_uri) / "codes.lance").exists() or first.poll() is not None,
                            240, what="the codes table")
-        second = subprocess.Popen([*INFLUCODER, "encode", str(paths[1])], cwd=REPO, env=tagged_env(),
-                                  stdout=logs[1], stderr=subprocess.STDOUT)
+        second = _start(paths[1], tagged_env(), tmp_path / "encode1.log", "encode")
         rcs = [first.wait(timeout=300), second.wait(timeout=300)]
     finally:
         for p in (first, second):
