@@ -233,8 +233,7 @@ class PerSampleGradients:
 
     @contextlib.contextmanager
     def _hooks(self) -> Iterator[None]:
-        handles = [seg.module.register_forward_hook(self._on_forward)
-                   for seg in self.segments if seg is self._by_module[id(seg.module)][0]]
+        handles = [segs[0].module.register_forward_hook(self._on_forward) for segs in self._by_module.values()]
         try:
             yield
         finally:

@@ -115,8 +115,6 @@ class SketchResult:
     """Real (non-pad) tokens run through the model."""
     loss_tokens: int = 0
     """Tokens that carried loss."""
-    prompt_truncated: int = 0
-    """Accepted rows whose prompt was left-truncated."""
     grad_norms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     """float32 ``[n_ok]``: L2 norm of each row's exact gradient before sketching."""
 
@@ -282,7 +280,7 @@ class TeacherSketcher:
                 else:
                     rows[i] = (unit[k], math.sqrt(sq_norm[k]))
         ok = np.array(sorted(rows), dtype=np.int64)
-        sketches = (np.stack([rows[i][0] for i in ok]).astype(np.float32, copy=False) if len(ok)
+        sketches = (np.stack([rows[i][0] for i in ok]) if len(ok)
                     else np.zeros((0, self.proj_dim), np.float32))
         return SketchResult(
             sketches=sketches,
@@ -290,7 +288,6 @@ class TeacherSketcher:
             rejects=sorted(rejects),
             tokens=tokens,
             loss_tokens=loss_tokens,
-            prompt_truncated=sum(1 for i in ok if accepted[int(i)].prompt_truncated),
             grad_norms=np.array([rows[i][1] for i in ok], dtype=np.float32),
         )
 
@@ -344,7 +341,7 @@ def fidelity_report(exact_grads: np.ndarray, sketches: np.ndarray) -> dict[str, 
         ``samples``, ``mean_abs_err`` and ``max_abs_err`` of the n(n-1)/2 upper-triangle cosines,
         and their ``spearman`` rank correlation (NaN with fewer than 3 pairs' variation).
     """
-    from scipy.stats import spearmanr
+    from pipeline.metrics import _spearman
 
     g = np.asarray(exact_grads, dtype=np.float64)
     s = np.asarray(sketches, dtype=np.float64)
@@ -357,10 +354,11 @@ def fidelity_report(exact_grads: np.ndarray, sketches: np.ndarray) -> dict[str, 
         return x / np.where(norm > 0, norm, 1.0)
 
     iu = np.triu_indices(g.shape[0], k=1)
-    exact_cos = (unit(g) @ unit(g).T)[iu]
-    sketch_cos = (unit(s) @ unit(s).T)[iu]
+    ug, us = unit(g), unit(s)  # g is [n, P] float64: normalise each matrix once
+    exact_cos = (ug @ ug.T)[iu]
+    sketch_cos = (us @ us.T)[iu]
     err = np.abs(exact_cos - sketch_cos)
-    rho = float(spearmanr(exact_cos, sketch_cos).statistic) if len(err) >= 2 else float("nan")
+    rho = _spearman(exact_cos, sketch_cos) if len(err) >= 2 else float("nan")
     return {
         "samples": int(g.shape[0]),
         "mean_abs_err": float(err.mean()),

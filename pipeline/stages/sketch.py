@@ -47,12 +47,8 @@ class SketchActor:
 
     def __init__(self, teacher: TeacherConfig, proj_dim: int, proj_seed: int, lora_seed: int,
                  batch_size: int, torch_threads: int, use_gpu: bool):
-        import torch
-
         from pipeline.teacher import TeacherSketcher
 
-        if not use_gpu:
-            torch.set_num_threads(torch_threads)
         self.batch_size = batch_size
         self.sketcher = TeacherSketcher(teacher, proj_dim=proj_dim, proj_seed=proj_seed, lora_seed=lora_seed,
                                         device="cuda" if use_gpu else "cpu", torch_threads=torch_threads)
@@ -301,11 +297,8 @@ def _fidelity_check(job: JobConfig, plan: ActorPlan, selected: dict[str, list[di
     # torch's thread pools alive (a reused/killed idle worker aborted at teardown in testing).
     @ray.remote(num_cpus=plan.num_cpus if not plan.use_gpu else 1, num_gpus=plan.num_gpus, max_calls=1)
     def exact(teacher, lora_seed, proj_dim, proj_seed, prompts, responses, threads, use_gpu):
-        import torch
-
         from pipeline.teacher import TeacherSketcher
 
-        torch.set_num_threads(threads)
         ts = TeacherSketcher(teacher, proj_dim=proj_dim, proj_seed=proj_seed, lora_seed=lora_seed,
                              device="cuda" if use_gpu else "cpu", torch_threads=threads)
         return ts.exact_gradients(prompts, responses)
