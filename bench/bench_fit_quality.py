@@ -1,16 +1,19 @@
-"""Held-out quality of the distilled encoder vs the untrained one, at several train sizes.
+"""Held-out quality of the distilled encoder against the plain starting encoder: train sizes x seeds x recipes.
 
 Takes a finished sketch stage (real teacher sketches, e.g. the offline SmolLM2 teacher of
-`jobs/demo.yaml`) and, for each train size n, fits the encoder on the first n train anchors x
-`pool_ratio * n` train pool rows (by id) while keeping the eval split unchanged, so every size is
-scored on the same held-out ground truth. Prints, per size: split sizes, held-out aggregated and
-per-anchor Spearman of the untrained encoder and of the exported (last) epoch, the best epoch,
-and timings. Writes `bench/out/fit_quality.json`.
+`jobs/demo.yaml`) and, for each train size n, each seed and each recipe, fits the encoder on the
+first n train anchors x `pool_ratio * n` train pool rows (by id; fit carves its validation split
+from these) while keeping the eval split unchanged, so every run is scored on the same held-out
+ground truth. A recipe is a named set of `fit.*` overrides; `classic` is the recipe before issue 10
+(dropout on, no validation split, the last epoch exported), `default` is today's defaults, and the
+others switch one change off. Prints, per (size, recipe): the held-out aggregated and per-anchor
+Spearman of the exported encoder as mean and 95 % t-interval over seeds, beside the plain starting
+encoder's; writes every run to `bench/out/fit_quality.json`.
 
     # reuse a run dir whose sketch stage is finished
-    .venv/bin/python bench/bench_fit_quality.py --run-dir runs/demo --sizes 16,32,56
+    .venv/bin/python bench/bench_fit_quality.py --run-dir runs/demo --sizes 24,40,64 --seeds 0,1,2
     # or sketch first through the CLI (sized for the largest n), then bench
-    .venv/bin/python bench/bench_fit_quality.py --job jobs/demo.yaml --sizes 16,32,56
+    .venv/bin/python bench/bench_fit_quality.py --job jobs/demo.yaml --sizes 24,40,64
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+from scipy import stats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,59 +80,93 @@ def subset_runner(src: Path, n_anchors: int, n_pool: int):
     return run
 
 
+RECIPES: dict[str, list[str]] = {
+    "classic": ["fit.dropout=null", "fit.val_frac=0", "fit.restore_best=false", "fit.interpolate=[]"],
+    "default": [],
+    "no_interpolation": ["fit.interpolate=[]"],
+    "dropout_on": ["fit.dropout=null"],
+    "last_epoch": ["fit.restore_best=false", "fit.interpolate=[]"],
+}
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and 95 % t half-width over seeds (0 for a single seed)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return float(x.mean()), 0.0
+    return float(x.mean()), float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="run dir with a finished sketch stage")
     src.add_argument("--job", help="job YAML; its sketch stage is run through the CLI when missing")
     ap.add_argument("--set", action="append", default=[], help="job override for --job (k=v)")
-    ap.add_argument("--sizes", default="16,32,56", help="train anchor counts (at least 3 for a curve)")
-    ap.add_argument("--pool-ratio", type=float, default=2.0, help="train pool rows per train anchor (1:2)")
+    ap.add_argument("--sizes", default="24,40,64", help="train anchor counts (at least 3 for a curve)")
+    ap.add_argument("--seeds", default="0,1,2", help="job seeds (fit order, candidate draws, validation split)")
+    ap.add_argument("--recipes", default="classic,default", help=f"comma-separated, from {sorted(RECIPES)}")
+    ap.add_argument("--pool-ratio", type=float, default=4.0, help="train pool rows per train anchor")
     ap.add_argument("--epochs", type=int, default=None, help="override fit.epochs")
     ap.add_argument("--fit-set", action="append", default=[], help="extra fit overrides, e.g. fit.lr=2e-5")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "fit_quality.json"))
     args = ap.parse_args()
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        sys.exit(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
     src_run = ensure_sketch(args, max(sizes))
     config = json.loads((src_run / "sketch" / "manifest.json").read_text())["config"]
     bench_root = src_run / "bench_fit"
     results = []
     for n in sizes:
         n_pool = int(n * args.pool_ratio)
-        overrides = [f"run_dir={bench_root / f'n{n}'}", f"sketch.train_anchors={n}",
-                     f"sketch.train_pool={n_pool}", *args.fit_set]
-        if args.epochs:
-            overrides.append(f"fit.epochs={args.epochs}")
-        job = load_job(data=config, overrides=overrides)
-        artifacts.run_stage(job, "sketch", overwrite=True, runner=subset_runner(src_run / "sketch", n, n_pool))
-        t0 = time.perf_counter()
-        artifacts.run_stage(job, "fit", overwrite=True)
-        wall = time.perf_counter() - t0
-        m = json.loads((Path(job.run_dir) / "fit" / "metrics.json").read_text())
-        last = m["epochs"][-1]
-        best = max(m["epochs"], key=lambda e: e["spearman_aggregated"])
-        results.append({"train_anchors": n, "train_pool": n_pool, "splits": m["splits"],
-                        "untrained": m["untrained"], "last_epoch": last, "best_epoch_by_aggregated": best,
-                        "timings": m["timings"], "stage_wall_s": round(wall, 1), "truncated": m["truncated"],
-                        "workers": m["workers"]})
-        print(f"n={n}: agg {m['untrained']['spearman_aggregated']:+.3f} -> {last['spearman_aggregated']:+.3f}, "
-              f"per-anchor {m['untrained']['spearman_per_anchor']:+.3f} -> {last['spearman_per_anchor']:+.3f} "
-              f"({wall:.0f} s)", flush=True)
+        for recipe in recipes:
+            for seed in seeds:
+                overrides = [f"run_dir={bench_root / f'n{n}-{recipe}-s{seed}'}", f"seed={seed}",
+                             f"sketch.train_anchors={n}", f"sketch.train_pool={n_pool}", *RECIPES[recipe],
+                             *args.fit_set]
+                if args.epochs:
+                    overrides.append(f"fit.epochs={args.epochs}")
+                job = load_job(data=config, overrides=overrides)
+                artifacts.run_stage(job, "sketch", overwrite=True,
+                                    runner=subset_runner(src_run / "sketch", n, n_pool))
+                t0 = time.perf_counter()
+                artifacts.run_stage(job, "fit", overwrite=True)
+                wall = time.perf_counter() - t0
+                m = json.loads((Path(job.run_dir) / "fit" / "metrics.json").read_text())
+                exported = m["exported"]
+                results.append({"train_anchors": n, "train_pool": n_pool, "recipe": recipe, "seed": seed,
+                                "splits": m["splits"], "untrained": m["untrained"], "exported": exported,
+                                "selected_epoch": m["selected_epoch"],
+                                "interpolation_weight": m.get("interpolation_weight"),
+                                "last_epoch": m["epochs"][-1], "timings": m["timings"],
+                                "stage_wall_s": round(wall, 1)})
+                print(f"n={n} {recipe} seed {seed}: agg {m['untrained']['spearman_aggregated']:+.3f} -> "
+                      f"{exported['spearman_aggregated']:+.3f}, per-anchor {m['untrained']['spearman_per_anchor']:+.3f}"
+                      f" -> {exported['spearman_per_anchor']:+.3f} (epoch {m['selected_epoch']}, "
+                      f"w {m.get('interpolation_weight')}, {wall:.0f} s)", flush=True)
 
     print(f"\nsource sketch: {src_run}/sketch   eval split: {results[0]['splits']['eval_anchors']} anchors x "
-          f"{results[0]['splits']['eval_pool']} pool   encoder: {config['encoder']['model']}")
-    print(f"{'train a x p':>12} {'agg untr.':>9} {'agg last':>9} {'PA untr.':>9} {'PA last':>9} "
-          f"{'best agg (ep)':>14} {'train s':>8} {'stage s':>8}")
-    for r in results:
-        u, last, best = r["untrained"], r["last_epoch"], r["best_epoch_by_aggregated"]
-        print(f"{r['train_anchors']:>5} x {r['train_pool']:<5} {u['spearman_aggregated']:>+9.3f} "
-              f"{last['spearman_aggregated']:>+9.3f} {u['spearman_per_anchor']:>+9.3f} "
-              f"{last['spearman_per_anchor']:>+9.3f} {best['spearman_aggregated']:>+9.3f} ({best['epoch']:>2})"
-              f" {r['timings']['train_s']:>8.1f} {r['stage_wall_s']:>8.1f}")
+          f"{results[0]['splits']['eval_pool']} pool   encoder: {config['encoder']['model']}   seeds {seeds}")
+    print("held-out Spearman, mean ± 95 % t-interval over seeds (start = the plain starting encoder)")
+    print(f"{'anchors x pool':>14} {'recipe':<17} {'agg start':>9} {'agg exported':>16} {'PA start':>9} "
+          f"{'PA exported':>16} {'epochs chosen':>14}")
+    for n in sizes:
+        for recipe in recipes:
+            rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
+            agg = t_interval([r["exported"]["spearman_aggregated"] for r in rs])
+            pa_ = t_interval([r["exported"]["spearman_per_anchor"] for r in rs])
+            print(f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} {rs[0]['untrained']['spearman_aggregated']:>+9.3f} "
+                  f"{agg[0]:>+8.3f} ± {agg[1]:.3f} {rs[0]['untrained']['spearman_per_anchor']:>+9.3f} "
+                  f"{pa_[0]:>+8.3f} ± {pa_[1]:.3f} {str([r['selected_epoch'] for r in rs]):>14}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"source_run_dir": str(src_run), "results": results}, f, indent=2)
+        json.dump({"source_run_dir": str(src_run), "seeds": seeds, "recipes": {r: RECIPES[r] for r in recipes},
+                   "results": results}, f, indent=2)
     print(f"\nwrote {args.out}")
 
 

@@ -120,7 +120,7 @@ def _print_summary(job, summary) -> None:
         rows_s = json.dumps(rows, separators=(",", ":")) if rows is not None else "-"
         rejects = (m.get("rejects") or {}).get("rows", 0)
         print(f"{stage:<8} {seconds:>8.1f}  {rows_s[:40]:<40} {rejects}")
-    for stage, _, m in summary:
+    for _, _, m in summary:
         if m.get("headline"):
             print(f"\n{m['headline']}")
 

@@ -102,7 +102,10 @@ class TeacherConfig:
     lora_seed: Optional[int] = None
     """Seed set right before the adapter is attached; default: the job seed."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """`auto`: bf16 autocast on GPUs with compute capability >= 8, fp32 otherwise."""
+    """`auto`: bf16 forward/backward (fp32 head, loss, per-sample gradients and sketch) where the hardware
+    has native bf16 (GPUs with compute capability >= 8, CPUs with AVX512-BF16 or AMX) and the sketch stage's
+    probe of the gate rows holds sketch.fidelity_min_cos, fp32 otherwise. `bfloat16` forces it (the gate
+    fails the stage on a miss). The sketch manifest records the precision chosen and why."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel; sdpa is faster and per-sample gradients stay exact with it."""
     trust_remote_code: bool = False
@@ -121,8 +124,11 @@ class TeacherConfig:
 class SketchConfig:
     """Teacher gradient sketches for anchors and pool (METHOD.md 1a, 1b)."""
 
-    batch_size: int = field(default=8, metadata=EXEC_ONLY)
-    """Samples per forward/backward. Results do not depend on it (per-sample gradients are exact)."""
+    batch_size: int = field(default=64, metadata=EXEC_ONLY)
+    """Most samples per forward/backward. Results do not depend on it (per-sample gradients are exact)."""
+    token_budget: int = field(default=2048, metadata=EXEC_ONLY)
+    """Most padded tokens (rows x longest row) per forward/backward; rows are sorted by length within
+    each shard and packed to it. Results do not depend on it."""
     proj_dim: int = 8192
     """CountSketch width."""
     proj_seed: int = 42
@@ -141,6 +147,9 @@ class SketchConfig:
     """Samples whose exact gradients are kept to check sketch fidelity (0 disables)."""
     fidelity_warn_max_err: float = 0.15
     """Warn when max |exact cosine - sketch cosine| passes this (raise proj_dim)."""
+    fidelity_min_cos: float = field(default=0.999, metadata=EXEC_ONLY)
+    """Precision gate: on the fidelity_samples rows, the cosine of each stage sketch with the CountSketch of
+    its float32 batch-size-1 gradient must reach this, else the stage fails (fix: teacher.dtype=float32)."""
     max_reject_frac: float = 0.05
     """Fail the stage when more than this fraction of input rows is rejected."""
     rows_per_shard: int = field(default=64, metadata=EXEC_ONLY)
@@ -151,11 +160,11 @@ class SketchConfig:
     """Default: use GPUs when the cluster has them. True on a GPU-less cluster fails fast."""
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "proj_dim", "rows_per_shard", "num_actors")
+        _positive(self, "batch_size", "token_budget", "proj_dim", "rows_per_shard", "num_actors")
         for name in ("train_anchors", "train_pool", "eval_anchors", "eval_pool", "fidelity_samples"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         _require(self.fidelity_samples != 1, "fidelity_samples", 1, "0 or an integer >= 2")
-        _fraction(self, "max_reject_frac", "fidelity_warn_max_err")
+        _fraction(self, "max_reject_frac", "fidelity_warn_max_err", "fidelity_min_cos")
 
 
 @dataclass(frozen=True)
@@ -166,8 +175,11 @@ class EncoderConfig:
     """HF id, local directory, or the offline alias `all-minilm-l6-v2`."""
     max_len: int = 256
     """Encoder token budget; longer texts are truncated and counted in the manifest."""
-    anchor_prefix: str = DEFAULT_ANCHOR_PREFIX
-    """Prepended to anchor and query texts (not to pool/corpus rows)."""
+    anchor_prefix: str = ""
+    """Prepended to anchor and query texts (not to pool/corpus rows). Empty by default: MiniLM-style
+    encoders were never trained with an instruction prefix, and on the demo the prefix cut the plain
+    encoder's AUPRC from 0.66 to 0.26. Set it (e.g. to DEFAULT_ANCHOR_PREFIX in pipeline/config.py)
+    for instruction-tuned encoders."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust it."""
 
@@ -199,10 +211,21 @@ class FitConfig:
     """m: pool candidates shared by the block."""
     hard_ratio: float = 0.0
     """Fraction of candidates drawn from the block's top targets (never 1.0)."""
-    restore_best: bool = False
-    """Export the best held-out epoch instead of the last (recorded in the metrics)."""
+    dropout: Optional[float] = 0.0
+    """Dropout probability inside the encoder while fitting; null keeps the model's own (MiniLM: 0.1).
+    Off by default: with a few hundred distillation pairs dropout only adds noise to the targets."""
+    val_frac: float = 0.25
+    """Fraction of the sketch's train anchors and of its train pool rows kept aside as the validation
+    split (seeded by id): every choice made while fitting is made on it, never on the eval split."""
+    restore_best: bool = True
+    """Export the best candidate on the validation split (any epoch, the starting encoder as epoch 0,
+    and the weight interpolations of `fit.interpolate`) instead of the last epoch. Needs val_frac > 0."""
     select_best_on: Literal["aggregated", "per_anchor"] = "aggregated"
-    """Held-out metric that picks the best epoch when restore_best is on."""
+    """Validation metric that picks the exported candidate when restore_best is on."""
+    interpolate: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    """Weights w tried between the starting encoder and the best epoch, (1 - w) * start + w * best
+    (weight-space ensembling: keeps what the encoder knew while adding what the teacher taught);
+    chosen on validation with w = 0 and w = 1 always candidates. [] disables."""
     num_workers: Optional[int] = field(default=None, metadata=EXEC_ONLY)
     """Ray Train workers; default one per GPU, else 1 on small CPU clusters."""
     use_gpu: Optional[bool] = field(default=None, metadata=EXEC_ONLY)
@@ -211,13 +234,21 @@ class FitConfig:
     """Worker failures tolerated; training resumes from the last epoch checkpoint."""
     embed_batch_size: int = field(default=64, metadata=EXEC_ONLY)
     """Texts per forward pass when embedding for held-out evaluation."""
+    heldout_every_epoch: bool = field(default=True, metadata=EXEC_ONLY)
+    """Measure the held-out split after every epoch (the Spearman-by-epoch curves); false measures it
+    only for the starting and the exported encoder, which is all that choices and reports need."""
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "lr", "tau", "block_anchors", "block_candidates", "grad_clip",
                   "num_workers", "embed_batch_size")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _fraction(self, "alpha")
-        _fraction(self, "warmup_frac", "hard_ratio", closed_right=False)
+        _fraction(self, "warmup_frac", "hard_ratio", "dropout", closed_right=False)
+        _require(0.0 <= self.val_frac < 0.9, "val_frac", self.val_frac, "a number in [0, 0.9)")
+        _require(not (self.restore_best and self.val_frac == 0), "restore_best", self.restore_best,
+                 "false when fit.val_frac is 0 (choosing needs a validation split)")
+        for w in self.interpolate:
+            _require(0.0 < w < 1.0, "interpolate", self.interpolate, "weights strictly between 0 and 1")
         _require(self.max_failures >= 0, "max_failures", self.max_failures, "an integer >= 0")
 
 
@@ -272,10 +303,19 @@ class ScoreConfig:
     """What the selected rows are for: ids to drop (e.g. toxic sources) or to keep."""
     batch_rows: int = field(default=65536, metadata=EXEC_ONLY)
     """Corpus rows per scoring batch (bounds memory)."""
+    rerank_top: Optional[float] = None
+    """Teacher re-rank cascade: a fraction in (0, 1) of the corpus rows, or a count >= 1. The teacher
+    computes exact gradient influence (the sketch stage's cosine) of the encoder's top rows by mean
+    score against the queries, and those rows are re-ordered by it (they keep the top block; later
+    rows keep the encoder order). scores.parquet gains teacher_score and reranked; the selection
+    follows the new ranks. Costs a teacher backward pass per re-ranked row. null: off."""
 
     def __post_init__(self) -> None:
         _positive(self, "top_k", "refine_factor", "nprobes", "batch_rows")
         _fraction(self, "select_top_frac")
+        if self.rerank_top is not None:
+            _require(0 < self.rerank_top < 1 or (self.rerank_top >= 1 and float(self.rerank_top).is_integer()),
+                     "rerank_top", self.rerank_top, "a fraction in (0, 1) or a whole row count >= 1")
 
 
 @dataclass(frozen=True)
@@ -283,9 +323,11 @@ class EvalConfig:
     """Fidelity and application metrics against baselines (issue: eval)."""
 
     methods: list[str] = field(
-        default_factory=lambda: ["influcoder", "gradient", "untrained_encoder", "bm25", "random"]
+        default_factory=lambda: ["influcoder", "gradient", "untrained_encoder", "bm25", "random", "cascade"]
     )
-    """Methods compared on the same rows and queries (influcoder, gradient, untrained_encoder, bm25, random)."""
+    """Methods compared on the same rows and queries (influcoder, gradient, untrained_encoder, bm25, random,
+    cascade). cascade (the encoder's top rows re-ranked by the teacher, see score.rerank_top) is evaluated
+    only when score.rerank_top is set, and needs influcoder."""
     recall_k: list[int] = field(default_factory=lambda: [10, 50])
     """k values of Recall@k (retrieval metrics; relevant rows are the corpus rows with label 1)."""
     max_rows: Optional[int] = None
@@ -295,9 +337,12 @@ class EvalConfig:
     """Rows used to time ms per scored sample (after a warm-up)."""
 
     def __post_init__(self) -> None:
-        known = {"influcoder", "gradient", "untrained_encoder", "bm25", "random"}
+        known = {"influcoder", "gradient", "untrained_encoder", "bm25", "random", "cascade"}
         for m in self.methods:
             _require(m in known, "methods", self.methods, f"a list drawn from {sorted(known)}")
+        # The cascade re-ranks influcoder's ranking: without it there is nothing to re-rank.
+        _require("cascade" not in self.methods or "influcoder" in self.methods, "methods", self.methods,
+                 "a list that has influcoder whenever it has cascade")
         for k in self.recall_k:
             _require(isinstance(k, int) and k > 0, "recall_k", self.recall_k, "positive integers")
         _positive(self, "max_rows", "timing_rows")

@@ -77,6 +77,13 @@ def block_loss(scores: torch.Tensor, targets: torch.Tensor, alpha: float, tau: f
     return loss
 
 
+def check_finite(loss: float, epoch: int, block: int) -> None:
+    """Refuse a non-finite loss: one NaN step would poison every weight and the export after it."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"fit: the distillation loss is {loss} at epoch {epoch}, block {block}; "
+                                 f"lower fit.lr (or raise fit.tau) and rerun with --overwrite.")
+
+
 # --------------------------------------------------------------------------- seeded randomness
 
 

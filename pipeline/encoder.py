@@ -4,12 +4,15 @@ Pure torch/transformers (no Ray). The same class embeds anchors/queries (with th
 and corpus rows, so both sides always share weights. The exported folder is a standard Hugging
 Face model plus the sentence-transformers module files (Transformer -> mean Pooling -> Normalize),
 so `AutoModel.from_pretrained` and `SentenceTransformer` both load it.
+
+What the encoder sees of a row (its view, `pipeline.textview`) follows what the teacher's loss sees.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from pipeline.models import model_fingerprint
+from pipeline.textview import EncoderInput, PairView, text_views, tokenize_views, view_text  # noqa: F401
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -46,14 +50,20 @@ class TextEncoder(torch.nn.Module):
     def fingerprint(self) -> str:
         return model_fingerprint(self.model_dir)
 
-    def tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    def tokenize(self, texts: Sequence[EncoderInput]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """Model inputs (padded, cut at max_len) and, per text, whether it was longer than max_len.
 
-        One tokenizer pass gives both: a fast tokenizer tokenises the whole text before cutting it,
-        and with `return_overflowing_tokens` it says which texts had a tail (as extra rows, which
-        are dropped here). A second, untruncated pass just to count cut texts cost as much as the
-        first: ~10 % of encode time at max_len 16 on CPU.
+        Plain strings take one batched tokenizer call that cuts their tails. A fast tokenizer
+        tokenises the whole text before cutting it, and `return_overflowing_tokens` says which
+        texts had a tail (as extra rows, dropped here): one pass, where a second, untruncated pass
+        just to count cut texts cost ~10 % of encode time at max_len 16 on CPU. Pair views go
+        through `tokenize_views` (response kept, prompt cut from the left).
         """
+        if any(not isinstance(t, str) for t in texts):
+            ids, cut = tokenize_views(self.tokenizer, texts, self.max_len)
+            enc = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+            return {k: v.to(self.device_) for k, v in enc.items()}, cut
+        texts = list(texts)
         kwargs = dict(padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
         if not self.tokenizer.is_fast:  # slow tokenizers have no overflow mapping: count separately
             lengths = self.tokenizer(texts, truncation=False, return_length=True, verbose=False)["length"]
@@ -67,7 +77,7 @@ class TextEncoder(torch.nn.Module):
         return ({k: v[first_row].to(self.device_) for k, v in enc.items()},
                 (rows_per_text > 1).numpy())
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
+    def forward(self, texts: Sequence[EncoderInput]) -> torch.Tensor:
         return self._forward_tokens(self.tokenize(texts)[0])
 
     def _forward_tokens(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -77,14 +87,14 @@ class TextEncoder(torch.nn.Module):
         return F.normalize(pooled.float(), dim=-1)
 
     @torch.inference_mode()
-    def embed(self, texts: list[str], batch_size: int = 64, return_truncated: bool = False):
+    def embed(self, texts: Sequence[EncoderInput], batch_size: int = 64, return_truncated: bool = False):
         """float32 [n, dim] unit-norm embeddings; batches sorted by length to limit padding.
 
         With `return_truncated`, also a bool [n] array: which texts were longer than max_len.
         """
         was_training = self.model.training
         self.model.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(texts)), key=lambda i: len(view_text(texts[i])))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         truncated = np.zeros(len(texts), bool)
         autocast = (self.device_.type == "cuda" and torch.cuda.is_bf16_supported())

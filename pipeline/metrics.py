@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Hashable, Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -77,6 +77,33 @@ def auprc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
     return float(skm.auc(recall, precision))
 
 
+def recall_at_k_per_query(ranked_ids_per_query: Sequence[Sequence[Hashable]],
+                          relevant_sets: Sequence[Iterable[Hashable]], k: int) -> np.ndarray:
+    """|top-k ∩ relevant| / |relevant| per query; NaN for a query without relevant items."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    _check_lengths(ranked_ids_per_query, relevant_sets)
+    out = []
+    for ranked, relevant in zip(ranked_ids_per_query, relevant_sets):
+        rel = set(relevant)
+        out.append(len(rel.intersection(list(ranked)[:k])) / len(rel) if rel else float("nan"))
+    return np.asarray(out, dtype=np.float64)
+
+
+def reciprocal_ranks(ranked_ids_per_query: Sequence[Sequence[Hashable]],
+                     relevant_sets: Sequence[Iterable[Hashable]]) -> np.ndarray:
+    """1 / rank of the first relevant item per query (0 when none is retrieved; NaN without relevant items)."""
+    _check_lengths(ranked_ids_per_query, relevant_sets)
+    out = []
+    for ranked, relevant in zip(ranked_ids_per_query, relevant_sets):
+        rel = set(relevant)
+        if not rel:
+            out.append(float("nan"))
+            continue
+        out.append(next((1.0 / rank for rank, item in enumerate(ranked, start=1) if item in rel), 0.0))
+    return np.asarray(out, dtype=np.float64)
+
+
 def recall_at_k(ranked_ids_per_query: Sequence[Sequence[Hashable]],
                 relevant_sets: Sequence[Iterable[Hashable]], k: int) -> float:
     """Mean over queries of |top-k ∩ relevant| / |relevant| (DATE-LM Recall@k).
@@ -84,15 +111,7 @@ def recall_at_k(ranked_ids_per_query: Sequence[Sequence[Hashable]],
     Queries without any relevant item are skipped (their recall is undefined); if none has one,
     the result is NaN.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1; got {k}")
-    _check_lengths(ranked_ids_per_query, relevant_sets)
-    values = []
-    for ranked, relevant in zip(ranked_ids_per_query, relevant_sets):
-        rel = set(relevant)
-        if rel:
-            values.append(len(rel.intersection(list(ranked)[:k])) / len(rel))
-    return float(np.mean(values)) if values else float("nan")
+    return _nanmean(recall_at_k_per_query(ranked_ids_per_query, relevant_sets, k))
 
 
 def mrr(ranked_ids_per_query: Sequence[Sequence[Hashable]],
@@ -101,22 +120,89 @@ def mrr(ranked_ids_per_query: Sequence[Sequence[Hashable]],
 
     Queries without any relevant item are skipped, as in `recall_at_k`.
     """
-    _check_lengths(ranked_ids_per_query, relevant_sets)
-    values = []
-    for ranked, relevant in zip(ranked_ids_per_query, relevant_sets):
-        rel = set(relevant)
-        if not rel:
-            continue
-        rr = 0.0
-        for rank, item in enumerate(ranked, start=1):
-            if item in rel:
-                rr = 1.0 / rank
-                break
-        values.append(rr)
-    return float(np.mean(values)) if values else float("nan")
+    return _nanmean(reciprocal_ranks(ranked_ids_per_query, relevant_sets))
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 def _check_lengths(ranked: Sequence, relevant: Sequence) -> None:
     if len(ranked) != len(relevant):
         raise ValueError(f"one ranking per query is needed: {len(ranked)} rankings for "
                          f"{len(relevant)} relevant sets")
+
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+def spearman_rows(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row pair (average ranks for ties), vectorised; 0 where a row is constant
+    (the `spearman_per_anchor` convention)."""
+    rp = stats.rankdata(pred, axis=1)
+    rg = stats.rankdata(gt, axis=1)
+    rp = rp - rp.mean(axis=1, keepdims=True)
+    rg = rg - rg.mean(axis=1, keepdims=True)
+    denom = np.sqrt((rp * rp).sum(axis=1) * (rg * rg).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (rp * rg).sum(axis=1) / denom
+    return np.where(denom > 0, rho, 0.0)
+
+
+def bootstrap_replicates(statistic: Callable[..., float], sizes: Sequence[int], resamples: int = 1000,
+                         seed: int = 0) -> np.ndarray:
+    """The statistic on `resamples` bootstrap resamples: each call gets one index array per axis,
+    drawn with replacement (`sizes[i]` draws from range(sizes[i])). Replicates where the statistic is
+    undefined come back NaN. The same (sizes, resamples, seed) give the same indices, so replicates of
+    two methods computed alike are paired (see `paired_difference`)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 63), 0x1B007]))
+    out = np.empty(resamples, dtype=np.float64)
+    for r in range(resamples):
+        idx = [rng.integers(0, n, n) for n in sizes]
+        try:
+            out[r] = statistic(*idx)
+        except ValueError:  # e.g. a resample without a positive label
+            out[r] = float("nan")
+    return out
+
+
+def percentile_ci(replicates: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """[low, high] percentile interval of the finite replicates (None when there are none)."""
+    finite = replicates[np.isfinite(replicates)]
+    if finite.size == 0:
+        return None
+    lo, hi = np.quantile(finite, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_ci(statistic: Callable[..., float], sizes: Sequence[int], resamples: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap confidence interval of `statistic` (see `bootstrap_replicates`)."""
+    return percentile_ci(bootstrap_replicates(statistic, sizes, resamples, seed), level)
+
+
+def paired_difference(reps_a: np.ndarray, reps_b: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """CI of (a - b) from paired replicates (same resampled indices for both)."""
+    return percentile_ci(np.asarray(reps_a) - np.asarray(reps_b), level)
+
+
+def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict[str, object]:
+    """Aggregated and per-anchor Spearman with 95 % bootstrap CIs, resampling anchors and pool items
+    (both are samples: the anchors of the task, the rows of the corpus)."""
+    pred, gt = _check_pair(pred, gt)
+    mean, std = spearman_per_anchor(pred, gt)
+
+    def aggregated(ia: np.ndarray, ip: np.ndarray) -> float:
+        rho = _spearman(pred[np.ix_(ia, ip)].mean(axis=0), gt[np.ix_(ia, ip)].mean(axis=0))
+        return float("nan") if math.isnan(rho) else rho
+
+    def per_anchor(ia: np.ndarray, ip: np.ndarray) -> float:
+        return float(spearman_rows(pred[np.ix_(ia, ip)], gt[np.ix_(ia, ip)]).mean())
+
+    sizes = pred.shape
+    return {"spearman_aggregated": spearman_aggregated(pred, gt),
+            "spearman_aggregated_ci": bootstrap_ci(aggregated, sizes, resamples, seed),
+            "spearman_per_anchor": mean, "spearman_per_anchor_std": std,
+            "spearman_per_anchor_ci": bootstrap_ci(per_anchor, sizes, resamples, seed)}

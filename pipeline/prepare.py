@@ -2,8 +2,10 @@
 
 Two uses:
 - `--data ../shared/data --out data/demo`: the demo corpora from the shared public datasets
-  (BBH with its chain-of-thought prompts, GSM8K, the T0 sample, ToxiGen statements) and the
-  leak-free toxicity task of `jobs/demo.yaml` (`toxicity/{anchors,pool,corpus,queries}`).
+  (BBH with its chain-of-thought prompts, GSM8K, the T0 sample, ToxiGen statements), the
+  leak-free toxicity task of `jobs/demo.yaml` (`toxicity/{anchors,pool,corpus,queries}`) and its
+  group-disjoint twin of `jobs/demo_groups.yaml` (`toxicity_groups/`), each with a near-duplicate
+  audit (`prepare_audit.json`: what was dropped, per role pair, and what is left).
 - `--input FILE_OR_DIR --out DIR [column flags]`: any JSONL/Parquet source, mapped and validated
   with the same reader as the pipeline; bad rows go to `DIR/rejects.parquet` with their reason.
 
@@ -15,18 +17,20 @@ changes when other splits grow (prefix-stable, METHOD.md 4.4).
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
-from typing import Any, Iterable
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import neardup
 from pipeline.errors import InputDataError
+from pipeline.sampling import order_key
 
 log = logging.getLogger("influcoder")
 
@@ -42,8 +46,9 @@ OUT_SCHEMA = pa.schema([
 
 
 def hash_order_key(seed: int, key: str) -> int:
-    """A keyed pseudo-random order: sorting by it is a seeded shuffle that is stable per row."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+    """The seeded order prepare draws its roles from: its own stream, so that it is independent of the
+    sketch stage's eval/train split drawn with the same seed (see `sampling.order_key`)."""
+    return order_key(seed, key, stream="prepare")
 
 
 def write_parts(rows: list[dict[str, Any]], out_dir: str, rows_per_file: int = 10000) -> int:
@@ -121,22 +126,43 @@ def toxigen_rows(data: str) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- the demo task
 
+# Roles in the order they are drawn, which is also the order in which they keep their rows: a row that
+# near-duplicates a row of an earlier role is dropped and replaced from the remaining supply. Evaluation
+# roles come first, so they never lose a row to distillation data, and resizing the distillation side
+# never moves them (prefix-stable).
+ROLE_PRIORITY = ("queries", "corpus", "anchors", "pool")
+# The sketch stage splits anchors and pool again, into its own held-out and train parts, by a keyed hash:
+# two near-duplicates inside one of these roles could straddle that boundary, so they are dropped too.
+# Near-duplicates inside the corpus or inside the queries are no leak (scored, never trained on): kept.
+DISTILL_ROLES = ("anchors", "pool")
+AUDIT_FILE = "prepare_audit.json"
+
+_Roles = dict[str, list[dict[str, Any]]]
+_SigCache = dict[tuple[int, str], neardup.Signature]
+
 
 @dataclass(frozen=True)
 class ToxicitySplit:
     """Sizes of the leak-free toxicity task. Hate statements are split four ways (distillation
     anchors, distillation pool, queries, corpus needles) and never shared between roles;
-    instruction rows and neutral statements are split between the distillation pool and the corpus."""
+    instruction rows and neutral statements are split between the distillation pool and the corpus.
+    The demo's sketch holds out 32 anchors x 256 pool rows and trains on 64 x 256 (jobs/demo.yaml)."""
 
-    anchor_hate: int = 72
-    pool_hate: int = 40
-    pool_neutral: int = 40
-    pool_instructions: int = 240
+    anchor_hate: int = 96
+    pool_hate: int = 64
+    pool_neutral: int = 64
+    pool_instructions: int = 384
     query_hate: int = 16
     corpus_hate: int = 48
     corpus_neutral: int = 96
     corpus_instructions: int = 456
     seed: int = 42
+    near_dup_threshold: float = neardup.THRESHOLD
+
+    def toxigen_needs(self) -> dict[tuple[str, int], int]:
+        """Statements needed per (side, label): distillation side (anchors, pool), evaluation side."""
+        return {("distillation", 1): self.anchor_hate + self.pool_hate, ("distillation", 0): self.pool_neutral,
+                ("evaluation", 1): self.query_hate + self.corpus_hate, ("evaluation", 0): self.corpus_neutral}
 
 
 def _dedupe_texts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -152,45 +178,184 @@ def _dedupe_texts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def toxicity_task(data: str, split: ToxicitySplit) -> dict[str, list[dict[str, Any]]]:
+@dataclass
+class _Supplies:
+    """The candidate rows of each kind, each list in its seeded order (exact duplicates removed)."""
+
+    hate: list[dict[str, Any]]
+    neutral: list[dict[str, Any]]
+    instructions: list[dict[str, Any]]
+
+
+def _supplies(data: str, seed: int, t0: list[dict[str, Any]] | None = None) -> _Supplies:
     tox = _dedupe_texts(toxigen_rows(data))
-    hate = sorted((r for r in tox if r["label"] == 1), key=lambda r: hash_order_key(split.seed, r["id"]))
-    neutral = sorted((r for r in tox if r["label"] == 0), key=lambda r: hash_order_key(split.seed, r["id"]))
-    instr = t0_rows(data) + gsm8k_rows(data, "train")
-    instr = _dedupe_texts(sorted(instr, key=lambda r: hash_order_key(split.seed, r["id"])))
-    need_hate = split.anchor_hate + split.pool_hate + split.query_hate + split.corpus_hate
-    need_neutral = split.pool_neutral + split.corpus_neutral
-    if need_hate > len(hate) or need_neutral > len(neutral):
-        raise InputDataError(f"toxicity task needs {need_hate} hate and {need_neutral} neutral statements; "
-                             f"ToxiGen has {len(hate)} and {len(neutral)}.")
+    hate = sorted((r for r in tox if r["label"] == 1), key=lambda r: hash_order_key(seed, r["id"]))
+    neutral = sorted((r for r in tox if r["label"] == 0), key=lambda r: hash_order_key(seed, r["id"]))
+    instr = (t0_rows(data) if t0 is None else t0) + gsm8k_rows(data, "train")
+    instr = _dedupe_texts(sorted(instr, key=lambda r: hash_order_key(seed, r["id"])))
+    return _Supplies(hate, neutral, instr)
 
-    def take(rows: list[dict[str, Any]], start: int, n: int, label: int | None = None) -> list[dict[str, Any]]:
-        out = [dict(r) for r in rows[start:start + n]]
-        if label is not None:
-            for r in out:
-                r["label"] = label
+
+class _SupplyShort(InputDataError):
+    """A role could not be filled: the supply ran out (after near-duplicates were dropped)."""
+
+
+class _Drawer:
+    """Draws each role's rows from the seeded supplies, in ROLE_PRIORITY order, dropping every candidate
+    that near-duplicates an already drawn row of an earlier role (or, for a distillation role, of its own)."""
+
+    def __init__(self, split: ToxicitySplit, cache: _SigCache):
+        self.index = neardup.NearDupIndex(threshold=split.near_dup_threshold, seed=split.seed)
+        # (seed, text) -> signature: a text is hashed once across the demo's tasks and group-split tries
+        # (a signature is only comparable under the seed that drew its permutations).
+        self.cache = cache
+        self.role_of: dict[str, str] = {}
+        self.dropped: Counter[str] = Counter()
+        self.dropped_by_pair: Counter[str] = Counter()
+
+    def _signature(self, text: str) -> neardup.Signature:
+        key = (self.index.seed, text)
+        if key not in self.cache:
+            self.cache[key] = self.index.signature(text)
+        return self.cache[key]
+
+    def take(self, role: str, supply: Iterator[dict[str, Any]], n: int, what: str,
+             label: int | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while len(out) < n:  # pull only what is needed: the next role takes the rest of a shared cursor
+            r = next(supply, None)
+            if r is None:
+                break
+            sig = self._signature(r["text"])
+            clash = {self.role_of[k] for k, _ in self.index.matches(sig)}
+            if role not in DISTILL_ROLES:
+                clash.discard(role)
+            if clash:
+                self.dropped[role] += 1
+                for other in clash:
+                    self.dropped_by_pair[f"{role}~{other}"] += 1
+                continue
+            row = dict(r)
+            if label is not None:
+                row["label"] = label
+            self.index.add(row["id"], sig)
+            self.role_of[row["id"]] = role
+            out.append(row)
+        if len(out) < n:
+            raise _SupplyShort(f"toxicity task: {role} needs {n} {what} but only {len(out)} are left after the "
+                               f"roles before it and after dropping near-duplicates (Jaccard >= "
+                               f"{self.index.threshold}); lower the sizes in pipeline/prepare.py ToxicitySplit.")
         return out
 
-    h = [0]
+    def near_duplicate_pairs(self) -> dict[str, int]:
+        """Near-duplicate row pairs left between (and within) the drawn roles, per role pair."""
+        pairs: Counter[str] = Counter({_pair_key(a, b): 0 for i, a in enumerate(ROLE_PRIORITY)
+                                       for b in ROLE_PRIORITY[i:]})
+        for key, role in self.role_of.items():
+            for other, _ in self.index.matches_of(key):
+                if key < other:  # each unordered pair once
+                    pairs[_pair_key(role, self.role_of[other])] += 1
+        return dict(pairs)
 
-    def take_hate(n: int) -> list[dict[str, Any]]:
-        out = take(hate, h[0], n)
-        h[0] += n
-        return out
 
-    # Query and corpus slices come first so that resizing the distillation side never moves them.
-    queries = take_hate(split.query_hate)
-    corpus_hate = take_hate(split.corpus_hate)
-    anchors = take_hate(split.anchor_hate)
-    pool_hate = take_hate(split.pool_hate)
-    corpus_neutral = take(neutral, 0, split.corpus_neutral)
-    pool_neutral = take(neutral, split.corpus_neutral, split.pool_neutral)
-    corpus_instr = take(instr, 0, split.corpus_instructions, label=0)
-    pool_instr = take(instr, split.corpus_instructions, split.pool_instructions, label=0)
-    corpus = sorted(corpus_hate + corpus_neutral + corpus_instr, key=lambda r: hash_order_key(split.seed + 1, r["id"]))
-    pool = sorted(pool_hate + pool_neutral + pool_instr, key=lambda r: hash_order_key(split.seed + 1, r["id"]))
-    _assert_disjoint({"queries": queries, "corpus": corpus, "anchors": anchors, "pool": pool})
-    return {"anchors": anchors, "pool": pool, "corpus": corpus, "queries": queries}
+def _pair_key(a: str, b: str) -> str:
+    a, b = sorted((a, b), key=ROLE_PRIORITY.index)
+    return f"{a}~{b}"
+
+
+def _build_task(sup: _Supplies, split: ToxicitySplit, cache: _SigCache,
+                distill_groups: frozenset[str] | None = None) -> tuple[_Roles, dict[str, Any]]:
+    """The four roles and their audit. With `distill_groups`, anchors and pool statements come only from
+    those ToxiGen target groups and queries and corpus statements only from the others."""
+
+    def side(rows: list[dict[str, Any]], distillation: bool) -> list[dict[str, Any]]:
+        if distill_groups is None:
+            return rows
+        return [r for r in rows if (r["group"] in distill_groups) == distillation]
+
+    if distill_groups is None:  # one shared cursor per kind: roles take consecutive slices of the seeded order
+        hate_e = hate_d = iter(sup.hate)
+        neutral_e = neutral_d = iter(sup.neutral)
+    else:
+        hate_e, hate_d = iter(side(sup.hate, False)), iter(side(sup.hate, True))
+        neutral_e, neutral_d = iter(side(sup.neutral, False)), iter(side(sup.neutral, True))
+    instr = iter(sup.instructions)
+    d = _Drawer(split, cache)
+    queries = d.take("queries", hate_e, split.query_hate, "hate statements")
+    corpus = (d.take("corpus", hate_e, split.corpus_hate, "hate statements")
+              + d.take("corpus", neutral_e, split.corpus_neutral, "neutral statements")
+              + d.take("corpus", instr, split.corpus_instructions, "instruction rows", label=0))
+    anchors = d.take("anchors", hate_d, split.anchor_hate, "hate statements")
+    pool = (d.take("pool", hate_d, split.pool_hate, "hate statements")
+            + d.take("pool", neutral_d, split.pool_neutral, "neutral statements")
+            + d.take("pool", instr, split.pool_instructions, "instruction rows", label=0))
+    corpus = sorted(corpus, key=lambda r: hash_order_key(split.seed + 1, r["id"]))
+    pool = sorted(pool, key=lambda r: hash_order_key(split.seed + 1, r["id"]))
+    roles = {"anchors": anchors, "pool": pool, "corpus": corpus, "queries": queries}
+    _assert_disjoint(roles)
+    audit = {
+        "counts": {role: len(rows) for role, rows in roles.items()},
+        "sizes": {k: v for k, v in asdict(split).items() if k not in ("seed", "near_dup_threshold")},
+        "near_duplicates": {
+            "method": "MinHash LSH candidates (datasketch), every candidate checked by exact Jaccard",
+            "shingles": f"character {neardup.SHINGLE_CHARS}-grams of the lowercased text, punctuation folded",
+            "threshold": split.near_dup_threshold, "num_perm": d.index.num_perm, "lsh_bands_rows": list(d.index.bands),
+            "seed": split.seed, "datasketch": _version("datasketch"),
+        },
+        "priority": list(ROLE_PRIORITY),
+        "dropped": {role: d.dropped[role] for role in ROLE_PRIORITY},
+        "dropped_by_pair": dict(sorted(d.dropped_by_pair.items())),
+        "near_duplicate_pairs_left": d.near_duplicate_pairs(),
+    }
+    return roles, audit
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
+def toxicity_task(data: str, split: ToxicitySplit) -> _Roles:
+    """The demo task's four roles, disjoint by id and text and free of near-duplicates across roles."""
+    return _build_task(_supplies(data, split.seed), split, {})[0]
+
+
+def _group_task(sup: _Supplies, split: ToxicitySplit, cache: _SigCache) -> tuple[_Roles, dict[str, Any]]:
+    """The group-disjoint variant: ToxiGen target groups split in two, distillation on one set, evaluation
+    on the other. The split is a seeded draw among the two-way splits of the groups whose statements can
+    fill every role; when none can, the ToxiGen counts shrink in eighths (recorded in the audit)."""
+    groups = sorted({r["group"] for r in sup.hate + sup.neutral})
+    if not 2 <= len(groups) <= 16:  # every two-way split is enumerated: ToxiGen has 13 groups at most
+        raise InputDataError(f"toxigen: the group-disjoint task needs 2..16 target groups, found {len(groups)}.")
+    have = Counter((r["group"], r["label"]) for r in sup.hate + sup.neutral)
+    splits = [frozenset(g for i, g in enumerate(groups) if mask >> i & 1) for mask in range(1, 2 ** len(groups) - 1)]
+    splits.sort(key=lambda dg: hash_order_key(split.seed, ",".join(sorted(dg))))
+    for eighths in range(8, 0, -1):
+        sized = split if eighths == 8 else replace(split, **{
+            k: max(1, getattr(split, k) * eighths // 8)
+            for k in ("anchor_hate", "pool_hate", "pool_neutral", "query_hate", "corpus_hate", "corpus_neutral")})
+        candidates = [dg for dg in splits if _groups_fit(have, dg, sized.toxigen_needs())]
+        for tried, dg in enumerate(candidates, 1):
+            try:
+                roles, audit = _build_task(sup, sized, cache, distill_groups=dg)
+            except _SupplyShort:
+                continue
+            audit["groups"] = {
+                "distillation": sorted(dg), "evaluation": sorted(set(groups) - dg), "seed": split.seed,
+                "rule": "first, in seeded order, of the two-way group splits whose statements fill every role",
+                "splits_with_enough_statements": len(candidates), "splits_tried": tried,
+                "scaled_to_eighths": eighths,
+            }
+            return roles, audit
+    raise InputDataError("toxigen: no split of the target groups supplies even 1/8 of the toxicity task's sizes.")
+
+
+def _groups_fit(have: Counter[tuple[str, int]], distill_groups: frozenset[str],
+                needs: dict[tuple[str, int], int]) -> bool:
+    """Whether the raw supply (before near-duplicates are dropped) of each side covers its needs."""
+    return all(sum(n for (g, lab), n in have.items() if lab == label and (g in distill_groups) == (s == "distillation"))
+               >= need for (s, label), need in needs.items())
 
 
 def _assert_disjoint(parts: dict[str, list[dict[str, Any]]]) -> None:
@@ -205,19 +370,48 @@ def _assert_disjoint(parts: dict[str, list[dict[str, Any]]]) -> None:
                 seen[key] = role
 
 
+def _audit_line(name: str, audit: dict[str, Any]) -> str:
+    nd = audit["near_duplicates"]
+    across = sum(n for pair, n in audit["near_duplicate_pairs_left"].items()
+                 if pair.split("~")[0] != pair.split("~")[1] or pair.split("~")[0] in DISTILL_ROLES)
+    by_pair = ", ".join(f"{k} {v}" for k, v in audit["dropped_by_pair"].items()) or "none"
+    line = (f"{name}: " + ", ".join(f"{r} {audit['counts'][r]}" for r in ROLE_PRIORITY)
+            + f"; near-duplicates (Jaccard >= {nd['threshold']}, char {neardup.SHINGLE_CHARS}-grams) dropped: "
+            + ", ".join(f"{r} {audit['dropped'][r]}" for r in ROLE_PRIORITY if r != "queries")
+            + f" (by pair: {by_pair}); left across roles: {across}")
+    if "groups" in audit:
+        g = audit["groups"]
+        line += (f"\n{name}: distillation groups {','.join(g['distillation'])} | evaluation groups "
+                 f"{','.join(g['evaluation'])} (sizes at {g['scaled_to_eighths']}/8)")
+    return line
+
+
 def prepare_demo(data: str, out: str, rows_per_file: int = 10000) -> dict[str, int]:
     if not os.path.isdir(os.path.join(data, "toxigen")):
         raise InputDataError(f"--data {data}: not the shared data folder (expected bbh/, gsm8k/, t0/, toxigen/ in it).")
+    t0 = t0_rows(data)
     counts = {
         "bbh": write_parts(bbh_rows(data), os.path.join(out, "bbh"), rows_per_file),
         "gsm8k": write_parts(gsm8k_rows(data, "train") + gsm8k_rows(data, "test"), os.path.join(out, "gsm8k"), rows_per_file),
-        "t0": write_parts(t0_rows(data), os.path.join(out, "t0"), rows_per_file),
+        "t0": write_parts(t0, os.path.join(out, "t0"), rows_per_file),
         "toxigen": write_parts(toxigen_rows(data), os.path.join(out, "toxigen"), rows_per_file),
     }
-    for role, rows in toxicity_task(data, ToxicitySplit()).items():
-        counts[f"toxicity/{role}"] = write_parts(rows, os.path.join(out, "toxicity", role), rows_per_file)
+    split = ToxicitySplit()
+    sup = _supplies(data, split.seed, t0)
+    cache: _SigCache = {}
+    audits = {}
+    for name, (roles, audit) in (("toxicity", _build_task(sup, split, cache)),
+                                 ("toxicity_groups", _group_task(sup, split, cache))):
+        for role, rows in roles.items():
+            counts[f"{name}/{role}"] = write_parts(rows, os.path.join(out, name, role), rows_per_file)
+        path = os.path.join(out, name, AUDIT_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"task": name, **audit}, f, indent=2)
+        os.replace(path + ".tmp", path)
+        audits[name] = path
+        print(_audit_line(name, audit) + f"\n  audit: {path}")
     with open(os.path.join(out, "PREPARED.json"), "w") as f:
-        json.dump({"data": os.path.abspath(data), "counts": counts}, f, indent=2)
+        json.dump({"data": os.path.abspath(data), "counts": counts, "audits": audits}, f, indent=2)
     return counts
 
 

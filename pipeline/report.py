@@ -11,15 +11,52 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import JobConfig
 
-METHOD_ORDER = ["influcoder", "gradient", "untrained_encoder", "bm25", "random"]
-COLORS = {"influcoder": "tab:blue", "gradient": "tab:red", "untrained_encoder": "tab:gray",
-          "bm25": "tab:green", "random": "black"}
+METHOD_ORDER = ["influcoder", "cascade", "gradient", "untrained_encoder", "untrained_encoder_prefixed", "bm25",
+                "random"]
+COLORS = {"influcoder": "tab:blue", "cascade": "tab:purple", "gradient": "tab:red", "untrained_encoder": "tab:gray",
+          "untrained_encoder_prefixed": "tab:brown", "bm25": "tab:green", "random": "black"}
 
 
-def _fmt(v: Any, spec: str = ".3f") -> str:
+def _fmt(v: Any, spec: str = ".3f", ci: Any = None) -> str:
+    """A number, with its 95 % CI in brackets when there is one."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return format(v, spec)
+    return format(v, spec) + (f" [{format(ci[0], spec)}, {format(ci[1], spec)}]" if ci else "")
+
+
+def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Which method finds the label-1 rows best (AUPRC), and how influcoder stands against the plain
+    starting encoder and the best cheap method: a difference counts only when its paired 95 % CI
+    excludes 0."""
+    scored = {n: r for n, r in results.items() if r.get("auprc") is not None}
+    if not scored:
+        return {}
+    best = max(scored, key=lambda n: scored[n]["auprc"])
+    out: dict[str, Any] = {"best_auprc": best}
+    vs = results.get("influcoder", {}).get("vs", {})
+    cheap = [n for n in scored if n not in ("influcoder", "gradient", "cascade", "random")]
+    for label, other in (("vs_plain_encoder", "untrained_encoder"),
+                         ("vs_best_cheap", max(cheap, key=lambda n: scored[n]["auprc"]) if cheap else None)):
+        if other and other in vs:
+            diff, ci = vs[other]["auprc_diff"], vs[other]["auprc_diff_ci"]
+            state = ("better" if ci and ci[0] > 0 else "worse" if ci and ci[1] < 0 else "level (within the noise)")
+            out[label] = {"method": other, "auprc_diff": diff, "auprc_diff_ci": ci, "influcoder_is": state}
+    return out
+
+
+def verdict_text(verdict: dict[str, Any]) -> list[str]:
+    """The verdict in words (headline and report share it)."""
+    lines = []
+    if verdict.get("best_auprc"):
+        lines.append(f"Best AUPRC: {verdict['best_auprc']}.")
+    for key in ("vs_plain_encoder", "vs_best_cheap"):
+        v = verdict.get(key)
+        if v and not (key == "vs_best_cheap" and v["method"] == verdict.get("vs_plain_encoder", {}).get("method")):
+            ci = v["auprc_diff_ci"]
+            ci_text = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+            lines.append(f"influcoder vs {v['method']}: AUPRC {v['auprc_diff']:+.3f}{ci_text} (95 % CI): "
+                         f"influcoder is {v['influcoder_is']}.")
+    return lines
 
 
 def _plots(out_dir: str, metrics: dict[str, Any], curves: dict[str, Any], fit_metrics: dict[str, Any] | None) -> list[str]:
@@ -45,15 +82,21 @@ def _plots(out_dir: str, metrics: dict[str, Any], curves: dict[str, Any], fit_me
         fig.savefig(os.path.join(out_dir, "pr_curves.png"), dpi=120)
         plt.close(fig)
         made.append("pr_curves.png")
-    if fit_metrics and fit_metrics.get("epochs"):
-        epochs = fit_metrics["epochs"]
+    epochs = (fit_metrics or {}).get("epochs") or []
+    if epochs and all("spearman_aggregated" in e for e in epochs):  # held-out measured every epoch
         fig, ax = plt.subplots(figsize=(5.5, 4.0))
         xs = [0] + [e["epoch"] for e in epochs]
         for key, label in (("spearman_aggregated", "aggregated"), ("spearman_per_anchor", "per-anchor")):
-            ys = [fit_metrics["untrained"][key]] + [e[key] for e in epochs]
-            ax.plot(xs, ys, marker="o", label=label)
-        ax.set_xlabel("epoch (0 = untrained encoder)")
-        ax.set_ylabel("Spearman vs gradient ground truth (held-out)")
+            for prefix, style, split in (("", "-", "held-out"), ("val_", ":", "validation")):
+                if prefix + key in fit_metrics["untrained"]:
+                    ys = [fit_metrics["untrained"][prefix + key]] + [e[prefix + key] for e in epochs]
+                    ax.plot(xs, ys, marker="o", linestyle=style, label=f"{label} ({split})")
+        exported = fit_metrics.get("exported")
+        if exported:
+            ax.scatter([fit_metrics["selected_epoch"]], [exported["spearman_aggregated"]], marker="*", s=150,
+                       color="black", zorder=5, label="exported (aggregated, held-out)")
+        ax.set_xlabel("epoch (0 = starting encoder)")
+        ax.set_ylabel("Spearman vs gradient ground truth")
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "spearman_by_epoch.png"), dpi=120)
@@ -99,11 +142,16 @@ def write_report(job: JobConfig, metrics: dict[str, Any], curves: dict[str, Any]
         h = r["heldout"]
         cg = (r.get("corpus_vs_gradient") or {}).get("spearman_aggregated", 1.0 if name == "gradient" else None)
         lines.append(
-            f"| {name} | {_fmt(r.get('auprc'))} | " + " | ".join(_fmt(r.get(k)) for k in recall_keys)
-            + f" | {_fmt(r.get('mrr'))} | {_fmt(h['spearman_aggregated'], '+.3f')} | {_fmt(h['spearman_per_anchor'], '+.3f')}"
+            f"| {name} | {_fmt(r.get('auprc'), ci=r.get('auprc_ci'))} | "
+            + " | ".join(_fmt(r.get(k), ci=r.get(k + '_ci')) for k in recall_keys)
+            + f" | {_fmt(r.get('mrr'), ci=r.get('mrr_ci'))} | {_fmt(h['spearman_aggregated'], '+.3f', h.get('spearman_aggregated_ci'))}"
+            f" | {_fmt(h['spearman_per_anchor'], '+.3f', h.get('spearman_per_anchor_ci'))}"
             f" | {_fmt(cg, '+.3f')} | {_fmt(r.get('setup_s'), '.1f')} | {_fmt(r.get('ms_per_sample'), '.3f')}"
             f" | {_fmt(r.get('bytes_per_sample'), '.0f')} |")
     ratio = metrics.get("speed", {}).get("influcoder_vs_gradient_ms_ratio")
+    lines += ["", "Numbers in brackets are 95 % bootstrap confidence intervals (AUPRC: queries and rows resampled; "
+              "Recall@k, MRR: queries; held-out ρ: anchors and pool rows).", ""]
+    lines += ["**Verdict.** " + " ".join(verdict_text(metrics.get("verdict", {}))), ""]
     lines += [""]
     if ratio:
         lines += [f"Per scored sample, influcoder is **{ratio:.0f}×** faster than the gradient teacher on this machine "
@@ -114,8 +162,11 @@ def write_report(job: JobConfig, metrics: dict[str, Any], curves: dict[str, Any]
               "stage's eval anchors × eval pool, which distillation never saw; `corpus … vs gradient` ranks the "
               "evaluated corpus against the teacher's own ranking. `gradient` is the expensive reference.", ""]
     leak = metrics.get("leakage", {})
+    from pipeline.neardup import SHINGLE_CHARS, THRESHOLD
+
     lines += ["## Leakage audit", "", "Overlap between the evaluated rows/queries and the distillation data "
-              "(ids / normalised texts): " + ", ".join(f"{k} {v}" for k, v in leak.items()), ""]
+              "(ids / normalised texts / `near_dup`: rows with a near-duplicate, Jaccard ≥ "
+              f"{THRESHOLD} on character {SHINGLE_CHARS}-grams): " + ", ".join(f"{k} {v}" for k, v in leak.items()), ""]
     cons = metrics.get("consistency_with_score_stage", {})
     if cons.get("checked"):
         lines += [f"Scores recomputed here match `score/scores.parquet` on {cons['rows']} rows "

@@ -14,8 +14,16 @@ import heapq
 from typing import Any, Iterable
 
 
-def order_key(seed: int, row_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest(), "big")
+def order_key(seed: int, row_id: str, stream: str = "") -> int:
+    """A keyed 64-bit hash of (seed, id): sorting by it is a seeded shuffle that is stable per row.
+
+    `stream` names the purpose of the order. Two orders drawn with the same seed but for different
+    purposes must use different streams, or they are the same shuffle: when `prepare` filled the demo's
+    roles with consecutive slices of one seeded order, and the sketch stage split the pool by that same
+    order, every hate row of the pool (the tail of its supply) landed in the train split and none in
+    the held-out split. The empty stream is the sketch split's (kept for existing artifacts)."""
+    text = f"{stream}:{seed}:{row_id}" if stream else f"{seed}:{row_id}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 class SmallestKeys:

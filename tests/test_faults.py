@@ -6,6 +6,9 @@ found by pid; every process a test starts carries a tag so that leftovers are ki
 afterwards (tests/proc_util.py). The expected selection is recomputed independently of the stage
 from the corpus and the seeded order (pipeline.sampling), so "every id exactly once" is checked
 against ground truth rather than against the stage's own bookkeeping.
+
+The models are the tiny random ones (tests/tiny_models.py): what is under test is Ray's and the
+stages' recovery, not the models. Every test starts its own Ray in a subprocess: marked `slow`.
 """
 
 from __future__ import annotations
@@ -28,18 +31,32 @@ import yaml
 import proc_util
 from conftest import REPO
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 INFLUCODER = [str(Path(sys.executable).parent / "python"), "-m", "pipeline.cli"]
 
 
+SHARDS = 18  # of 2 rows: 12 anchors + 24 pool rows
+
+
 def _fault_job(tiny_job: dict, run_dir: Path) -> dict:
-    """7 shards of 2 rows: long enough to kill something between the first and the last shard."""
+    """18 shards of 2 rows: with the tiny teacher, still long enough to kill something between the
+    first and the last shard."""
     job = json.loads(json.dumps(tiny_job))
     job["run_dir"] = str(run_dir)
     job["teacher"]["max_len"] = 32
-    job["sketch"].update({"batch_size": 2, "proj_dim": 256, "train_anchors": 4, "eval_anchors": 2,
-                          "train_pool": 6, "eval_pool": 2, "rows_per_shard": 2, "fidelity_samples": 0})
+    job["sketch"].update(
+        {
+            "batch_size": 2,
+            "proj_dim": 256,
+            "train_anchors": 10,
+            "eval_anchors": 2,
+            "train_pool": 20,
+            "eval_pool": 4,
+            "rows_per_shard": 2,
+            "fidelity_samples": 0,
+        }
+    )
     return job
 
 
@@ -51,8 +68,10 @@ def _expected_ids(job: dict) -> dict[str, dict[str, set[str]]]:
     cfg = load_job(data=job)
     out: dict[str, dict[str, set[str]]] = {}
     taken: set[str] = set()
-    for role, ds, n_eval, n_train in (("anchors", cfg.anchors, cfg.sketch.eval_anchors, cfg.sketch.train_anchors),
-                                      ("pool", cfg.pool_dataset, cfg.sketch.eval_pool, cfg.sketch.train_pool)):
+    for role, ds, n_eval, n_train in (
+        ("anchors", cfg.anchors, cfg.sketch.eval_anchors, cfg.sketch.train_anchors),
+        ("pool", cfg.pool_dataset, cfg.sketch.eval_pool, cfg.sketch.train_pool),
+    ):
         good, _ = corpus.split_rejects(corpus.read_local(ds, corpus.discover(ds, role)))
         rows, seen = [], set()
         for r in good.to_pylist():
@@ -61,8 +80,10 @@ def _expected_ids(job: dict) -> dict[str, dict[str, set[str]]]:
                 rows.append(r)
         exclude = taken if ds.path == cfg.anchors.path else set()
         ordered = sampling.select(rows, cfg.sketch.split_seed, n_eval + n_train, exclude)
-        out[role] = {"eval": {r["id"] for r in ordered[:n_eval]},
-                     "train": {r["id"] for r in ordered[n_eval:n_eval + n_train]}}
+        out[role] = {
+            "eval": {r["id"] for r in ordered[:n_eval]},
+            "train": {r["id"] for r in ordered[n_eval : n_eval + n_train]},
+        }
         taken |= out[role]["eval"] | out[role]["train"]
     return out
 
@@ -90,8 +111,14 @@ def tagged_env():
         tag = proc_util.new_tag()
         tags.append(tag)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update({proc_util.TAG: tag, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+        env.update(
+            {
+                proc_util.TAG: tag,
+                "RAY_TMPDIR": tmp,
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+            }
+        )
         return env
 
     yield make
@@ -109,8 +136,9 @@ def _shard_files(run_dir: Path) -> list[Path]:
 
 def _start(job_path: Path, env: dict, log_path: Path, stage: str = "sketch") -> subprocess.Popen:
     log = open(log_path, "w")
-    return subprocess.Popen([*INFLUCODER, stage, str(job_path)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [*INFLUCODER, stage, str(job_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def test_sketch_actor_killed_mid_run(tiny_job, tmp_path, tagged_env):
@@ -123,8 +151,9 @@ def test_sketch_actor_killed_mid_run(tiny_job, tmp_path, tagged_env):
     log_path = tmp_path / "sketch.log"
     proc = _start(job_path, tagged_env(), log_path)
     try:
-        proc_util.wait_for(lambda: _shard_files(tmp_path / "run") or proc.poll() is not None, 300,
-                           what="the first shard file")
+        proc_util.wait_for(
+            lambda: _shard_files(tmp_path / "run") or proc.poll() is not None, 300, what="the first shard file"
+        )
         actor = proc_util.find_worker(proc.pid, "SketchActor")
         assert actor is not None and proc.poll() is None, log_path.read_text()[-3000:]
         done_at_kill = len(_shard_files(tmp_path / "run"))
@@ -133,7 +162,10 @@ def test_sketch_actor_killed_mid_run(tiny_job, tmp_path, tagged_env):
         # Ray starts a replacement actor process (a different pid) that finishes the work.
         replacement = proc_util.wait_for(
             lambda: (w := proc_util.find_worker(proc.pid, "SketchActor")) and w.pid != actor.pid and w,
-            240, interval=0.2, what="a restarted SketchActor")
+            240,
+            interval=0.2,
+            what="a restarted SketchActor",
+        )
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
@@ -141,8 +173,8 @@ def test_sketch_actor_killed_mid_run(tiny_job, tmp_path, tagged_env):
     log = log_path.read_text()
     assert rc == 0, log[-6000:]
     assert replacement.pid != actor.pid
-    assert done_at_kill < 7, "the kill came after the last shard: nothing was tested"
-    assert len(re.findall(r"sketch: shard \S+ done", log)) == 7
+    assert done_at_kill < SHARDS, "the kill came after the last shard: nothing was tested"
+    assert len(re.findall(r"sketch: shard \S+ done", log)) == SHARDS
     _assert_exactly_once(tmp_path / "run", _expected_ids(job))
 
 
@@ -154,8 +186,9 @@ def test_driver_killed_mid_sketch_resumes(tiny_job, tmp_path, tagged_env):
     job_path.write_text(yaml.safe_dump(job))
     proc = _start(job_path, tagged_env(), tmp_path / "first.log")
     try:
-        proc_util.wait_for(lambda: _shard_files(tmp_path / "run") or proc.poll() is not None, 300,
-                           what="the first shard file")
+        proc_util.wait_for(
+            lambda: _shard_files(tmp_path / "run") or proc.poll() is not None, 300, what="the first shard file"
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -165,7 +198,7 @@ def test_driver_killed_mid_sketch_resumes(tiny_job, tmp_path, tagged_env):
     assert not (tmp_path / "run" / "sketch").exists()  # no half-finished artifact
     time.sleep(1.0)  # let the killed driver's Ray processes die (and stop writing) before snapshotting
     before = {p: p.stat().st_mtime_ns for p in _shard_files(tmp_path / "run")}
-    assert 1 <= len(before) < 7, f"the kill was not mid-run: {len(before)} of 7 shards done"
+    assert 1 <= len(before) < SHARDS, f"the kill was not mid-run: {len(before)} of {SHARDS} shards done"
 
     rerun = _start(job_path, tagged_env(), tmp_path / "rerun.log")
     changed = []
@@ -185,9 +218,9 @@ def test_driver_killed_mid_sketch_resumes(tiny_job, tmp_path, tagged_env):
     log = (tmp_path / "rerun.log").read_text()
     assert rerun.returncode == 0, log[-6000:]
     assert changed == [], f"finished shards were rewritten: {changed}"
-    assert f"in 7 shards ({len(before)} already done)" in log
+    assert f"in {SHARDS} shards ({len(before)} already done)" in log
     recomputed = set(re.findall(r"sketch: shard (\S+) done", log))
-    assert len(recomputed) == 7 - len(before)
+    assert len(recomputed) == SHARDS - len(before)
     assert recomputed.isdisjoint({p.stem for p in before})
     _assert_exactly_once(tmp_path / "run", _expected_ids(job))
 
@@ -219,8 +252,14 @@ def _planted_sketch(sizes: dict[str, int], dim: int = 16, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     words = "river stone cloud number vote season paper garden signal winter market theory".split()
-    schema = pa.schema([pa.field(ID, pa.string()), pa.field(SPLIT, pa.string()), pa.field(TEXT, pa.string()),
-                        pa.field(SKETCH, pa.list_(pa.float32(), dim))])
+    schema = pa.schema(
+        [
+            pa.field(ID, pa.string()),
+            pa.field(SPLIT, pa.string()),
+            pa.field(TEXT, pa.string()),
+            pa.field(SKETCH, pa.list_(pa.float32(), dim)),
+        ]
+    )
 
     def run(ctx):
         for side in ("anchors", "pool"):
@@ -228,9 +267,14 @@ def _planted_sketch(sizes: dict[str, int], dim: int = 16, seed: int = 0):
             for split in ("eval", "train"):
                 for i in range(sizes[f"{split}_{side}"]):
                     v = rng.normal(size=dim)
-                    rows.append({ID: f"{side}-{split}-{i}", SPLIT: split,
-                                 TEXT: " ".join(rng.choice(words, size=8)),
-                                 SKETCH: (v / np.linalg.norm(v)).astype(np.float32).tolist()})
+                    rows.append(
+                        {
+                            ID: f"{side}-{split}-{i}",
+                            SPLIT: split,
+                            TEXT: " ".join(rng.choice(words, size=8)),
+                            SKETCH: (v / np.linalg.norm(v)).astype(np.float32).tolist(),
+                        }
+                    )
             os.makedirs(os.path.join(ctx.out_dir, side))
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(ctx.out_dir, side, "part-0.parquet"))
         ctx.record(rows={side: sizes[f"train_{side}"] + sizes[f"eval_{side}"] for side in ("anchors", "pool")})
@@ -238,7 +282,7 @@ def _planted_sketch(sizes: dict[str, int], dim: int = 16, seed: int = 0):
     return run
 
 
-def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagged_env):
+def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagged_env, tiny_encoder_dir):
     """SIGKILL the real Ray Train worker process (`ray::RayTrainWorker`) once epoch 1's checkpoint is
     registered: Ray Train (FailureConfig.max_failures) starts a new worker group that resumes from
     that checkpoint, so `influcoder fit` still exits 0 with every epoch exactly once, and says it
@@ -246,26 +290,41 @@ def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagge
 
     The upstream sketch artifact is a planted one (short texts, random unit sketches, a real
     manifest), written in well under a second: the teacher is not what is under test here, and a
-    real sketch stage would add ~40 s on a 2-CPU machine.
+    real sketch stage would add ~40 s on a 2-CPU machine. The encoder is the tiny one.
     """
     from pipeline import artifacts
 
-    # An epoch is one optimiser step plus held-out eval plus a ~270 MB checkpoint (weights and AdamW
-    # state) written and copied: a few seconds. The kill lands early in epoch 2, so epochs 2-3 are
-    # the margin (checked below: the registered checkpoints at the kill stop short of the last).
-    epochs = 3
+    # An epoch is one optimiser step plus held-out eval plus a small checkpoint (tiny encoder: ~15 MB
+    # of weights and AdamW state) written, copied and registered with Ray Train's controller. The kill
+    # lands early in epoch 2, so epochs 2-6 are the margin (checked below: the registered
+    # checkpoints at the kill stop short of the last).
+    epochs = 6
     sizes = {"train_anchors": 4, "train_pool": 8, "eval_anchors": 2, "eval_pool": 4}
     run_dir = tmp_path / "run"
-    job = {"run_dir": str(run_dir), "seed": 0, "corpus": {"path": "unused"}, "anchors": {"path": "unused"},
-           "sketch": {"proj_dim": 16, **sizes},
-           "encoder": {"model": "all-minilm-l6-v2", "max_len": 32},
-           "fit": {"epochs": epochs, "block_anchors": 4, "block_candidates": 8, "max_failures": 2},
-           "ray": {"num_cpus": 2}}
+    job = {
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "corpus": {"path": "unused"},
+        "anchors": {"path": "unused"},
+        "sketch": {"proj_dim": 16, **sizes},
+        "encoder": {"model": tiny_encoder_dir, "max_len": 32},
+        # Every train row trains and the last epoch is exported (no validation split to choose on).
+        "fit": {
+            "epochs": epochs,
+            "block_anchors": 4,
+            "block_candidates": 8,
+            "max_failures": 2,
+            "val_frac": 0.0,
+            "restore_best": False,
+        },
+        "ray": {"num_cpus": 2},
+    }
     artifacts.run_stage(load_job_dict(job), "sketch", runner=_planted_sketch(sizes))
     job_path = tmp_path / "job.yaml"
     job_path.write_text(yaml.safe_dump(job))
     log_path = tmp_path / "fit.log"
     proc = _start(job_path, tagged_env(), log_path, "fit")
+
     def train_worker(not_pid: int | None = None):
         """The live Ray Train worker process under the fit driver (True once the driver has exited)."""
         w = proc_util.find_worker(proc.pid, "RayTrainWorker")
@@ -274,16 +333,22 @@ def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagge
     try:
         worker = proc_util.wait_for(train_worker, 360, interval=0.2, what="the Ray Train worker process")
         assert proc.poll() is None, log_path.read_text()[-4000:]
-        first = proc_util.wait_for(lambda: _checkpointed_epochs(_train_snapshot(run_dir)) or proc.poll() is not None,
-                                   240, interval=0.05, what="the first registered fit checkpoint")
+        first = proc_util.wait_for(
+            lambda: _checkpointed_epochs(_train_snapshot(run_dir)) or proc.poll() is not None,
+            240,
+            interval=0.05,
+            what="the first registered fit checkpoint",
+        )
         assert proc.poll() is None and worker.is_running(), log_path.read_text()[-4000:]
         title = " ".join(worker.cmdline()).strip()  # Ray pads it: "ray::RayTrainWorker      ..."
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
-        at_kill = proc_util.wait_for(lambda: _checkpointed_epochs(_train_snapshot(run_dir)), 10,
-                                     what="a readable checkpoint snapshot")
-        replacement = proc_util.wait_for(lambda: train_worker(not_pid=worker.pid), 240, interval=0.2,
-                                         what="a restarted Ray Train worker")
+        at_kill = proc_util.wait_for(
+            lambda: _checkpointed_epochs(_train_snapshot(run_dir)), 10, what="a readable checkpoint snapshot"
+        )
+        replacement = proc_util.wait_for(
+            lambda: train_worker(not_pid=worker.pid), 240, interval=0.2, what="a restarted Ray Train worker"
+        )
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
@@ -305,7 +370,7 @@ def test_ray_train_worker_killed_mid_fit_resumes_from_checkpoint(tmp_path, tagge
 
 
 @pytest.mark.parametrize("layout", ["same_run_dir", "shared_table_two_run_dirs"])
-def test_two_encode_jobs_racing_on_one_table(tmp_path, shared_data, tagged_env, layout):
+def test_two_encode_jobs_racing_on_one_table(tmp_path, tiny_encoder_dir, tagged_env, layout):
     """Two `influcoder encode` drivers writing one LanceDB table at once (from one run_dir, or from two
     run_dirs whose `encode.lancedb_uri` is the same): the table must end with exactly one row per
     corpus id (no corruption), and both runs succeed."""
@@ -313,7 +378,7 @@ def test_two_encode_jobs_racing_on_one_table(tmp_path, shared_data, tagged_env, 
 
     from pipeline.codestore import CodeStore
 
-    data = make_job(tmp_path, shared_data, shards=2, rows_per_shard=20)  # 40 rows, one of them bad
+    data = make_job(tmp_path, tiny_encoder_dir, shards=2, rows_per_shard=20)  # 40 rows, one of them bad
     job = load_job_dict(data)
     data.setdefault("encode", {})["lancedb_uri"] = job.lancedb_uri
     fake_upstream(job)
@@ -329,8 +394,11 @@ def test_two_encode_jobs_racing_on_one_table(tmp_path, shared_data, tagged_env, 
     second = None
     try:
         # The second driver starts once the first has created the table, long before it upserts.
-        proc_util.wait_for(lambda: (Path(job.lancedb_uri) / "codes.lance").exists() or first.poll() is not None,
-                           240, what="the codes table")
+        proc_util.wait_for(
+            lambda: (Path(job.lancedb_uri) / "codes.lance").exists() or first.poll() is not None,
+            240,
+            what="the codes table",
+        )
         second = _start(paths[1], tagged_env(), tmp_path / "encode1.log", "encode")
         rcs = [first.wait(timeout=300), second.wait(timeout=300)]
     finally:

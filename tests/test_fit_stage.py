@@ -6,6 +6,9 @@ ToxiGen statements, two BBH tasks). The planted "teacher" pairs the sources acro
 source closer still. An untrained encoder ranks by surface style, so it gets the cross-source
 half of that structure wrong; distillation has to learn it. Eval anchors are drawn with unequal
 source weights, so the anchor-mean (aggregated) ranking of the eval pool is graded too.
+
+Training runs the real MiniLM, because learning is what these tests assert: they are marked `slow`.
+Fit on the tiny encoder runs in the fast tier inside test_e2e.py.
 """
 
 from __future__ import annotations
@@ -122,11 +125,13 @@ def resumed_fit(ray_local, sketched_run, tmp_path_factory):
     from pipeline.stages import fit
 
     run_dir = _copy_run(sketched_run, tmp_path_factory.mktemp("resume") / "run")
-    job = _job(run_dir, num_workers=1)
+    # The classic recipe (no validation split, the last epoch exported); the default one is tested below.
+    job = _job(run_dir, num_workers=1, val_frac=0.0, restore_best=False)
     manifest = artifacts.run_stage(job, "fit", runner=functools.partial(fit.run, fail_once_at_epoch=2))
     return job, manifest
 
 
+@pytest.mark.slow
 def test_fit_outputs_and_resume(resumed_fit):
     job, manifest = resumed_fit
     out = Path(job.run_dir) / "fit"
@@ -139,17 +144,20 @@ def test_fit_outputs_and_resume(resumed_fit):
     assert m["splits"] == SIZES
     assert set(m["truncated"]) == {"max_len", *SIZES} and m["truncated"]["max_len"] == 64
     for entry in [m["untrained"], *m["epochs"]]:
-        assert -1.0 <= entry["spearman_aggregated"] <= 1.0 and -1.0 <= entry["spearman_per_anchor"] <= 1.0
+        assert np.isfinite([entry["spearman_aggregated"], entry["spearman_per_anchor"]]).all()
     assert all(np.isfinite(e["loss"]) for e in m["epochs"])
     assert manifest["fit"]["selected_epoch"] == EPOCHS and manifest["rows"] == SIZES
-    # Learning happened: held-out per-anchor ranking beats the untrained encoder.
+    # Learning happened: held-out per-anchor ranking beats the untrained encoder, into the band the
+    # planted structure allows (observed: 0.19 untrained, 0.60 after 2 epochs).
     last = m["epochs"][-1]
     assert last["spearman_per_anchor"] > m["untrained"]["spearman_per_anchor"]
+    assert last["spearman_per_anchor"] >= 0.35
     assert m["epochs"][-1]["loss"] < m["epochs"][0]["loss"]
     # Checkpoints and work dirs are gone once the stage committed.
     assert not (Path(job.run_dir) / ".work").exists() or not list((Path(job.run_dir) / ".work").iterdir())
 
 
+@pytest.mark.slow
 def test_exported_encoder_reloads_identically(resumed_fit):
     import torch
     from sentence_transformers import SentenceTransformer
@@ -181,21 +189,32 @@ def _minilm() -> str:
     return resolve_encoder("all-minilm-l6-v2")
 
 
+@pytest.mark.slow
 def test_two_workers_reach_the_same_quality_band_and_restore_best(resumed_fit, sketched_run, tmp_path):
     job1, _ = resumed_fit
     run_dir = _copy_run(sketched_run, tmp_path / "run")
-    # Also exercises best-epoch export: the selected epoch is the best held-out one, and says so.
+    # Also exercises the default recipe: the exported candidate (epoch 0 included, then weight
+    # interpolations) is the best one on the validation split, never chosen on the held-out split.
     job2 = _job(run_dir, num_workers=2, restore_best=True, select_best_on="per_anchor")
     artifacts.run_stage(job2, "fit")
     one = json.loads((Path(job1.run_dir) / "fit" / "metrics.json").read_text())
     two = json.loads((run_dir / "fit" / "metrics.json").read_text())
     assert two["workers"]["num_workers"] == 2 and two["resumed_from_epochs"] == []
     assert [e["epoch"] for e in two["epochs"]] == list(range(1, EPOCHS + 1))
-    assert two["untrained"] == pytest.approx(one["untrained"], abs=1e-5)  # same encoder, same eval data
-    best = max(two["epochs"], key=lambda e: e["spearman_per_anchor"])["epoch"]
-    assert two["restore_best"] is True and two["selected_epoch"] == best
-    for key in ("spearman_per_anchor", "spearman_aggregated"):
-        assert abs(two["epochs"][-1][key] - one["epochs"][-1][key]) < 0.2, key
+    for key, value in one["untrained"].items():  # same encoder, same eval data
+        assert two["untrained"][key] == pytest.approx(value, abs=1e-5), key
+    entries = [{"epoch": 0, **two["untrained"]}, *two["epochs"]]
+    best = max(entries, key=lambda e: e["val_spearman_per_anchor"])
+    assert two["restore_best"] is True and two["selected_epoch"] == best["epoch"]
+    assert two["splits"]["val_anchors"] == 6 and two["splits"]["train_anchors"] == SIZES["train_anchors"] - 6
+    chosen = max(two["candidates"], key=lambda c: c["validation"])
+    assert two["interpolation_weight"] == chosen["weight"] and two["exported"]["validation"] == chosen["validation"]
+    lo, hi = two["exported"]["spearman_aggregated_ci"]
+    assert lo <= two["exported"]["spearman_aggregated"] <= hi
+    # The two runs differ in recipe (one has no validation split, so 6 more train anchors): their
+    # per-anchor quality (mean of 8 rankings) stays in a band; the aggregated one over 16 pool rows is
+    # too noisy to compare across recipes.
+    assert abs(two["epochs"][-1]["spearman_per_anchor"] - one["epochs"][-1]["spearman_per_anchor"]) < 0.2
     assert two["epochs"][-1]["spearman_per_anchor"] > two["untrained"]["spearman_per_anchor"]
 
 

@@ -5,7 +5,8 @@ TorchTrainer, placed by the cluster's scheduler on either node).
 
 The README's "Running on a Ray cluster" steps are these commands. Nothing here calls `ray stop`
 (it would kill every Ray process on the machine); the processes this test starts are killed by pid
-(tests/proc_util.py).
+(tests/proc_util.py). The job runs on the fixture corpora with the tiny random teacher and encoder
+(`tiny_job`): the cluster, not the models, is under test. It starts Ray clusters: marked `slow`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import yaml
 import proc_util
 from conftest import REPO
 
-pytestmark = pytest.mark.timeout(480)
+pytestmark = [pytest.mark.timeout(480), pytest.mark.slow]
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -39,10 +40,19 @@ def _small(job: dict, run_dir: Path, ray_section: dict) -> dict:
     job = json.loads(json.dumps(job))
     job["run_dir"] = str(run_dir)
     job["teacher"]["max_len"] = 32
-    job["sketch"].update({"proj_dim": 256, "train_anchors": 2, "eval_anchors": 2, "train_pool": 4,
-                          "eval_pool": 2, "rows_per_shard": 4, "fidelity_samples": 0})
+    job["sketch"].update(
+        {
+            "proj_dim": 256,
+            "train_anchors": 2,
+            "eval_anchors": 2,
+            "train_pool": 4,
+            "eval_pool": 2,
+            "rows_per_shard": 4,
+            "fidelity_samples": 0,
+        }
+    )
     # Two train anchors, four train pool rows: one block (all anchors, every candidate) per epoch.
-    job["fit"] = {"epochs": 2, "block_anchors": 2, "block_candidates": 4}
+    job["fit"] = {"epochs": 2, "block_anchors": 2, "block_candidates": 4, "val_frac": 0.0, "restore_best": False}
     job["ray"] = ray_section
     return job
 
@@ -70,26 +80,65 @@ def two_node_cluster():
     token.chmod(0o600)
     tag = proc_util.new_tag()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), proc_util.TAG: tag,
-                "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+            proc_util.TAG: tag,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+    )
     gcs_port, dash_port = proc_util.free_port(), proc_util.free_port()
     # One temp dir per node: nodes sharing one would share the unpacked working_dir, and the worker
     # node's runtime-env agent deletes it (the job driver's cwd!) when its actors exit.
     common = ["--num-cpus=2", "--disable-usage-stats"]
     try:
-        head = _run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                     f"--ray-client-server-port={proc_util.free_port()}",
-                     f"--dashboard-agent-listen-port={proc_util.free_port()}",
-                     "--resources", '{"head_node": 1}', f"--temp-dir={tmp / 'ray'}", *common], env, timeout=180)
+        head = _run(
+            [
+                RAY,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash_port}",
+                f"--ray-client-server-port={proc_util.free_port()}",
+                f"--dashboard-agent-listen-port={proc_util.free_port()}",
+                "--resources",
+                '{"head_node": 1}',
+                f"--temp-dir={tmp / 'ray'}",
+                *common,
+            ],
+            env,
+            timeout=180,
+        )
         assert head.returncode == 0, head.stdout + head.stderr
-        worker = _run([RAY, "start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-                       f"--dashboard-agent-listen-port={proc_util.free_port()}",
-                       "--resources", '{"worker_node": 1}', f"--temp-dir={tmp / 'ray_worker'}", *common],
-                      env, timeout=180)
+        worker = _run(
+            [
+                RAY,
+                "start",
+                f"--address=127.0.0.1:{gcs_port}",
+                "--node-ip-address=127.0.0.1",
+                f"--dashboard-agent-listen-port={proc_util.free_port()}",
+                "--resources",
+                '{"worker_node": 1}',
+                f"--temp-dir={tmp / 'ray_worker'}",
+                *common,
+            ],
+            env,
+            timeout=180,
+        )
         assert worker.returncode == 0, worker.stdout + worker.stderr
-        yield {"env": env, "gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}",
-               "dash_port": dash_port, "tmp": tmp, "tag": tag}
+        yield {
+            "env": env,
+            "gcs": f"127.0.0.1:{gcs_port}",
+            "dashboard": f"http://127.0.0.1:{dash_port}",
+            "dash_port": dash_port,
+            "tmp": tmp,
+            "tag": tag,
+        }
     finally:
         proc_util.kill_tagged(tag)
         assert proc_util.tagged(tag) == [], "cluster processes survived cleanup"
@@ -110,8 +159,11 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
     # The dashboard listens on loopback only.
     import psutil
 
-    listeners = [cn.laddr for cn in psutil.net_connections("tcp")
-                 if cn.status == psutil.CONN_LISTEN and cn.laddr.port == c["dash_port"]]
+    listeners = [
+        cn.laddr
+        for cn in psutil.net_connections("tcp")
+        if cn.status == psutil.CONN_LISTEN and cn.laddr.port == c["dash_port"]
+    ]
     assert listeners and all(a.ip == "127.0.0.1" for a in listeners)
 
     # Token auth is on: a client without the token is refused.
@@ -121,9 +173,25 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
 
     cluster_job = tmp_path / "cluster.yaml"
     cluster_job.write_text(yaml.safe_dump(_small(tiny_job, tmp_path / "cluster_run", {"address": "auto"})))
-    submit = [RAY, "job", "submit", "--address", c["dashboard"], "--working-dir", str(REPO),
-              "--runtime-env-json", json.dumps(EXCLUDES),
-              "--", PYTHON, "-m", "pipeline.cli", "run", str(cluster_job), "--to", "fit"]
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        c["dashboard"],
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps(EXCLUDES),
+        "--",
+        PYTHON,
+        "-m",
+        "pipeline.cli",
+        "run",
+        str(cluster_job),
+        "--to",
+        "fit",
+    ]
     job = _run(submit, env, timeout=360)
     out = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in out, out[-6000:]
@@ -156,8 +224,10 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
             np.testing.assert_allclose(a[rid][1], b[rid][1], atol=2e-5)
 
     # The fit stage: Ray Train ran on the cluster and exported an encoder that matches the local one.
-    fits = {name: json.loads((tmp_path / name / "fit" / "metrics.json").read_text())
-            for name in ("cluster_run", "local_run")}
+    fits = {
+        name: json.loads((tmp_path / name / "fit" / "metrics.json").read_text())
+        for name in ("cluster_run", "local_run")
+    }
     for m in fits.values():
         assert [e["epoch"] for e in m["epochs"]] == [1, 2] and m["resumed_from_epochs"] == []
         # Same worker shape on both: the cluster has 4 CPUs, but a worker must fit on one 2-CPU node.
@@ -172,10 +242,14 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
     from pipeline.encoder import TextEncoder
 
     texts = ["Natalia sold clips to 48 of her friends.", "Q: Is the sentence plausible?\nA: no", "hello"]
-    z = {name: TextEncoder(str(tmp_path / name / "fit" / "encoder"), max_len=64).embed(texts)
-         for name in ("cluster_run", "local_run")}
-    assert z["cluster_run"].shape == (3, 384) and np.isfinite(z["cluster_run"]).all()
+    z = {
+        name: TextEncoder(str(tmp_path / name / "fit" / "encoder"), max_len=64).embed(texts)
+        for name in ("cluster_run", "local_run")
+    }
+    dim = json.loads((Path(tiny_job["encoder"]["model"]) / "config.json").read_text())["hidden_size"]
+    assert z["cluster_run"].shape == (3, dim) and np.isfinite(z["cluster_run"]).all()
     np.testing.assert_allclose(z["cluster_run"], z["local_run"], atol=1e-4)
     for key in ("loss", "spearman_per_anchor", "spearman_aggregated"):
         assert [e[key] for e in fits["cluster_run"]["epochs"]] == pytest.approx(
-            [e[key] for e in fits["local_run"]["epochs"]], abs=1e-4), key
+            [e[key] for e in fits["local_run"]["epochs"]], abs=1e-4
+        ), key

@@ -1,5 +1,7 @@
-"""The sketch stage end to end on the real offline teacher: contract schema, split discipline,
-equivalence across batch sizes, fidelity recorded, and the sampler's prefix stability."""
+"""The sketch stage end to end (real Ray Data actors, the tiny random teacher, the fixture corpora):
+contract schema, split discipline, equivalence across batch sizes and shard layouts, fidelity
+recorded, and the sampler's prefix stability. Batched-equals-single on the real SmolLM2 teacher is
+in test_teacher_math.py."""
 
 import json
 
@@ -20,20 +22,27 @@ def _sketches(run_dir, role):
 
 
 @pytest.fixture(scope="module")
-def sketched(tmp_path_factory, demo_corpora, ray_local):
+def sketched(tmp_path_factory, fixture_corpora, tiny_teacher_dir, ray_local):
     """One tiny sketch run (module-scoped: the teacher pass is the expensive part)."""
-    from tests.conftest import REPO  # noqa: F401
-
     base = tmp_path_factory.mktemp("sk")
-    tox = demo_corpora / "toxicity"
+    tox = fixture_corpora
     data = {
-        "run_dir": str(base / "a"), "seed": 0,
+        "run_dir": str(base / "a"),
+        "seed": 0,
         "anchors": {"path": str(tox / "anchors"), "id_column": "id", "encoder_text_column": "text"},
         "pool": {"path": str(tox / "pool"), "id_column": "id", "encoder_text_column": "text"},
         "corpus": {"path": str(tox / "corpus"), "id_column": "id", "encoder_text_column": "text"},
-        "teacher": {"max_len": 48},
-        "sketch": {"batch_size": 4, "proj_dim": 512, "train_anchors": 6, "train_pool": 10, "eval_anchors": 3,
-                   "eval_pool": 5, "rows_per_shard": 6, "fidelity_samples": 4},
+        "teacher": {"model": tiny_teacher_dir, "max_len": 48},
+        "sketch": {
+            "batch_size": 4,
+            "proj_dim": 512,
+            "train_anchors": 6,
+            "train_pool": 10,
+            "eval_anchors": 3,
+            "eval_pool": 5,
+            "rows_per_shard": 6,
+            "fidelity_samples": 4,
+        },
     }
     manifest = run_stage(load_job(data=data), "sketch")
     return data, manifest

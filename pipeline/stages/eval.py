@@ -3,14 +3,20 @@
 Every method scores the same corpus rows against the same queries:
 - influcoder: the distilled encoder's cosine (the product; cross-checked against score/scores.parquet)
 - gradient: the teacher's own sketch cosine (LESS-style upper reference; a backward pass per row)
-- untrained_encoder: the same encoder before distillation (the cost-matched control)
+- untrained_encoder: the starting encoder as its users run it (plain text, no prefix: exactly what
+  `SentenceTransformer(model).encode` embeds), the control influcoder has to beat; with a non-empty
+  `encoder.anchor_prefix`, `untrained_encoder_prefixed` is reported beside it (never instead)
 - bm25 and random (seeded)
+- cascade (when score.rerank_top is set): influcoder's top rows re-ranked by the teacher (section at the end)
 Metrics (pipeline.metrics, scipy/sklearn):
 - application, when the corpus has labels: AUPRC of the mean-over-queries score (label 1 = row to
   find), Recall@k and MRR per query (relevant = label-1 rows)
 - fidelity to the teacher: per-anchor and aggregated Spearman on the sketch stage's held-out eval
   split (eval anchors x eval pool), and on the corpus against the gradient method's ranking
 - costs, measured in this run: setup_s, ms_per_sample after a warm-up, bytes_per_sample.
+Every quality figure carries a 95 % percentile-bootstrap CI (`*_ci`): AUPRC resamples queries and
+rows, Recall@k and MRR resample queries, held-out Spearman resamples anchors and pool rows; and
+influcoder's AUPRC is compared with every other method's through paired replicates (`vs`).
 The report (report.md + plots) is written next to the metrics.
 """
 
@@ -31,6 +37,7 @@ from pipeline.baselines import BaselineScores, bm25_scores, random_scores
 from pipeline.config import JobConfig
 from pipeline.errors import InputDataError
 from pipeline.ray_runtime import ensure_ray, plan_actors
+from pipeline.report import verdict, verdict_text
 from pipeline.schema import ID, LABEL, PROMPT, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT
 
 log = logging.getLogger("influcoder")
@@ -74,41 +81,53 @@ def _queries(job: JobConfig) -> pa.Table:
     return good
 
 
-def _sketch_split(ctx: StageRun, role: str) -> tuple[list[str], list[str], np.ndarray]:
+def _sketch_split(ctx: StageRun, role: str) -> tuple[list[str], pa.Table, np.ndarray]:
+    """The held-out (eval) split of one side of the sketch artifact: ids, rows, sketches (id order)."""
     t = pq.read_table(storage.local_path(storage.join(ctx.upstream_dir("sketch"), role)))
     t = t.filter(pa.compute.equal(t.column(SPLIT), "eval"))
+    t = t.take(pa.compute.sort_indices(t, sort_keys=[(ID, "ascending")]))
     ids = t.column(ID).to_pylist()
     mat = np.asarray(t.column(SKETCH).combine_chunks().flatten(), dtype=np.float32).reshape(len(ids), -1)
-    return ids, t.column(TEXT).to_pylist(), mat
+    return ids, t.drop_columns([SKETCH]), mat
 
 
 # --------------------------------------------------------------------------- methods
 
 
-def _embed_method(model_dir: str, job: JobConfig, pairs: list[tuple[list[str], list[str]]],
-                  threads: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], float, int]:
-    """Load one encoder and embed every (queries, rows) pair with it.
+def _embed_method(model_dir: str, job: JobConfig, pairs: list[tuple[list, list]],
+                  threads: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], float, float, int]:
+    """Load one encoder and embed every (queries, rows) pair of encoder inputs with it.
 
     Returns the embeddings per pair, ms per row of the first pair's rows (timed after a warm-up,
-    model loading excluded), and the embedding dim.
+    model loading excluded), the load time in seconds, and the embedding dim.
     """
     import torch
 
     from pipeline.encoder import TextEncoder
 
     torch.set_num_threads(threads)
+    t0 = time.perf_counter()
     enc = TextEncoder(model_dir, max_len=job.encoder.max_len, trust_remote_code=job.encoder.trust_remote_code)
-    prefix = job.encoder.anchor_prefix
+    load_s = time.perf_counter() - t0
     enc.embed(["warm-up"] * 2, batch_size=2)  # first-call kernels and allocations are not per-row cost
     out, ms = [], float("nan")
-    for i, (query_texts, row_texts) in enumerate(pairs):
-        q = enc.embed([prefix + t for t in query_texts], batch_size=32)
+    for i, (query_inputs, row_inputs) in enumerate(pairs):
+        q = enc.embed(query_inputs, batch_size=32)
         t0 = time.perf_counter()
-        rows = enc.embed(row_texts, batch_size=32)
+        rows = enc.embed(row_inputs, batch_size=32)
         if i == 0:
-            ms = 1000 * (time.perf_counter() - t0) / max(len(row_texts), 1)
+            ms = 1000 * (time.perf_counter() - t0) / max(len(row_inputs), 1)
         out.append((q, rows))
-    return out, ms, enc.dim
+    return out, ms, load_s, enc.dim
+
+
+def _views(table: pa.Table, prefix: str = "") -> list:
+    """What the fitted encoder embeds for each row of a canonical (or sketch) table."""
+    from pipeline.textview import text_views
+
+    has_pair = PROMPT in table.column_names and RESPONSE in table.column_names
+    return text_views(table.column(TEXT).to_pylist(), table.column(PROMPT).to_pylist() if has_pair else None,
+                      table.column(RESPONSE).to_pylist() if has_pair else None, prefix=prefix)
 
 
 def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[np.ndarray, np.ndarray, float]:
@@ -140,50 +159,72 @@ def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[
         if valid.any():
             mat[valid] = np.asarray(sk.filter(pa.array(valid)).combine_chunks().flatten()).reshape(-1, job.sketch.proj_dim)
         mats[role] = mat  # rejected rows keep a zero sketch: score 0, never silently dropped
-    n_done = sum(len(r) for _, r in pending)
-    ms = 1000 * compute_s / n_done if n_done else float("nan")
+    # The teacher's time per row accumulates across resumed runs, so a resumed eval still reports it.
+    timing_path = storage.join(shard_dir, "timing.json")
+    timing = storage.read_json(timing_path) if storage.exists(timing_path) else {"compute_s": 0.0, "rows": 0}
+    timing = {"compute_s": timing["compute_s"] + compute_s, "rows": timing["rows"] + sum(len(r) for _, r in pending)}
+    storage.write_json_atomic(timing_path, timing)
+    ms = 1000 * timing["compute_s"] / timing["rows"] if timing["rows"] else float("nan")
     return mats["queries"], mats["rows"], ms
 
 
 # --------------------------------------------------------------------------- metrics
 
 
+BOOTSTRAP_RESAMPLES = 1000
+
+
 def _application_metrics(per_query: np.ndarray, labels: np.ndarray | None, ids: list[str],
-                         recall_k: list[int]) -> dict[str, Any]:
+                         recall_k: list[int], seed: int) -> tuple[dict[str, Any], np.ndarray | None]:
+    """AUPRC of the mean-over-queries score, Recall@k and MRR per query, each with a bootstrap CI;
+    also the AUPRC replicates (paired across methods: same seed, same resampled queries and rows)."""
     if labels is None or labels.sum() == 0:
-        return {}
+        return {}, None
     mean_scores = per_query.mean(axis=0)
     relevant = {ids[i] for i in np.flatnonzero(labels == 1)}
     order = np.argsort(-per_query, axis=1, kind="stable")
     ranked = [[ids[j] for j in row] for row in order]
-    out = {"auprc": metrics.auprc(labels, mean_scores),
-           "average_precision": metrics.average_precision(labels, mean_scores),
-           "mrr": metrics.mrr(ranked, [relevant] * len(ranked))}
+
+    def auprc_of(iq: np.ndarray, ir: np.ndarray) -> float:
+        return metrics.auprc(labels[ir], per_query[np.ix_(iq, ir)].mean(axis=0))
+
+    auprc_reps = metrics.bootstrap_replicates(auprc_of, per_query.shape, BOOTSTRAP_RESAMPLES, seed)
+    out: dict[str, Any] = {"auprc": metrics.auprc(labels, mean_scores), "auprc_ci": metrics.percentile_ci(auprc_reps),
+                           "average_precision": metrics.average_precision(labels, mean_scores)}
+    per_query_values = {"mrr": metrics.reciprocal_ranks(ranked, [relevant] * len(ranked))}
     for k in recall_k:
-        out[f"recall@{k}"] = metrics.recall_at_k(ranked, [relevant] * len(ranked), k)
+        per_query_values[f"recall@{k}"] = metrics.recall_at_k_per_query(ranked, [relevant] * len(ranked), k)
+    for name, values in per_query_values.items():
+        out[name] = metrics._nanmean(values)
+        out[name + "_ci"] = metrics.bootstrap_ci(lambda iq, v=values: metrics._nanmean(v[iq]), [len(values)],
+                                                 BOOTSTRAP_RESAMPLES, seed)
     n_pos = int(labels.sum())
     top = np.argsort(-mean_scores, kind="stable")[:n_pos]
     out["precision@n_pos"] = float(labels[top].mean())
-    return out
+    return out, auprc_reps
 
 
-def _fidelity(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    mean, std = metrics.spearman_per_anchor(pred, gt)
-    return {"spearman_aggregated": metrics.spearman_aggregated(pred, gt), "spearman_per_anchor": mean,
-            "spearman_per_anchor_std": std}
+def _fidelity(pred: np.ndarray, gt: np.ndarray, seed: int) -> dict[str, Any]:
+    return metrics.spearman_with_ci(pred, gt, resamples=BOOTSTRAP_RESAMPLES, seed=seed)
 
 
 def _leakage(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> dict[str, int]:
-    """Overlap (ids and normalised texts) between evaluated rows/queries and distillation data."""
+    """Overlap (ids, normalised texts, near-duplicates) between evaluated rows/queries and distillation data."""
+    from pipeline import neardup
+
     distill_ids, distill_texts = set(), set()
+    near = neardup.NearDupIndex(seed=ctx.job.seed)  # the same definition `prepare` drops by
     for role in ("anchors", "pool"):
         t = pq.read_table(storage.local_path(storage.join(ctx.upstream_dir("sketch"), role)), columns=[ID, TEXT])
         distill_ids.update(t.column(ID).to_pylist())
         distill_texts.update(s.strip().lower() for s in t.column(TEXT).to_pylist())
+        for i, s in enumerate(t.column(TEXT).to_pylist()):
+            near.add((role, i), s)
     out = {}
     for name, t in (("corpus", rows), ("queries", queries)):
         out[f"{name}_id_overlap"] = len(distill_ids & set(t.column(ID).to_pylist()))
         out[f"{name}_text_overlap"] = len(distill_texts & {s.strip().lower() for s in t.column(TEXT).to_pylist()})
+        out[f"{name}_near_dup"] = sum(bool(near.matches(s)) for s in t.column(TEXT).to_pylist())
     return out
 
 
@@ -210,29 +251,40 @@ def run(ctx: StageRun) -> None:
              int(labels.sum()) if labels is not None else "no", len(q_texts), methods)
     threads = max(1, os.cpu_count() or 1)
     fit_dir = storage.join(ctx.upstream_dir("fit"), "encoder")
-    a_ids, a_texts, a_sk = _sketch_split(ctx, "anchors")
-    p_ids, p_texts, p_sk = _sketch_split(ctx, "pool")
+    a_ids, a_rows, a_sk = _sketch_split(ctx, "anchors")
+    p_ids, p_rows, p_sk = _sketch_split(ctx, "pool")
+    a_texts, p_texts = a_rows.column(TEXT).to_pylist(), p_rows.column(TEXT).to_pylist()
     heldout_gt = a_sk @ p_sk.T  # ground truth: the teacher's cosines on the held-out split
+    seed = job.seed
 
     results: dict[str, dict[str, Any]] = {}
     per_query: dict[str, np.ndarray] = {}
+    heldout_pred: dict[str, np.ndarray] = {}  # held-out predictions: the cascade re-ranks influcoder's
     setup_influcoder = float(ctx.upstream["sketch"].get("seconds", 0)) + float(ctx.upstream["fit"].get("seconds", 0))
-    for name, model_dir in (("influcoder", fit_dir), ("untrained_encoder", resolve_encoder(job.encoder.model))):
-        if name not in methods:
+    prefix = job.encoder.anchor_prefix
+    # (method, model, query inputs, row inputs, held-out anchor inputs, held-out pool inputs)
+    encoders = [("influcoder", fit_dir, _views(queries, prefix), _views(rows), _views(a_rows, prefix), _views(p_rows)),
+                # As its users run it: plain texts, no prefix (what SentenceTransformer.encode embeds).
+                ("untrained_encoder", resolve_encoder(job.encoder.model), q_texts, row_texts, a_texts, p_texts)]
+    if prefix and "untrained_encoder" in methods:
+        encoders.append(("untrained_encoder_prefixed", resolve_encoder(job.encoder.model),
+                         [prefix + t for t in q_texts], row_texts, [prefix + t for t in a_texts], p_texts))
+    for name, model_dir, q_in, r_in, a_in, p_in in encoders:
+        if name not in methods and name != "untrained_encoder_prefixed":
             continue
         t0 = time.perf_counter()
-        ((q, r), (qa, pr)), ms, dim = _embed_method(model_dir, job, [(q_texts, row_texts), (a_texts, p_texts)],
-                                                    threads)
+        ((q, r), (qa, pr)), ms, load_s, dim = _embed_method(model_dir, job, [(q_in, r_in), (a_in, p_in)], threads)
         per_query[name] = q @ r.T
+        heldout_pred[name] = qa @ pr.T
         code_bytes = (ctx.upstream.get("encode") or {}).get("bytes_per_row") or dim * 2
-        results[name] = {"heldout": _fidelity(qa @ pr.T, heldout_gt), "ms_per_sample": ms,
-                         "setup_s": setup_influcoder if name == "influcoder" else 0.0,
+        results[name] = {"heldout": _fidelity(qa @ pr.T, heldout_gt, seed), "ms_per_sample": ms,
+                         "setup_s": load_s + (setup_influcoder if name == "influcoder" else 0.0),
                          "bytes_per_sample": float(code_bytes), "seconds": time.perf_counter() - t0}
     if "gradient" in methods:
         t0 = time.perf_counter()
         gq, gr, ms = _gradient_method(ctx, rows, queries)
         per_query["gradient"] = gq @ gr.T
-        results["gradient"] = {"heldout": _fidelity(heldout_gt, heldout_gt), "ms_per_sample": ms, "setup_s": 0.0,
+        results["gradient"] = {"heldout": _fidelity(heldout_gt, heldout_gt, seed), "ms_per_sample": ms, "setup_s": 0.0,
                                "bytes_per_sample": float(job.sketch.proj_dim * 4),
                                "seconds": time.perf_counter() - t0,
                                "note": "the teacher itself: held-out fidelity is 1 by construction"}
@@ -240,33 +292,47 @@ def run(ctx: StageRun) -> None:
     if "bm25" in methods:
         baselines["bm25"] = bm25_scores(q_texts, row_texts)
         heldout_bm25 = bm25_scores(a_texts, p_texts).scores
-        results["bm25"] = {"heldout": _fidelity(heldout_bm25, heldout_gt)}
+        results["bm25"] = {"heldout": _fidelity(heldout_bm25, heldout_gt, seed)}
     if "random" in methods:
         baselines["random"] = random_scores(len(q_texts), len(row_texts), job.seed)
-        results["random"] = {"heldout": _fidelity(random_scores(len(a_ids), len(p_ids), job.seed + 1).scores, heldout_gt)}
+        results["random"] = {"heldout": _fidelity(random_scores(len(a_ids), len(p_ids), job.seed + 1).scores,
+                                                  heldout_gt, seed)}
     for name, b in baselines.items():
         per_query[name] = b.scores
         results[name].update({"setup_s": b.setup_s, "ms_per_sample": 1000 * b.seconds / max(len(ids), 1),
                               "bytes_per_sample": b.bytes_per_sample})
 
     curves = {}
+    auprc_reps: dict[str, np.ndarray] = {}
     for name, scores in per_query.items():
         res = results[name]
-        res.update(_application_metrics(scores, labels, ids, job.eval.recall_k))
+        app, reps = _application_metrics(scores, labels, ids, job.eval.recall_k, seed)
+        res.update(app)
+        if reps is not None:
+            auprc_reps[name] = reps
         if "gradient" in per_query and name != "gradient":
-            res["corpus_vs_gradient"] = _fidelity(scores, per_query["gradient"])
+            res["corpus_vs_gradient"] = _fidelity(scores, per_query["gradient"], seed)
         if labels is not None and labels.sum() > 0:
             precision, recall, _ = metrics.pr_curve(labels, scores.mean(axis=0))
             curves[name] = {"precision": precision.round(5).tolist(), "recall": recall.round(5).tolist()}
 
+    if "cascade" in methods:  # the teacher re-rank cascade: its own section at the end of this file
+        _cascade_method(ctx, rows, queries, ids, labels, per_query, heldout_pred, heldout_gt, p_ids, results,
+                        curves, auprc_reps)
     consistency = _check_against_score_stage(ctx, ids, per_query.get("influcoder"))
     if "gradient" in results and "influcoder" in results:
         ms_i, ms_g = results["influcoder"]["ms_per_sample"], results["gradient"]["ms_per_sample"]
         speed = {"influcoder_vs_gradient_ms_ratio": ms_g / ms_i if ms_i else None}
     else:
         speed = {}
+    if "influcoder" in auprc_reps:  # paired: every method's replicates resampled the same queries and rows
+        results["influcoder"]["vs"] = {
+            name: {"auprc_diff": results["influcoder"]["auprc"] - results[name]["auprc"],
+                   "auprc_diff_ci": metrics.paired_difference(auprc_reps["influcoder"], reps)}
+            for name, reps in auprc_reps.items() if name != "influcoder"}
     out = {
         "methods": results,
+        "verdict": verdict(results),
         "speed": speed,
         "rows": len(ids), "positives": int(labels.sum()) if labels is not None else None,
         "queries": len(q_texts), "heldout": {"anchors": len(a_ids), "pool": len(p_ids)},
@@ -294,13 +360,163 @@ def _check_against_score_stage(ctx: StageRun, ids: list[str], influ: np.ndarray 
     return {"checked": True, "rows": len(diffs), "max_abs_diff": float(max(diffs)) if diffs else None}
 
 
+def _ci(value: Any, ci: Any, spec: str) -> str:
+    if value is None:
+        return "  -  "
+    return f"{value:{spec}}" + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
+
+
 def _headline(out: dict[str, Any]) -> str:
-    lines = ["method              AUPRC   agg-rho(held-out)  ms/sample   bytes/sample"]
+    lines = [f"{'method':<27} {'AUPRC [95% CI]':<22} {'held-out agg. rho [95% CI]':<27} {'ms/sample':>9} {'bytes':>7}"]
     for name, r in out["methods"].items():
-        auprc = f"{r['auprc']:.3f}" if "auprc" in r else "  -  "
-        lines.append(f"{name:<18} {auprc:>6}   {r['heldout']['spearman_aggregated']:>+8.3f}          "
-                     f"{r.get('ms_per_sample', float('nan')):>9.3f}   {r.get('bytes_per_sample', 0):>10.0f}")
+        h = r["heldout"]
+        lines.append(f"{name:<27} {_ci(r.get('auprc'), r.get('auprc_ci'), '.3f'):<22} "
+                     f"{_ci(h['spearman_aggregated'], h.get('spearman_aggregated_ci'), '+.3f'):<27} "
+                     f"{r.get('ms_per_sample', float('nan')):>9.3f} {r.get('bytes_per_sample', 0):>7.0f}")
+    lines += verdict_text(out.get("verdict", {}))
     ratio = out["speed"].get("influcoder_vs_gradient_ms_ratio")
     if ratio:
         lines.append(f"influcoder scores a sample {ratio:.0f}x faster than the gradient teacher.")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- cascade (score.rerank_top)
+#
+# The teacher re-rank cascade on the same rows and queries. The ranking maths is pipeline/cascade.py,
+# the functions the score stage ranks with (one source of truth):
+# - AUPRC, AP, precision@n_pos and the PR curve use the aggregate ranking the score stage writes: the
+#   influcoder top-K rows by mean score, re-ranked by the teacher's mean cosine over queries.
+# - Recall@k and MRR are per query: each query's own influcoder top-K re-ranked by that query's
+#   teacher cosine (retrieve-then-rerank per query), the rest in that query's encoder order. Ranking
+#   the aggregate block first for every query would put rows chosen for the average query ahead of
+#   the query's own best rows; a per-query user re-ranks that query's candidates.
+# - held-out fidelity: the same cascade on the held-out anchors x pool (teacher = ground truth), the
+#   same fraction of the pool re-ranked.
+# - cost: ms_per_sample = influcoder's + K/N x the teacher's measured ms per row (the aggregate
+#   cascade's cost; the per-query variant needs the teacher on the union of the queries' top-K,
+#   recorded as `teacher_rows_per_query_union`). Teacher sketches are computed, not stored: the
+#   bytes per sample are influcoder's codes.
+# - CIs: the cascade's order is held fixed while queries and rows are resampled (re-selecting the
+#   block per replicate would need teacher scores for every row); the AUPRC replicates use the same
+#   seed and shape as the other methods', so `vs` pairs them.
+
+_AGGREGATE_KEYS = ("auprc", "auprc_ci", "average_precision", "precision@n_pos")
+
+
+def _cascade_k(ctx: StageRun, n: int) -> int:
+    """K for the evaluated rows: a fraction as configured; a count as the same fraction of the rows the
+    score stage ranked (the eval rows may be a sample of the corpus)."""
+    from pipeline import cascade
+
+    top = ctx.job.score.rerank_top
+    scored = ((ctx.upstream.get("score") or {}).get("rows") or {}).get("scored") or n
+    if top < 1 or scored == n:
+        return cascade.resolve_k(top, n)
+    return cascade.resolve_k(min(top, scored) / scored, n) if top < scored else n
+
+
+def _cascade_teacher(ctx: StageRun, rows: pa.Table, queries: pa.Table,
+                     need: np.ndarray) -> tuple[np.ndarray, float]:
+    """Teacher cosines [Q, N] for the `need` rows (NaN elsewhere and where rejected) when the gradient
+    method did not run, and the teacher's ms per row (accumulated across resumed runs)."""
+    from pipeline import cascade
+    from pipeline.stages.score import teacher_sketch_groups
+
+    shard_dir = storage.join(ctx.work_dir, "cascade_shards")
+    row_recs = rows.to_pylist()
+    sk, info = teacher_sketch_groups(ctx.job, {"queries": queries.to_pylist(),
+                                               "rows": [row_recs[i] for i in need]}, shard_dir)
+    (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
+    teach = np.full((queries.num_rows, rows.num_rows), np.nan)
+    if len(need):
+        teach[:, need] = cascade.teacher_scores(r_mat, r_ok, q_mat, q_ok)[0]
+    timing_path = storage.join(shard_dir, "timing.json")
+    timing = storage.read_json(timing_path) if storage.exists(timing_path) else {"compute_s": 0.0, "rows": 0}
+    timing = {"compute_s": timing["compute_s"] + info["compute_s"], "rows": timing["rows"] + info["computed_rows"]}
+    storage.write_json_atomic(timing_path, timing)
+    return teach, 1000 * timing["compute_s"] / timing["rows"] if timing["rows"] else float("nan")
+
+
+def _cascade_fidelity(agg: np.ndarray, per_q: np.ndarray, gt: np.ndarray, seed: int) -> dict[str, Any]:
+    """Aggregated Spearman from the aggregate cascade ranking, per-anchor from the per-query one."""
+    out = _fidelity(per_q, gt, seed)
+    whole = _fidelity(np.broadcast_to(agg, gt.shape), gt, seed)  # its anchor mean is `agg` itself
+    out.update({k: whole[k] for k in ("spearman_aggregated", "spearman_aggregated_ci")})
+    return out
+
+
+def _cascade_method(ctx: StageRun, rows: pa.Table, queries: pa.Table, ids: list[str], labels: np.ndarray | None,
+                    per_query: dict[str, np.ndarray], heldout_pred: dict[str, np.ndarray], heldout_gt: np.ndarray,
+                    pool_ids: list[str], results: dict[str, dict[str, Any]], curves: dict[str, Any],
+                    auprc_reps: dict[str, np.ndarray]) -> None:
+    """Evaluate the cascade (see the section comment); fills results/curves/auprc_reps["cascade"]."""
+    from pipeline import cascade
+
+    job = ctx.job
+    if job.score.rerank_top is None:
+        log.info("eval: cascade not evaluated: score.rerank_top is not set")
+        return
+    t0 = time.perf_counter()
+    seed, n = job.seed, len(ids)
+    enc = per_query["influcoder"]
+    k = _cascade_k(ctx, n)
+    need = cascade.rows_needing_teacher(ids, enc.mean(axis=0), enc, k)
+    if "gradient" in per_query:  # the teacher already scored every row: reuse it
+        g = per_query["gradient"]
+        # The gradient method gives rejected rows/queries a zero sketch, i.e. an all-zero column/row.
+        teach, _ = cascade.mask_rejected(g, ~(g == 0).all(axis=0), ~(g == 0).all(axis=1))
+        teacher_ms = results["gradient"]["ms_per_sample"]
+    else:
+        teach, teacher_ms = _cascade_teacher(ctx, rows, queries, need)
+    q_ok = ~np.isnan(teach).all(axis=1)
+    if not q_ok.any():
+        raise InputDataError(f"eval: the teacher rejected every query in {storage.redact(job.score.queries.path)}; "
+                             f"raise teacher.max_len.")
+    agg = cascade.cascade_scores(ids, enc.mean(axis=0), teach[q_ok].mean(axis=0), k)
+    per_q = cascade.per_query_cascade_scores(ids, enc, teach, k)
+
+    res: dict[str, Any] = {}
+    app_q, _ = _application_metrics(per_q, labels, ids, job.eval.recall_k, seed)
+    app_a, reps = _application_metrics(np.broadcast_to(agg, enc.shape), labels, ids, job.eval.recall_k, seed)
+    res.update({key: v for key, v in app_q.items() if key not in _AGGREGATE_KEYS})
+    res.update({key: app_a[key] for key in _AGGREGATE_KEYS if key in app_a})
+    if reps is not None:
+        auprc_reps["cascade"] = reps
+        precision, recall, _ = metrics.pr_curve(labels, agg)
+        curves["cascade"] = {"precision": precision.round(5).tolist(), "recall": recall.round(5).tolist()}
+    if "gradient" in per_query:
+        res["corpus_vs_gradient"] = _cascade_fidelity(agg, per_q, per_query["gradient"], seed)
+    p = heldout_gt.shape[1]
+    k_h = cascade.resolve_k(k / n, p) if k < n else p
+    hp = heldout_pred["influcoder"]
+    h_agg = cascade.cascade_scores(pool_ids, hp.mean(axis=0), heldout_gt.mean(axis=0), k_h)
+    h_per_q = cascade.per_query_cascade_scores(pool_ids, hp, heldout_gt, k_h)
+    res["heldout"] = _cascade_fidelity(h_agg, h_per_q, heldout_gt, seed)
+    influ = results["influcoder"]
+    res.update({
+        "k": k, "of_rows": n, "heldout_k": k_h, "teacher_rows_per_query_union": int(len(need)),
+        "teacher_ms_per_row": teacher_ms,
+        "ms_per_sample": influ["ms_per_sample"] + k / n * teacher_ms,
+        "setup_s": influ["setup_s"], "bytes_per_sample": influ["bytes_per_sample"],
+        "seconds": time.perf_counter() - t0,
+        "consistency_with_score_stage": _cascade_consistency(ctx, ids, agg, k),
+        "note": "influcoder's top-K re-ranked by the teacher (aggregate for AUPRC, per query for Recall@k/MRR)",
+    })
+    results["cascade"] = res
+
+
+def _cascade_consistency(ctx: StageRun, ids: list[str], agg: np.ndarray, k: int) -> dict[str, Any]:
+    """When eval covers every scored row, its cascade block should be score/scores.parquet's block
+    (up to near-ties at the K boundary: eval embeds in float32, the score stage reads float16 codes)."""
+    path = storage.join(ctx.upstream_dir("score"), "scores.parquet")
+    if not storage.exists(path):
+        return {"checked": False}
+    t = pq.read_table(storage.local_path(path))
+    if "reranked" not in t.column_names:
+        return {"checked": False, "reason": "the score stage ran without score.rerank_top"}
+    if t.num_rows != len(ids):
+        return {"checked": False, "reason": "eval rows are a sample of the scored rows"}
+    mine = [ids[i] for i in np.argsort(-agg, kind="stable")[:k]]
+    theirs = t.filter(t.column("reranked")).sort_by("rank").column(ID).to_pylist()
+    return {"checked": True, "block_overlap": len(set(mine) & set(theirs)) / max(len(theirs), 1),
+            "same_order": mine == theirs}

@@ -5,8 +5,9 @@ block loss of `pipeline.distill` on the train split (train anchors x train pool)
 held-out eval split (eval anchors x eval pool) after every epoch, and writes:
 
 - `fit/encoder/`: the exported encoder (loads with `AutoModel` and `SentenceTransformer`);
-- `fit/metrics.json`: `untrained` and per-epoch held-out Spearman, the exported epoch, split sizes,
-  timings, truncation counts;
+- `fit/metrics.json`: `untrained` (epoch 0) and per-epoch validation and held-out Spearman, the
+  candidates compared on validation and the one exported (`exported`: its held-out Spearman with
+  bootstrap 95 % CIs, beside the starting encoder's), split sizes, timings, truncation counts;
 - `fit/curves.png`: loss and Spearman by epoch, the untrained level as a horizontal line.
 
 Crash recovery: every epoch ends with a Ray Train checkpoint (weights as safetensors, optimiser and
@@ -97,7 +98,7 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
     job, fit = ctx.job, ctx.job.fit
     t0 = time.perf_counter()
     # Inputs are validated before Ray starts: a bad artifact or config fails in a second.
-    data = load_fit_data(ctx.upstream_dir("sketch"), job.encoder.anchor_prefix)
+    data = load_fit_data(ctx.upstream_dir("sketch"), job.encoder.anchor_prefix, fit.val_frac, job.seed)
     sizes = data.sizes()
     if fit.block_candidates > sizes["train_pool"]:
         raise ConfigError(f"config key `fit.block_candidates`: got {fit.block_candidates}, but the train pool has "
@@ -109,8 +110,9 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
     model_dir = resolve_encoder(job.encoder.model)
     truncated = _count_truncated(model_dir, data, job.encoder.max_len, job.encoder.trust_remote_code)
     if any(v for k, v in truncated.items() if k != "max_len"):
-        log.warning("fit: texts longer than encoder.max_len=%d are truncated (the encoder never sees their tail): "
-                    "%s. Raise encoder.max_len if answers sit at the end.", job.encoder.max_len, truncated)
+        log.warning("fit: texts longer than encoder.max_len=%d are cut (plain texts lose their tail, instruction "
+                    "rows the head of their prompt): %s. Raise encoder.max_len to show the encoder more.",
+                    job.encoder.max_len, truncated)
     ensure_ray(job.ray)
     plan = plan_workers(fit)
     log.info("fit: %s; %d worker(s), gpu=%s, %d CPU each", sizes, plan.num_workers, plan.use_gpu,
@@ -153,22 +155,27 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
     with result.checkpoint.as_directory() as ckpt_dir:
         with open(os.path.join(ckpt_dir, HISTORY)) as f:
             history = json.load(f)
-        weights = os.path.join(ckpt_dir, BEST_WEIGHTS if fit.restore_best else WEIGHTS)
-        _export_encoder(model_dir, weights, job.encoder.max_len, job.encoder.trust_remote_code,
-                        storage.join(ctx.out_dir, "encoder"))
+        epochs = history["epochs"]
+        if [e["epoch"] for e in epochs] != list(range(1, fit.epochs + 1)):
+            raise StageError(f"fit: the checkpoint history holds epochs {[e['epoch'] for e in epochs]}, "
+                             f"expected 1..{fit.epochs}")
+        selected = history["best_epoch"] if fit.restore_best else fit.epochs
+        # Epoch 0 is the starting encoder itself: no weights file, the model folder is the export.
+        weights = None if selected == 0 else os.path.join(ckpt_dir, BEST_WEIGHTS if fit.restore_best else WEIGHTS)
+        choice = _choose_and_export(job, data, model_dir, weights, history, selected,
+                                    storage.join(ctx.out_dir, "encoder"))
     export_s = time.perf_counter() - t2
 
-    epochs = history["epochs"]
-    if [e["epoch"] for e in epochs] != list(range(1, fit.epochs + 1)):
-        raise StageError(f"fit: the checkpoint history holds epochs {[e['epoch'] for e in epochs]}, "
-                         f"expected 1..{fit.epochs}")
-    selected = history["best_epoch"] if fit.restore_best else fit.epochs
     metrics = {
         "untrained": history["untrained"],
         "epochs": epochs,
         "selected_epoch": selected,
+        "interpolation_weight": choice["weight"],
+        "candidates": choice["candidates"],
+        "exported": choice["exported"],
         "restore_best": fit.restore_best,
         "select_best_on": fit.select_best_on,
+        "dropout": fit.dropout,
         "resumed_from_epochs": history["resumed_from_epochs"],
         "splits": sizes,
         "truncated": truncated,
@@ -179,18 +186,75 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
     }
     storage.write_json_atomic(storage.join(ctx.out_dir, "metrics.json"), metrics)
     _plot_curves(metrics, storage.join(ctx.out_dir, "curves.png"))
-    chosen = next(e for e in epochs if e["epoch"] == selected)
+    exported = choice["exported"]
     ctx.record(rows=sizes, fit={
-        "selected_epoch": selected, "restore_best": fit.restore_best,
-        "spearman_aggregated": chosen["spearman_aggregated"],
-        "spearman_per_anchor": chosen["spearman_per_anchor"],
+        "selected_epoch": selected, "restore_best": fit.restore_best, "interpolation_weight": choice["weight"],
+        "spearman_aggregated": exported["spearman_aggregated"],
+        "spearman_aggregated_ci": exported["spearman_aggregated_ci"],
+        "spearman_per_anchor": exported["spearman_per_anchor"],
         "untrained": history["untrained"], "truncated": truncated,
         "resumed_from_epochs": history["resumed_from_epochs"], "timings": metrics["timings"],
         "workers": metrics["workers"],
     })
-    log.info("fit: epoch %d held-out spearman aggregated %.4f per-anchor %.4f (untrained %.4f / %.4f)",
-             selected, chosen["spearman_aggregated"], chosen["spearman_per_anchor"],
-             history["untrained"]["spearman_aggregated"], history["untrained"]["spearman_per_anchor"])
+    log.info("fit: exported epoch %d (weight %.2f toward it from the start, chosen on validation); held-out "
+             "spearman aggregated %.3f %s, per-anchor %.3f (starting encoder %.3f / %.3f)",
+             selected, choice["weight"], exported["spearman_aggregated"], _ci_text(exported["spearman_aggregated_ci"]),
+             exported["spearman_per_anchor"], history["untrained"]["spearman_aggregated"],
+             history["untrained"]["spearman_per_anchor"])
+
+
+def _ci_text(ci: Optional[list[float]]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "[-]"
+
+
+def _choose_and_export(job, data: FitData, model_dir: str, weights: Optional[str], history: dict[str, Any],
+                       selected: int, out_dir: str) -> dict[str, Any]:
+    """Pick the exported weights on validation and export them; report the held-out figures with CIs.
+
+    Candidates: the starting encoder (w = 0), the selected epoch (w = 1) and, with restore_best, the
+    weight interpolations (1 - w) * start + w * selected for w in `fit.interpolate`. Interpolating in
+    weight space keeps what the starting encoder knew while adding what the teacher taught, and
+    costs one forward pass of the validation split per w. Only the validation split chooses; the
+    held-out split is then measured once, on the exported encoder.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.encoder import TextEncoder
+    from pipeline.metrics import spearman_aggregated, spearman_per_anchor, spearman_with_ci
+    from pipeline.stages.fit_worker import encoder_scores
+
+    fit = job.fit
+    enc = TextEncoder(model_dir, max_len=job.encoder.max_len, trust_remote_code=job.encoder.trust_remote_code)
+    start = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
+    key = "val_spearman_aggregated" if fit.select_best_on == "aggregated" else "val_spearman_per_anchor"
+    best_record = history["untrained"] if selected == 0 else next(e for e in history["epochs"] if e["epoch"] == selected)
+    candidates = [{"weight": 1.0, "validation": best_record.get(key)}]
+    tuned = load_file(weights) if weights else start
+    if weights and fit.restore_best and data.val_anchors is not None:
+        candidates.append({"weight": 0.0, "validation": history["untrained"][key]})
+        for w in sorted(fit.interpolate, reverse=True):
+            _load_mix(enc, start, tuned, w)
+            pred = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
+            score = (spearman_aggregated(pred, data.val_truth) if fit.select_best_on == "aggregated"
+                     else spearman_per_anchor(pred, data.val_truth)[0])
+            candidates.append({"weight": w, "validation": score})
+    # Ties go to the earlier candidate: the selected epoch, then the start, then larger weights.
+    chosen = max(candidates, key=lambda c: (c["validation"] if c["validation"] is not None else -2.0))
+    _load_mix(enc, start, tuned, chosen["weight"])
+    with torch.inference_mode():
+        pred = encoder_scores(enc, data.eval_anchors, data.eval_pool, fit.embed_batch_size)
+    exported = spearman_with_ci(pred, data.ground_truth, seed=job.seed)
+    exported["validation"] = chosen["validation"]
+    _save_encoder(enc, out_dir)
+    return {"weight": chosen["weight"], "candidates": candidates, "exported": exported}
+
+
+def _load_mix(enc, start: dict, tuned: dict, weight: float) -> None:
+    """Load (1 - weight) * start + weight * tuned into the encoder (floating tensors; others from tuned)."""
+    mixed = {k: ((1.0 - weight) * start[k] + weight * tuned[k]) if start[k].is_floating_point() else tuned[k]
+             for k in start}
+    enc.model.load_state_dict(mixed, strict=True)
 
 
 def _eval_texts_seen_in_train(data: FitData) -> int:
@@ -200,26 +264,24 @@ def _eval_texts_seen_in_train(data: FitData) -> int:
 
 
 def _count_truncated(model_dir: str, data: FitData, max_len: int, trust_remote_code: bool) -> dict[str, int]:
-    """Texts longer than encoder.max_len per split: their tail is invisible to the encoder (METHOD.md 4.5)."""
+    """Views cut to encoder.max_len per split (METHOD.md 4.5): a plain text loses its tail, an
+    instruction row the head of its prompt (its response is kept)."""
     from transformers import AutoTokenizer
+
+    from pipeline.textview import tokenize_views
 
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     out = {"max_len": max_len}
-    for name, rows in (("train_anchors", data.train_anchors), ("train_pool", data.train_pool),
-                       ("eval_anchors", data.eval_anchors), ("eval_pool", data.eval_pool)):
-        lengths = tok(rows.texts, truncation=False, add_special_tokens=True, return_length=True,
-                      verbose=False)["length"]
-        out[name] = int(sum(n > max_len for n in lengths))
+    splits = [("train_anchors", data.train_anchors), ("train_pool", data.train_pool),
+              ("eval_anchors", data.eval_anchors), ("eval_pool", data.eval_pool)]
+    if data.val_anchors is not None:
+        splits += [("val_anchors", data.val_anchors), ("val_pool", data.val_pool)]
+    for name, rows in splits:
+        out[name] = int(tokenize_views(tok, rows.views, max_len)[1].sum())
     return out
 
 
-def _export_encoder(model_dir: str, weights: str, max_len: int, trust_remote_code: bool, out_dir: str) -> None:
-    from safetensors.torch import load_file
-
-    from pipeline.encoder import TextEncoder
-
-    enc = TextEncoder(model_dir, max_len=max_len, trust_remote_code=trust_remote_code)
-    enc.model.load_state_dict(load_file(weights), strict=True)
+def _save_encoder(enc, out_dir: str) -> None:
     fs, local = storage.filesystem(out_dir)
     if storage.is_uri(out_dir):  # TextEncoder.save writes local files; stage them, then upload
         with tempfile.TemporaryDirectory() as tmp:
@@ -241,8 +303,13 @@ def _plot_curves(metrics: dict[str, Any], path: str) -> None:
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="distillation loss")
     styles = (("spearman_aggregated", "aggregated", "C0"), ("spearman_per_anchor", "per-anchor mean", "C1"))
     for key, label, color in styles:
-        ax_rho.plot(epochs, [e[key] for e in metrics["epochs"]], marker="o", color=color, label=label)
-        ax_rho.axhline(metrics["untrained"][key], color=color, linestyle="--", label=f"{label} (untrained)")
+        if all(key in e for e in metrics["epochs"]):
+            ax_rho.plot(epochs, [e[key] for e in metrics["epochs"]], marker="o", color=color,
+                        label=f"{label} (held-out)")
+        ax_rho.axhline(metrics["untrained"][key], color=color, linestyle="--", label=f"{label} (starting encoder)")
+        if "val_" + key in metrics["untrained"]:
+            ax_rho.plot(epochs, [e["val_" + key] for e in metrics["epochs"]], marker=".", linestyle=":",
+                        color=color, label=f"{label} (validation)")
     ax_rho.axvline(metrics["selected_epoch"], color="grey", linestyle=":", label="exported epoch")
     ax_rho.set(xlabel="epoch", ylabel="held-out Spearman", title="held-out Spearman vs teacher")
     ax_rho.legend(fontsize=8)

@@ -1,14 +1,21 @@
 """The fit stage's inputs: the sketch artifact's rows, split and checked, and the teacher targets.
 
 `load_fit_data` reads `sketch/anchors/*.parquet` and `sketch/pool/*.parquet`, checks that every
-sketch is a unit vector and every split name is known, and returns the train/eval rows of both
-sides with the teacher's cosine matrices (train: the distillation target; eval: the ground truth).
-Pure pyarrow/numpy: no Ray, no torch.
+sketch is a unit vector and every split name is known, and returns the rows of both sides with the
+teacher's cosine matrices:
+- train: what the loss sees (the distillation targets);
+- validation: carved from the sketch's train split by a seeded hash order (`fit.val_frac` of its
+  anchors and of its pool rows); every choice made while fitting (epoch, weight interpolation) is
+  made here;
+- eval: the sketch stage's held-out split, the ground truth that is reported and never chosen on.
+Pure pyarrow/numpy: no Ray, no torch (encoder views are plain tuples built by `pipeline.encoder`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +24,10 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.distill import cosine_targets
+from pipeline.textview import EncoderInput, text_views
 from pipeline.errors import ArtifactMissingError, InputDataError
-from pipeline.schema import ID, SKETCH, SPLIT, TEXT
+from pipeline.sampling import order_key
+from pipeline.schema import ID, PROMPT, RESPONSE, SKETCH, SPLIT, TEXT
 
 SIDES = ("anchors", "pool")
 SPLITS = ("train", "eval")
@@ -28,8 +37,13 @@ NORM_TOL = 1e-3  # sketches are float32 unit vectors; anything further off was n
 @dataclass
 class SplitRows:
     ids: list[str]
-    texts: list[str]
-    sketches: np.ndarray  # float32 [n, proj_dim], unit rows
+    texts: list[str]             # the plain text (what a user's off-the-shelf encoder would embed)
+    views: list[EncoderInput]    # what the student embeds (anchor prefix, response-keeping pairs)
+    sketches: np.ndarray         # float32 [n, proj_dim], unit rows
+
+    def take(self, idx: np.ndarray) -> "SplitRows":
+        return SplitRows([self.ids[i] for i in idx], [self.texts[i] for i in idx], [self.views[i] for i in idx],
+                         self.sketches[idx])
 
 
 @dataclass
@@ -42,10 +56,16 @@ class FitData:
     eval_pool: SplitRows
     targets: np.ndarray       # train anchors x train pool cosines (distillation targets)
     ground_truth: np.ndarray  # eval anchors x eval pool cosines (held-out)
+    val_anchors: Optional[SplitRows] = None
+    val_pool: Optional[SplitRows] = None
+    val_truth: Optional[np.ndarray] = None  # validation anchors x validation pool cosines
 
     def sizes(self) -> dict[str, int]:
-        return {"train_anchors": len(self.train_anchors.ids), "train_pool": len(self.train_pool.ids),
-                "eval_anchors": len(self.eval_anchors.ids), "eval_pool": len(self.eval_pool.ids)}
+        out = {"train_anchors": len(self.train_anchors.ids), "train_pool": len(self.train_pool.ids),
+               "eval_anchors": len(self.eval_anchors.ids), "eval_pool": len(self.eval_pool.ids)}
+        if self.val_anchors is not None:
+            out.update(val_anchors=len(self.val_anchors.ids), val_pool=len(self.val_pool.ids))
+        return out
 
 
 def _read_side(sketch_dir: str, side: str) -> pa.Table:
@@ -62,7 +82,9 @@ def _read_side(sketch_dir: str, side: str) -> pa.Table:
         if missing:
             raise InputDataError(f"fit: {storage.redact(path)} lacks column(s) {missing} (has {names}); the sketch "
                               f"artifact must carry id, split, sketch and text. Rerun the sketch stage.")
-        tables.append(pq.read_table(p, filesystem=fs, columns=[ID, SPLIT, SKETCH, TEXT]))
+        # prompt/response are optional (older artifacts): without them the encoder sees the plain text.
+        view_cols = [c for c in (PROMPT, RESPONSE) if c in names]
+        tables.append(pq.read_table(p, filesystem=fs, columns=[ID, SPLIT, SKETCH, TEXT, *view_cols]))
     return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -74,6 +96,9 @@ def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRow
     texts = rows[TEXT].to_pylist()
     if any(t is None for t in texts):
         raise InputDataError(f"fit: {side} rows with a null `text` in the {split} split; fix the sketch artifact.")
+    has_pair = PROMPT in rows.column_names and RESPONSE in rows.column_names
+    views = text_views(texts, rows[PROMPT].to_pylist() if has_pair else None,
+                       rows[RESPONSE].to_pylist() if has_pair else None, prefix=prefix)
     col = rows[SKETCH].combine_chunks()
     if len(ids):
         width = col.type.list_size
@@ -85,11 +110,27 @@ def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRow
         bad = int(np.argmax(np.abs(norms - 1.0)))
         raise InputDataError(f"fit: {side} sketch of id {ids[bad]!r} has L2 norm {norms[bad]:.4f}; the contract "
                           f"requires unit-norm sketches. Rerun the sketch stage.")
-    return SplitRows(ids=ids, texts=[prefix + t for t in texts], sketches=sketches)
+    return SplitRows(ids=ids, texts=texts, views=views, sketches=sketches)
 
 
-def load_fit_data(sketch_dir: str, anchor_prefix: str) -> FitData:
-    """Read the sketch artifact, split it and build targets and held-out ground truth."""
+def carve_validation(rows: SplitRows, frac: float, seed: int, minimum: int) -> tuple[SplitRows, SplitRows | None]:
+    """(fit rows, validation rows): the validation rows are the `ceil(frac * n)` smallest seeded hash
+    keys of the ids, so the split depends on the ids only (not on sharding or order), and rows are
+    returned in id order. None when frac is 0."""
+    if frac <= 0:
+        return rows, None
+    n_val = max(math.ceil(frac * len(rows.ids)), minimum)
+    if len(rows.ids) - n_val < minimum:
+        raise InputDataError(f"fit: fit.val_frac={frac} leaves {len(rows.ids) - n_val} of {len(rows.ids)} train rows "
+                             f"to fit on; raise the sketch's train sizes or lower fit.val_frac.")
+    keys = np.array([order_key(seed, i) for i in rows.ids], dtype=np.uint64)
+    val = np.zeros(len(rows.ids), bool)
+    val[np.argsort(keys, kind="stable")[:n_val]] = True
+    return rows.take(np.flatnonzero(~val)), rows.take(np.flatnonzero(val))
+
+
+def load_fit_data(sketch_dir: str, anchor_prefix: str, val_frac: float = 0.0, val_seed: int = 0) -> FitData:
+    """Read the sketch artifact, split it and build targets, validation and held-out ground truth."""
     parts: dict[tuple[str, str], SplitRows] = {}
     for side in SIDES:
         table = _read_side(sketch_dir, side)
@@ -110,11 +151,16 @@ def load_fit_data(sketch_dir: str, anchor_prefix: str) -> FitData:
         if len(rows.ids) < minimum:
             raise InputDataError(f"fit: the {split} split has {len(rows.ids)} {side} rows, at least {minimum} needed; "
                                  f"raise sketch.{split}_{side if side == 'pool' else 'anchors'}.")
+    # Validation needs two rows a side (Spearman over the pool), fitting at least as many.
+    train_a, val_a = carve_validation(parts["anchors", "train"], val_frac, val_seed, minimum=2)
+    train_p, val_p = carve_validation(parts["pool", "train"], val_frac, val_seed, minimum=2)
     return FitData(
-        train_anchors=parts["anchors", "train"], train_pool=parts["pool", "train"],
+        train_anchors=train_a, train_pool=train_p,
         eval_anchors=parts["anchors", "eval"], eval_pool=parts["pool", "eval"],
-        targets=cosine_targets(parts["anchors", "train"].sketches, parts["pool", "train"].sketches),
+        targets=cosine_targets(train_a.sketches, train_p.sketches),
         ground_truth=cosine_targets(parts["anchors", "eval"].sketches, parts["pool", "eval"].sketches),
+        val_anchors=val_a, val_pool=val_p,
+        val_truth=None if val_a is None else cosine_targets(val_a.sketches, val_p.sketches),
     )
 
 

@@ -1,9 +1,10 @@
 """The Ray Train worker loop of the fit stage, and its epoch checkpoints.
 
-Every worker runs `train_loop` (DDP over anchor blocks). Rank 0 evaluates the held-out split and
-writes a checkpoint after every epoch: weights as safetensors, optimiser/scheduler
-state (`torch.load(weights_only=True)` on resume: no pickle), and the metric history. Dropout is
-reseeded per (seed, epoch, rank), so a resumed epoch replays exactly.
+Every worker runs `train_loop` (DDP over anchor blocks). Rank 0 evaluates the validation and the
+held-out splits and writes a checkpoint after every epoch: weights as safetensors, optimiser/scheduler
+state (`torch.load(weights_only=True)` on resume: no pickle), the metric history and, with
+`restore_best`, the weights of the best epoch on validation (epoch 0, the starting encoder, is a
+candidate). Dropout (when enabled) is reseeded per (seed, epoch, rank), so a resumed epoch replays exactly.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline.distill import (CandidateSampler, block_loss, candidate_rng, derive_seed, epoch_blocks,
-                                  lr_lambda, steps_per_epoch, worker_block_ids)
+    from pipeline.distill import (CandidateSampler, block_loss, candidate_rng, check_finite, derive_seed,
+                                  epoch_blocks, lr_lambda, steps_per_epoch, worker_block_ids)
     from pipeline.encoder import TextEncoder
 
     data: FitData = ray.get(config["data_ref"])
@@ -57,6 +58,8 @@ def train_loop(config: dict[str, Any]) -> None:
     enc = TextEncoder(config["model_dir"], max_len=config["max_len"],
                       trust_remote_code=config["trust_remote_code"], device=device)
     _freeze_unused(enc)
+    if fit.dropout is not None:
+        set_dropout(enc, fit.dropout)
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     params = [p for p in enc.parameters() if p.requires_grad]
@@ -77,12 +80,14 @@ def train_loop(config: dict[str, Any]) -> None:
         history["resumed_from_epochs"].append(len(history["epochs"]))
     model = ray.train.torch.prepare_model(enc)  # DDP when world > 1; weights broadcast from rank 0
 
-    if history["untrained"] is None:  # epoch 0: the untrained encoder, the cost-matched control
-        untrained = _evaluate(enc, data, fit.embed_batch_size) if rank == 0 else {}
+    select_key = "val_" + ("spearman_aggregated" if fit.select_best_on == "aggregated" else "spearman_per_anchor")
+    if history["untrained"] is None:  # epoch 0: the starting encoder, a candidate for export
+        untrained = evaluate_splits(enc, data, fit.embed_batch_size) if rank == 0 else {}
         history["untrained"] = untrained or None
+        if fit.restore_best and rank == 0:
+            history["best_epoch"], history["best_score"] = 0, untrained[select_key]
         ray.train.report({"epoch": 0, "loss": None, **untrained})
 
-    select_key = "spearman_aggregated" if fit.select_best_on == "aggregated" else "spearman_per_anchor"
     for epoch in range(len(history["epochs"]) + 1, fit.epochs + 1):
         t0 = time.perf_counter()
         # Reseeding per (epoch, rank) makes dropout masks reproducible after a resume.
@@ -98,13 +103,14 @@ def train_loop(config: dict[str, Any]) -> None:
             c_idx = sampler.sample(a_idx, candidate_rng(seed, epoch, block_id))
             # Internal invariant: candidates are train-pool columns, never eval rows.
             assert 0 <= c_idx.min() and c_idx.max() < len(data.train_pool.ids)
-            texts = [data.train_anchors.texts[a] for a in a_idx] + [data.train_pool.texts[c] for c in c_idx]
+            texts = [data.train_anchors.views[a] for a in a_idx] + [data.train_pool.views[c] for c in c_idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 z = model(texts)
             z = z.float()
             scores = z[: len(a_idx)] @ z[len(a_idx):].T
             target = torch.as_tensor(data.targets[np.ix_(a_idx, c_idx)], device=device)
             loss = block_loss(scores, target, fit.alpha, fit.tau)
+            check_finite(float(loss.detach()), epoch, int(block_id))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, fit.grad_clip)
@@ -118,7 +124,8 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report({"epoch": epoch, "loss": epoch_loss})
             continue
         t1 = time.perf_counter()
-        record = {"epoch": epoch, "loss": epoch_loss, **_evaluate(enc, data, fit.embed_batch_size),
+        scores = evaluate_splits(enc, data, fit.embed_batch_size, heldout=fit.heldout_every_epoch)
+        record = {"epoch": epoch, "loss": epoch_loss, **scores,
                   "steps": steps, "lr_last": float(scheduler.get_last_lr()[0]),
                   "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3)}
         history["epochs"].append(record)
@@ -149,17 +156,37 @@ def _freeze_unused(enc) -> None:
                  len(unused), unused[:4])
 
 
-def _evaluate(enc, data: FitData, batch_size: int) -> dict[str, float]:
-    """Held-out Spearman of the encoder cosine against the eval ground truth (eval ids only)."""
+def set_dropout(enc, p: float) -> None:
+    """Set every dropout probability in the encoder (hidden and attention dropout alike: BERT-style
+    attention reads its module's `p`)."""
+    import torch
+
+    for module in enc.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+def encoder_scores(enc, anchors, pool, batch_size: int):
+    """Encoder cosines [anchors, pool] of two SplitRows, embedded through their views."""
+    return enc.embed(anchors.views, batch_size=batch_size) @ enc.embed(pool.views, batch_size=batch_size).T
+
+
+def evaluate_splits(enc, data: FitData, batch_size: int, heldout: bool = True) -> dict[str, float]:
+    """Spearman of the encoder cosine against the teacher on the held-out eval split (reported, never
+    chosen on) and, when there is one, the validation split (keys prefixed `val_`: what choices use)."""
     from pipeline.metrics import spearman_aggregated, spearman_per_anchor
 
-    za = enc.embed(data.eval_anchors.texts, batch_size=batch_size)
-    zp = enc.embed(data.eval_pool.texts, batch_size=batch_size)
-    pred = za @ zp.T
-    assert pred.shape == data.ground_truth.shape  # eval anchors x eval pool, nothing else
-    mean, std = spearman_per_anchor(pred, data.ground_truth)
-    return {"spearman_per_anchor": mean, "spearman_per_anchor_std": std,
-            "spearman_aggregated": spearman_aggregated(pred, data.ground_truth)}
+    out: dict[str, float] = {}
+    splits = [("", data.eval_anchors, data.eval_pool, data.ground_truth)] if heldout else []
+    if data.val_anchors is not None:
+        splits.append(("val_", data.val_anchors, data.val_pool, data.val_truth))
+    for prefix, anchors, pool, truth in splits:
+        pred = encoder_scores(enc, anchors, pool, batch_size)
+        assert pred.shape == truth.shape  # that split's anchors x pool, nothing else
+        mean, std = spearman_per_anchor(pred, truth)
+        out.update({f"{prefix}spearman_per_anchor": mean, f"{prefix}spearman_per_anchor_std": std,
+                    f"{prefix}spearman_aggregated": spearman_aggregated(pred, truth)})
+    return out
 
 
 def _mean_over_workers(loss_sum: float, steps: int, device, world: int) -> float:

@@ -12,6 +12,17 @@
 
 `score.ann` swaps step 2's top-k for the vector index (nprobes + refine_factor); without an
 index (small or int8 tables) it falls back to exact top-k and says so in the manifest.
+
+Cascade (`score.rerank_top`): while the merged ranking streams out, its first K rows (the
+encoder's top-K by mean score, what curation selects from) are held back; their prompt/response
+are re-read from the corpus input (LanceDB holds ids and codes only), the teacher sketches them and
+the queries (the sketch stage's actors, `_sketch_shards`, in resumable shards under the work dir)
+and they are re-ordered by the teacher's mean cosine (pipeline/cascade.py, shared with eval). The
+per-query `topk.parquet` stays the encoder's.
+
+Fidelity gate: the manifest's `fidelity_gate` says whether the exported encoder's held-out
+aggregated Spearman (fit/metrics.json) beats the plain starting encoder's; a failing gate is
+logged as a warning (the run still completes: the user decides).
 """
 
 from __future__ import annotations
@@ -20,20 +31,21 @@ import logging
 import math
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import corpus, storage
+from pipeline import cascade, corpus, storage
 from pipeline.codes import MultiTopK, exact_scores, ranking_order
 from pipeline.codestore import CODE_SCALE, CodeStore, codes_from_arrow
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.ranking import RunSpiller, merge_runs
-from pipeline.schema import CODE, ID, QUERY_ID, RANK, SCORE, SCORE_MAX, SCORES, TOPK
+from pipeline.schema import (CODE, ID, PROMPT, QUERY_ID, RANK, RERANKED, RESPONSE, ROW, SCORE, SCORE_MAX,
+                             SCORES, SCORES_CASCADE, SKETCH, SOURCE, SPLIT, TEACHER_SCORE, TEXT, TOPK)
 from pipeline.stages.encode import encode_stream, fit_encoder_dir, split_output
 
 log = logging.getLogger("influcoder")
@@ -46,7 +58,10 @@ ANN_QUERY_BATCH = 256
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
     if job.score.queries is None:
         return {}
-    return {"queries": corpus.files_fingerprint(corpus.discover(job.score.queries, "score.queries"))}
+    out = {"queries": corpus.files_fingerprint(corpus.discover(job.score.queries, "score.queries"))}
+    if job.score.rerank_top is not None:  # the cascade re-reads corpus rows for the teacher
+        out["corpus"] = corpus.files_fingerprint(corpus.discover(job.corpus, "corpus"))
+    return out
 
 
 def _writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
@@ -80,6 +95,7 @@ def run(ctx) -> None:
     from pipeline.ray_runtime import ensure_ray
 
     ensure_ray(job.ray)  # before LanceDB starts its runtime threads: Ray forks helper processes
+    gate = fidelity_gate(storage.join(ctx.upstream_dir("fit"), "metrics.json"))
     enc = ctx.upstream["encode"]
     store = CodeStore(job.lancedb_uri, job.encode.table)
     spec = store.check_spec()
@@ -105,8 +121,13 @@ def run(ctx) -> None:
         scored, bytes_read, num_batches = score_batches(batches, queries, spec.code_dtype, topk, spiller.add)
         score_s = time.perf_counter() - t0  # the scan; sorting and merging the runs is rank_s
         spiller.flush()
-        selection = _write_ranked(ctx, cfg, spiller.paths, scored)
-    rank_s = time.perf_counter() - t0 - score_s
+        chunks, schema, cascade_rec = merge_runs(spiller.paths), SCORES, None
+        if cfg.rerank_top is not None:
+            chunks, cascade_rec = _cascade(ctx, chunks, scored, query_ids)
+            schema = SCORES_CASCADE
+        selection = _write_ranked(ctx, cfg, chunks, scored, schema)
+    teacher_s = cascade_rec["teacher_s"] if cascade_rec else 0.0
+    rank_s = time.perf_counter() - t0 - score_s - teacher_s
 
     t1 = time.perf_counter()
     topk_table = _ann_topk(store, queries, query_ids, cfg) if use_ann else _exact_topk(topk, query_ids)
@@ -123,6 +144,8 @@ def run(ctx) -> None:
               **({"ann_requested_without_index": True} if cfg.ann and not use_ann else {}),
               **({"nprobes": cfg.nprobes, "refine_factor": cfg.refine_factor} if use_ann else {})},
         selection=selection,
+        fidelity_gate=gate,
+        **({"cascade": cascade_rec} if cascade_rec else {}),
         timing={"score_s": round(score_s, 3), "rank_s": round(rank_s, 3), "topk_s": round(topk_s, 3),
                 "rows_per_s": round(scored / score_s, 1) if score_s > 0 else None,
                 "code_bytes_read": int(bytes_read), "scan_batches": num_batches,
@@ -157,16 +180,17 @@ def score_batches(batches: Iterable[pa.RecordBatch], queries: np.ndarray, code_d
     return rows, nbytes, num_batches
 
 
-def _write_ranked(ctx, cfg, run_paths: list[str], n: int) -> dict[str, Any]:
-    """Stream the merged ranking into scores.parquet and the curation selection into selected_ids.parquet."""
+def _write_ranked(ctx, cfg, chunks: Iterable[pa.Table], n: int, schema: pa.Schema = SCORES) -> dict[str, Any]:
+    """Stream the ranked chunks (rank order) into scores.parquet and the curation selection into
+    selected_ids.parquet; the selection reads `rank`, so it follows the cascade's ranks when it ran."""
     select = cfg.select_top_frac is not None or cfg.select_threshold is not None
     top_n = math.ceil(cfg.select_top_frac * n) if cfg.select_top_frac is not None else None
-    scores_w = _writer(storage.join(ctx.out_dir, "scores.parquet"), SCORES)
+    scores_w = _writer(storage.join(ctx.out_dir, "scores.parquet"), schema)
     sel_w = _writer(storage.join(ctx.out_dir, "selected_ids.parquet"), SELECTED) if select else None
     selected = 0
     try:
-        for chunk in merge_runs(run_paths):
-            chunk = chunk.select(SCORES.names).cast(SCORES)
+        for chunk in chunks:
+            chunk = chunk.select(schema.names).cast(schema)
             scores_w.write_table(chunk)
             if sel_w is None:
                 continue
@@ -175,6 +199,7 @@ def _write_ranked(ctx, cfg, run_paths: list[str], n: int) -> dict[str, Any]:
             if top_n is not None:
                 mask = pc.and_(mask, pc.less_equal(chunk.column(RANK), top_n))
             if cfg.select_threshold is not None:
+                # `score` is the encoder's cosine also under the cascade (the teacher's is on another scale).
                 mask = pc.and_(mask, pc.greater_equal(chunk.column(SCORE), cfg.select_threshold))
             sel = chunk.filter(mask)
             if sel.num_rows:
@@ -218,3 +243,223 @@ def _ann_topk(store: CodeStore, queries: np.ndarray, query_ids: list[str], cfg) 
                                    SCORE: pa.array(sc[m][order], pa.float32()),
                                    RANK: pa.array(np.arange(1, int(m.sum()) + 1), pa.int64())}, schema=TOPK))
     return pa.concat_tables(parts) if parts else TOPK.empty_table()
+
+
+# --------------------------------------------------------------------------- fidelity gate
+
+
+def fidelity_gate(fit_metrics_path: str) -> dict[str, Any]:
+    """Does the exported encoder's held-out aggregated Spearman beat the plain starting encoder's?
+
+    Reads fit/metrics.json: `exported` (the encoder that was exported) against `untrained`; older
+    artifacts without `exported` use the selected epoch's entry of `epochs` (epoch 0 = untrained).
+    `passed` is None when the figures are missing (e.g. a fit stage that wrote no metrics).
+    """
+    if not storage.exists(fit_metrics_path):
+        log.info("score: no %s; fidelity gate not checked", storage.redact(fit_metrics_path))
+        return {"passed": None, "reason": "fit/metrics.json not found"}
+    m = storage.read_json(fit_metrics_path)
+    untrained = (m.get("untrained") or {}).get("spearman_aggregated")
+    source = "exported"
+    exported = (m.get("exported") or {}).get("spearman_aggregated")
+    if exported is None:
+        sel = m.get("selected_epoch")
+        entry = m.get("untrained") if sel == 0 else next(
+            (e for e in m.get("epochs") or [] if e.get("epoch") == sel), None)
+        exported = (entry or {}).get("spearman_aggregated")
+        source = f"epochs[epoch={sel}]"
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (exported, untrained))
+    if not ok:
+        log.warning("score: fit/metrics.json has no finite held-out spearman_aggregated for the exported (%r) "
+                    "or the untrained (%r) encoder; fidelity gate not checked", exported, untrained)
+        return {"passed": None, "exported": exported, "untrained": untrained, "source": source,
+                "reason": "missing or non-finite spearman_aggregated in fit/metrics.json"}
+    # "Clears" is strict: an exported encoder only as faithful as where it started adds nothing.
+    passed = bool(exported > untrained)
+    if not passed:
+        log.warning("score: FIDELITY GATE: the fitted encoder's held-out aggregated Spearman %+.3f does not clear "
+                    "the plain starting encoder's %+.3f (fit/metrics.json); its ranking is likely no more faithful "
+                    "to the teacher than the encoder before distillation. Consider score.rerank_top or refitting.",
+                    exported, untrained)
+    return {"passed": passed, "exported": float(exported), "untrained": float(untrained), "source": source}
+
+
+# --------------------------------------------------------------------------- cascade
+
+
+def _cascade(ctx, chunks: Iterator[pa.Table], n: int,
+             query_ids: list[str]) -> tuple[Iterator[pa.Table], dict[str, Any]]:
+    """Hold back the first K rows of the ranked stream, re-rank them by the teacher, and return the
+    stream with the re-ranked block first (rows past K pass through unchanged) plus the manifest record."""
+    job: JobConfig = ctx.job
+    k = cascade.resolve_k(job.score.rerank_top, n)
+    if k == 0:  # an empty table: nothing to re-rank
+        return (_not_reranked(c) for c in chunks), {"rerank_top": job.score.rerank_top, "k": 0, "rows": 0,
+                                                    "of_rows": n, "teacher_s": 0.0}
+    held: list[pa.Table] = []
+    got = 0
+    rest_head: Optional[pa.Table] = None
+    for chunk in chunks:  # merge_runs pauses between chunks: the rest is merged after the teacher
+        need = k - got
+        if chunk.num_rows <= need:
+            held.append(chunk)
+            got += chunk.num_rows
+        else:
+            held.append(chunk.slice(0, need))
+            rest_head = chunk.slice(need)
+            got = k
+        if got >= k:
+            break
+    block = pa.concat_tables(held) if held else SCORES.empty_table()
+    block_ids = block.column(ID).to_pylist()
+
+    t0 = time.perf_counter()
+    rows = _corpus_records(job, block_ids)
+    missing = [i for i in block_ids if i not in rows]
+    if missing:
+        raise InputDataError(
+            f"score.rerank_top: {len(missing)} of the {k} rows to re-rank are not in the corpus input "
+            f"{storage.redact(job.corpus.path)} (first: {missing[:3]}); the corpus changed since the encode stage. "
+            f"Rerun `influcoder encode JOB.yaml` (or `influcoder run JOB.yaml`).")
+    queries = _query_records(job, query_ids)
+    shard_dir = storage.join(ctx.work_dir, "cascade_shards")
+    sk, info = teacher_sketch_groups(job, {"queries": queries, "rows": [rows[i] for i in block_ids]}, shard_dir)
+    (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
+    if not q_ok.any():
+        raise InputDataError(
+            f"score.rerank_top: the teacher rejected every query in {storage.redact(job.score.queries.path)} "
+            f"(no response tokens within teacher.max_len={job.teacher.max_len}); raise teacher.max_len.")
+    _, teacher_mean = cascade.teacher_scores(r_mat, r_ok, q_mat, q_ok)
+    perm = cascade.rerank(block_ids, teacher_mean)
+    teacher_s = time.perf_counter() - t0
+
+    t = teacher_mean[perm]
+    reranked = pa.table({
+        ID: block.column(ID).take(pa.array(perm)), SCORE: block.column(SCORE).take(pa.array(perm)),
+        SCORE_MAX: block.column(SCORE_MAX).take(pa.array(perm)),
+        RANK: pa.array(np.arange(1, len(perm) + 1), pa.int64()),
+        TEACHER_SCORE: pa.array(t.astype(np.float32), pa.float32(), mask=np.isnan(t)),
+        RERANKED: pa.array(np.ones(len(perm), bool)),
+    })
+
+    def stream() -> Iterator[pa.Table]:
+        yield reranked
+        if rest_head is not None:
+            yield _not_reranked(rest_head)
+        for chunk in chunks:  # the same merge, resumed where the block ended
+            yield _not_reranked(chunk)
+
+    moved = int(np.sum(perm != np.arange(len(perm))))
+    record = {
+        "rerank_top": job.score.rerank_top, "k": k, "rows": len(block_ids), "of_rows": n,
+        "teacher_rejected_rows": int((~r_ok).sum()), "teacher_queries": int(q_ok.sum()),
+        "teacher_rejected_queries": int((~q_ok).sum()), "rows_moved": moved,
+        "teacher_s": round(teacher_s, 3), "teacher_compute_s": round(info["compute_s"], 3),
+        "teacher_ms_per_row": round(1000 * info["compute_s"] / info["computed_rows"], 3)
+        if info["computed_rows"] else None,
+        "shards": {"total": info["shards"], "resumed": info["resumed_shards"]},
+    }
+    log.info("score: cascade re-ranked the top %d of %d rows with the teacher in %.1f s (%d moved, %d rejected "
+             "by the teacher)", k, n, teacher_s, moved, record["teacher_rejected_rows"])
+    return stream(), record
+
+
+def _not_reranked(chunk: pa.Table) -> pa.Table:
+    return chunk.append_column(TEACHER_SCORE, pa.nulls(chunk.num_rows, pa.float32())).append_column(
+        RERANKED, pa.array(np.zeros(chunk.num_rows, bool)))
+
+
+def _corpus_records(job: JobConfig, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Canonical rows (id, source, row, text, prompt, response) of the given ids, read from the corpus
+    input. The filter runs inside the Ray read tasks, so only the wanted rows reach the driver. A
+    duplicated id resolves to its first occurrence in file order, as the sketch stage does."""
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    cols = [ID, SOURCE, ROW, TEXT, PROMPT, RESPONSE]
+
+    def keep(batch: pa.Table) -> pa.Table:
+        good, _ = corpus.split_rejects(batch)
+        return good.filter(pc.is_in(good.column(ID), value_set=wanted)).select(cols)
+
+    ds = corpus.read_dataset(job.corpus, corpus.discover(job.corpus, "corpus"))
+    ds = ds.map_batches(keep, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+    found: dict[str, dict[str, Any]] = {}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for r in batch.to_pylist():
+            prev = found.get(r[ID])
+            if prev is None or (r[SOURCE], r[ROW]) < (prev[SOURCE], prev[ROW]):
+                found[r[ID]] = r
+    return found
+
+
+def _query_records(job: JobConfig, query_ids: list[str]) -> list[dict[str, Any]]:
+    """The queries the encoder scored (same ids, same order), with the teacher's prompt/response."""
+    table = corpus.read_local(job.score.queries, corpus.discover(job.score.queries, "score.queries"))
+    good, _ = corpus.split_rejects(table)
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in good.to_pylist():
+        by_id.setdefault(r[ID], r)
+    return [by_id[q] for q in query_ids]
+
+
+def teacher_sketch_groups(job: JobConfig, groups: dict[str, list[dict[str, Any]]], shard_dir: str
+                          ) -> tuple[dict[str, tuple[list[str], np.ndarray, np.ndarray]], dict[str, Any]]:
+    """Teacher sketches of named groups of canonical rows, in resumable shards (the sketch stage's actors).
+
+    Shard `<group>-<nnnnn>.parquet` holds `sketch.rows_per_shard` rows; a shard file that holds exactly
+    the expected ids is reused, so a crash redoes only unfinished shards. Returns per group (ids, sketches
+    [n, proj_dim] float32 with zero rows where rejected, valid mask) in the given row order, and
+    {compute_s, computed_rows, shards, resumed_shards}.
+    """
+    from pipeline.ray_runtime import plan_actors
+    from pipeline.stages.sketch import _sketch_shards
+
+    storage.makedirs(shard_dir)
+    per = job.sketch.rows_per_shard
+    shards: list[tuple[str, list[dict[str, Any]]]] = []
+    for name, recs in groups.items():
+        recs = [{ID: r[ID], SPLIT: "cascade", SOURCE: r.get(SOURCE), ROW: r.get(ROW), TEXT: r.get(TEXT),
+                 PROMPT: r.get(PROMPT), RESPONSE: r.get(RESPONSE)} for r in recs]
+        shards += [(f"{name}-{i // per:05d}", recs[i:i + per]) for i in range(0, len(recs), per)]
+
+    def path(name: str) -> str:
+        return storage.join(shard_dir, f"{name}.parquet")
+
+    existing = {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in storage.list_files(shard_dir, ".parquet")}
+    pending = []
+    for name, recs in shards:
+        if name in existing:
+            have = pq.read_table(storage.local_path(path(name)), columns=[ID]).column(ID).to_pylist()
+            if sorted(have) == sorted(r[ID] for r in recs):
+                continue  # finished by an earlier, interrupted run of the same stage identity
+        pending.append((name, recs))
+    plan = plan_actors(job.sketch.use_gpu, job.sketch.num_actors, "sketch")
+    if pending:
+        log.info("score: cascade teacher on %d rows in %d shards (%d resumed), %s",
+                 sum(len(r) for _, r in pending), len(pending), len(shards) - len(pending), plan)
+    _, compute_s = _sketch_shards(job, plan, pending, shard_dir)
+
+    d = job.sketch.proj_dim
+    out: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+    for group in groups:
+        ids: list[str] = []
+        mats, oks = [], []
+        for name, recs in shards:
+            if not name.startswith(group + "-"):
+                continue
+            t = pq.read_table(storage.local_path(path(name)), columns=[ID, SKETCH])
+            # Align by id: the shard's row order is whatever the actors returned.
+            pos = {rid: i for i, rid in enumerate(t.column(ID).to_pylist())}
+            take = pa.array([pos[r[ID]] for r in recs], pa.int64())
+            sk = t.column(SKETCH).take(take).combine_chunks()
+            ok = np.asarray(sk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+            mat = np.zeros((len(recs), d), dtype=np.float32)
+            if ok.any():
+                mat[ok] = np.asarray(sk.filter(pa.array(ok)).flatten(), dtype=np.float32).reshape(-1, d)
+            ids += [r[ID] for r in recs]
+            mats.append(mat)
+            oks.append(ok)
+        out[group] = (ids, np.concatenate(mats) if mats else np.zeros((0, d), np.float32),
+                      np.concatenate(oks) if oks else np.zeros(0, bool))
+    computed = sum(len(r) for _, r in pending)
+    return out, {"compute_s": float(compute_s), "computed_rows": computed, "shards": len(shards),
+                 "resumed_shards": len(shards) - len(pending)}

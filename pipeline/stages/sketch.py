@@ -6,11 +6,14 @@ rows -> `map_batches` over a stateful `SketchActor` (teacher loaded once per act
 actor, or fractional CPU actors) -> the driver writes each shard atomically into the work dir as
 soon as all its rows are back. A crash loses at most the shards in flight: a rerun recomputes only
 shards without a file. Finally the shards are assembled into `sketch/anchors/` and `sketch/pool/`
-and a fidelity check (exact vs sketched cosines) is recorded in the manifest.
+and a fidelity check (exact vs sketched cosines) is recorded in the manifest. The same check is the
+precision gate: each checked row's sketch must match the CountSketch of its float32 batch-size-1
+gradient (cosine >= sketch.fidelity_min_cos), else the stage fails naming the rows and the fix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -46,10 +49,10 @@ class SketchActor:
     """Ray Data actor: loads the teacher once, turns batches of rows into unit-norm sketches."""
 
     def __init__(self, teacher: TeacherConfig, proj_dim: int, proj_seed: int, lora_seed: int,
-                 batch_size: int, torch_threads: int, use_gpu: bool):
+                 batch_size: int, torch_threads: int, use_gpu: bool, token_budget: int | None = None):
         from pipeline.teacher import TeacherSketcher
 
-        self.batch_size = batch_size
+        self.batch_size, self.token_budget = batch_size, token_budget
         self.sketcher = TeacherSketcher(teacher, proj_dim=proj_dim, proj_seed=proj_seed, lora_seed=lora_seed,
                                         device="cuda" if use_gpu else "cpu", torch_threads=torch_threads)
         self.proj_dim = proj_dim
@@ -58,7 +61,7 @@ class SketchActor:
         n = batch.num_rows
         t0 = time.perf_counter()
         res = self.sketcher.sketch(batch.column(PROMPT).to_pylist(), batch.column(RESPONSE).to_pylist(),
-                                   self.batch_size)
+                                   self.batch_size, self.token_budget)
         compute_s = time.perf_counter() - t0  # model load excluded: it happened in __init__
         flat = np.zeros((n, self.proj_dim), dtype=np.float32)
         valid = np.zeros(n, dtype=bool)
@@ -74,9 +77,11 @@ class SketchActor:
         return pa.table({
             SHARD: batch.column(SHARD), ID: batch.column(ID), SPLIT: batch.column(SPLIT),
             SOURCE: batch.column(SOURCE), ROW: batch.column(ROW), TEXT: batch.column(TEXT),
+            PROMPT: batch.column(PROMPT), RESPONSE: batch.column(RESPONSE),  # the encoder's view (fit)
             SKETCH: sketches, REASON: pa.array(reasons, pa.string()),
             "tokens": pa.array([res.tokens if i == 0 else 0 for i in range(n)], pa.int64()),
             "compute_s": pa.array([compute_s if i == 0 else 0.0 for i in range(n)], pa.float64()),
+            "dtype": pa.array([self.sketcher.dtype_name] * n, pa.string()),  # the precision, for the manifest
         })
 
 
@@ -176,7 +181,12 @@ def run(ctx: StageRun) -> None:
     log.info("sketch: %d anchors + %d pool rows in %d shards (%d already done), %s",
              len(selected["anchors"]), len(selected["pool"]), len(all_shards), len(all_shards) - len(pending), plan)
     t0 = time.perf_counter()
-    tokens, compute_s = _sketch_shards(job, plan, pending, shard_dir)
+    # The fp32 reference of the gate rows comes first: with teacher.dtype=auto it also decides the
+    # precision (bf16 only where native AND it holds the gate's tolerance on these rows).
+    reference = _reference(job, plan, selected)
+    run_job = dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=reference["chosen"]))
+    dtypes: set[str] = set()
+    tokens, compute_s = _sketch_shards(run_job, plan, pending, shard_dir, dtypes=dtypes)
     sketch_seconds = time.perf_counter() - t0
 
     tables = {role: [] for role in ROLES}
@@ -192,8 +202,9 @@ def run(ctx: StageRun) -> None:
             b = table.filter(bad_mask)
             rejects.append(pa.table({SOURCE: b.column(SOURCE), ROW: b.column(ROW), ID: b.column(ID), REASON: b.column(REASON)}))
         good = table.filter(pa.compute.invert(bad_mask))
-        out = good.select([ID, SPLIT, SKETCH, TEXT]).cast(
-            pa.schema([*sketch_schema(cfg.proj_dim), pa.field(TEXT, pa.string())]))
+        out = good.select([ID, SPLIT, SKETCH, TEXT, PROMPT, RESPONSE]).cast(
+            pa.schema([*sketch_schema(cfg.proj_dim), pa.field(TEXT, pa.string()), pa.field(PROMPT, pa.string()),
+                       pa.field(RESPONSE, pa.string())]))
         role_dir = storage.join(ctx.out_dir, role)
         storage.makedirs(role_dir)
         fs, path = storage.filesystem(storage.join(role_dir, "part-00000.parquet"))
@@ -207,7 +218,7 @@ def run(ctx: StageRun) -> None:
                                                                        REASON: pa.array([], pa.string())})
     ctx.write_rejects(all_rejects, total_rows=rows_read, max_frac=cfg.max_reject_frac, what="sketch")
     n_sketched = sum(t.num_rows for ts in tables.values() for t in ts)
-    fidelity = _fidelity_check(job, plan, selected, ctx.out_dir)
+    fidelity = _fidelity_check(job, reference, ctx.out_dir, dtypes)
     ctx.record(
         rows=counts,
         rows_read=rows_read,
@@ -217,18 +228,31 @@ def run(ctx: StageRun) -> None:
                     "actor_compute_s": round(compute_s, 3),
                     "samples_per_s": round(len([r for _, rows in pending for r in rows]) / max(sketch_seconds, 1e-9), 3)},
         fidelity=fidelity,
+        # `compute`: what the actors of THIS run used (empty when every shard was already done).
+        precision={"requested": job.teacher.dtype, "chosen": reference["chosen"], "probe": reference["probe"],
+                   "compute": sorted(dtypes), "accumulate": "float32",
+                   "token_budget": cfg.token_budget, "gate": fidelity.get("precision_gate")},
     )
 
 
 def _sketch_shards(job: JobConfig, plan: ActorPlan, pending: list[tuple[str, list[dict]]],
-                   shard_dir: str) -> tuple[int, float]:
+                   shard_dir: str, dtypes: set[str] | None = None) -> tuple[int, float]:
     """Run the actor pool over pending shards; write each shard file when all its rows are back.
-    Returns (tokens processed, actor compute seconds)."""
+    Returns (tokens processed, actor compute seconds); ``dtypes``, if given, receives the compute
+    precisions the actors used (``bfloat16``/``float32``)."""
     import ray
 
     if not pending:
         return 0, 0.0
     cfg = job.sketch
+    if job.teacher.dtype == "auto":
+        # Callers after the sketch stage (eval's gradient method, the score cascade) compute in the
+        # precision the sketch stage chose and gated, so their sketches compare with its sketches.
+        from pipeline.artifacts import read_manifest
+
+        chosen = ((read_manifest(job, "sketch") or {}).get("precision") or {}).get("chosen")
+        if chosen in ("float32", "bfloat16"):
+            job = dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=chosen))
     cols = [SHARD, ID, SPLIT, SOURCE, ROW, TEXT, PROMPT, RESPONSE]
     blocks = [pa.Table.from_pylist([{**{k: r.get(k) for k in cols if k != SHARD}, SHARD: name} for r in rows])
               .select(cols) for name, rows in pending]
@@ -238,7 +262,8 @@ def _sketch_shards(job: JobConfig, plan: ActorPlan, pending: list[tuple[str, lis
         SketchActor,
         fn_constructor_kwargs=dict(teacher=job.teacher, proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed,
                                    lora_seed=job.lora_seed, batch_size=cfg.batch_size,
-                                   torch_threads=plan.torch_threads, use_gpu=plan.use_gpu),
+                                   torch_threads=plan.torch_threads, use_gpu=plan.use_gpu,
+                                   token_budget=cfg.token_budget),
         batch_size=cfg.rows_per_shard,
         batch_format="pyarrow",
         **plan.map_batches_kwargs(),
@@ -249,7 +274,9 @@ def _sketch_shards(job: JobConfig, plan: ActorPlan, pending: list[tuple[str, lis
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         tokens += int(pa.compute.sum(batch.column("tokens")).as_py() or 0)
         compute_s += float(pa.compute.sum(batch.column("compute_s")).as_py() or 0.0)
-        batch = batch.drop_columns(["tokens", "compute_s"])
+        if dtypes is not None:
+            dtypes.update(batch.column("dtype").unique().to_pylist())
+        batch = batch.drop_columns(["tokens", "compute_s", "dtype"])
         for name in set(batch.column(SHARD).to_pylist()):
             part = batch.filter(pa.compute.equal(batch.column(SHARD), name))
             buffers.setdefault(name, []).append(part)
@@ -273,14 +300,82 @@ def _write_atomic(table: pa.Table, path: str) -> None:
     storage.move(tmp, path)
 
 
-def _fidelity_check(job: JobConfig, plan: ActorPlan, selected: dict[str, list[dict]], out_dir: str) -> dict[str, Any]:
-    """Exact gradients of a few samples vs the pipeline's own sketches of the same samples."""
+def _gate_rows(job: JobConfig, selected: dict[str, list[dict]]) -> list[tuple[str, dict]]:
+    """The fidelity/precision-gate sample: the first anchors and pool rows of the seeded order."""
+    n = job.sketch.fidelity_samples
+    return [("anchors", r) for r in selected["anchors"][: n // 2]] + [("pool", r) for r in selected["pool"][: n - n // 2]]
+
+
+def _reference(job: JobConfig, plan: ActorPlan, selected: dict[str, list[dict]]) -> dict[str, Any]:
+    """Float32 batch-size-1 gradients and CountSketches of the gate rows, and the precision to run in.
+
+    `teacher.dtype=auto` becomes `bfloat16` only when the worker has native bf16 and bf16
+    token-budget sketches of these rows reach sketch.fidelity_min_cos against the fp32 reference
+    (a probe of a few rows), else `float32`; explicit dtypes are kept (the gate judges them later).
+    """
     import ray
 
-    n = job.sketch.fidelity_samples
-    if n < 2:
-        return {"samples": 0}
-    keyed = [("anchors", r) for r in selected["anchors"][: n // 2]] + [("pool", r) for r in selected["pool"][: n - n // 2]]
+    keyed = _gate_rows(job, selected) if job.sketch.fidelity_samples >= 2 else []
+    if len(keyed) < 2:  # too few rows to judge bf16: auto stays on the float32 side
+        chosen = "float32" if job.teacher.dtype == "auto" else job.teacher.dtype
+        return {"keyed": [], "grads": None, "ref": None, "chosen": chosen,
+                "probe": "not run: fewer than 2 gate rows (sketch.fidelity_samples); auto means float32"}
+
+    # max_calls=1: the worker exits right after this one task instead of idling in Ray's pool with
+    # torch's thread pools alive (a reused/killed idle worker aborted at teardown in testing).
+    @ray.remote(num_cpus=plan.num_cpus if not plan.use_gpu else 1, num_gpus=plan.num_gpus, max_calls=1)
+    def exact(teacher, lora_seed, sketch_cfg, prompts, responses, threads, use_gpu):
+        import numpy as np
+        import torch
+
+        from pipeline.sketching import l2_normalize
+        from pipeline.teacher import TeacherSketcher, native_bf16, precision_check
+
+        # The reference is float32 whatever the stage runs in: it is what bf16 is measured against.
+        ts = TeacherSketcher(dataclasses.replace(teacher, dtype="float32"), proj_dim=sketch_cfg.proj_dim,
+                             proj_seed=sketch_cfg.proj_seed, lora_seed=lora_seed,
+                             device="cuda" if use_gpu else "cpu", torch_threads=threads)
+        accepted, _ = ts.examples(prompts, responses)  # a row without a loss span has no gradient to check
+        ok = sorted(accepted)
+        prompts, responses = [prompts[i] for i in ok], [responses[i] for i in ok]
+        if len(ok) < 2:
+            return ok, None, None, ("float32" if teacher.dtype == "auto" else teacher.dtype), \
+                "not run: fewer than 2 gate rows with a loss span"
+        grads = ts.exact_gradients(prompts, responses)
+        ref = l2_normalize(ts.sketcher.project(torch.from_numpy(grads).to(ts.device))).cpu().numpy()
+        chosen, probe = teacher.dtype, "not needed: teacher.dtype is explicit"
+        if teacher.dtype == "auto":
+            if not native_bf16(ts.device):
+                chosen, probe = "float32", f"not run: no native bf16 on {ts.device.type}"
+            else:
+                ts.autocast_dtype = torch.bfloat16  # same weights and adapter, bf16 compute
+                res = ts.sketch(prompts, responses, sketch_cfg.batch_size, sketch_cfg.token_budget)
+                full = np.zeros_like(ref)
+                full[res.ok_index] = res.sketches
+                probe = precision_check(full, ref, [str(i) for i in range(len(prompts))], sketch_cfg.fidelity_min_cos)
+                chosen = "bfloat16" if probe["passed"] else "float32"
+                probe = {k: probe[k] for k in ("rows", "min", "mean", "min_cos", "passed")}
+        return ok, grads, ref, chosen, probe
+
+    ok, grads, ref, chosen, probe = ray.get(exact.remote(
+        job.teacher, job.lora_seed, job.sketch, [r[PROMPT] for _, r in keyed], [r[RESPONSE] for _, r in keyed],
+        plan.torch_threads, plan.use_gpu))
+    if job.teacher.dtype == "auto":
+        log.info("sketch: teacher.dtype=auto -> %s (bf16 probe: %s)", chosen, probe)
+    return {"keyed": [keyed[i] for i in ok], "grads": grads, "ref": ref, "chosen": chosen, "probe": probe}
+
+
+def _fidelity_check(job: JobConfig, reference: dict[str, Any], out_dir: str,
+                    dtypes: set[str] | None = None) -> dict[str, Any]:
+    """The reference rows' exact float32 batch-size-1 gradients vs the stage's own sketches of them.
+
+    Two checks on the same rows: the pairwise cosine errors of the sketch width (a warning, raise
+    proj_dim), and the precision gate (a failure): each row's stage sketch against the CountSketch
+    of its fp32 reference gradient, which catches a precision (bf16) or batching path that drifted.
+    """
+    keyed = reference["keyed"]
+    if len(keyed) < 2:
+        return {"samples": 0, "precision_gate": {"rows": 0, "skipped": "fewer than 2 gate rows"}}
     sketches = {}
     for role in ROLES:
         t = pq.read_table(storage.local_path(storage.join(out_dir, role, "part-00000.parquet")), columns=[ID, SKETCH])
@@ -288,32 +383,36 @@ def _fidelity_check(job: JobConfig, plan: ActorPlan, selected: dict[str, list[di
         mat = np.asarray(t.column(SKETCH).combine_chunks().flatten()).reshape(len(ids), -1) if ids else None
         for i, rid in enumerate(ids):
             sketches[(role, rid)] = mat[i]
-    keyed = [(role, r) for role, r in keyed if (role, r[ID]) in sketches]
-    if len(keyed) < 2:
-        return {"samples": len(keyed)}
-    sk = np.stack([sketches[(role, r[ID])] for role, r in keyed])
-
-    # max_calls=1: the worker exits right after this one task instead of idling in Ray's pool with
-    # torch's thread pools alive (a reused/killed idle worker aborted at teardown in testing).
-    @ray.remote(num_cpus=plan.num_cpus if not plan.use_gpu else 1, num_gpus=plan.num_gpus, max_calls=1)
-    def exact(teacher, lora_seed, proj_dim, proj_seed, prompts, responses, threads, use_gpu):
-        from pipeline.teacher import TeacherSketcher
-
-        ts = TeacherSketcher(teacher, proj_dim=proj_dim, proj_seed=proj_seed, lora_seed=lora_seed,
-                             device="cuda" if use_gpu else "cpu", torch_threads=threads)
-        return ts.exact_gradients(prompts, responses)
-
-    grads = ray.get(exact.remote(job.teacher, job.lora_seed, job.sketch.proj_dim, job.sketch.proj_seed,
-                                 [r[PROMPT] for _, r in keyed], [r[RESPONSE] for _, r in keyed],
-                                 plan.torch_threads, plan.use_gpu))
-    from pipeline.teacher import fidelity_report
+    present = [k for k, (role, r) in enumerate(keyed) if (role, r[ID]) in sketches]  # rejected rows have none
+    if len(present) < 2:
+        return {"samples": len(present), "precision_gate": {"rows": 0, "skipped": "fewer than 2 sketched gate rows"}}
+    sk = np.stack([sketches[(keyed[k][0], keyed[k][1][ID])] for k in present])
+    grads, ref = reference["grads"][present], reference["ref"][present]
+    from pipeline.teacher import fidelity_report, precision_check
 
     report = fidelity_report(grads, sk)
-    report["ids"] = [r[ID] for _, r in keyed]
+    report["ids"] = [keyed[k][1][ID] for k in present]
     if report["max_abs_err"] > job.sketch.fidelity_warn_max_err:
         log.warning("sketch fidelity: max |exact cos - sketch cos| = %.3f > %.2f; raise sketch.proj_dim.",
                     report["max_abs_err"], job.sketch.fidelity_warn_max_err)
     else:
         log.info("sketch fidelity: mean |err| %.4f, max |err| %.4f, spearman %.4f",
                  report["mean_abs_err"], report["max_abs_err"], report["spearman"])
+
+    gate = precision_check(sk, ref, report["ids"], job.sketch.fidelity_min_cos)
+    report["precision_gate"] = gate
+    if not gate["passed"]:
+        from pipeline.errors import StageError
+
+        used = sorted(dtypes) if dtypes else [reference["chosen"]]
+        worst = ", ".join(f"{i}: {gate['cosines'][i]:.5f}" for i in gate["failed"][:8])
+        fix = ("--set teacher.dtype=float32 (bf16 does not hold the tolerance for this model and data)"
+               if used != ["float32"] else
+               "float32 batched gradients disagree with batch-size-1 ones, a per-sample gradient bug for "
+               "this model: try --set teacher.attn_implementation=eager, or report it")
+        raise StageError(
+            f"sketch: precision gate failed: {len(gate['failed'])} of {gate['rows']} checked rows have a cosine "
+            f"below sketch.fidelity_min_cos={gate['min_cos']} between the stage's sketch ({', '.join(used)}) and "
+            f"the CountSketch of their float32 batch-size-1 gradient ({worst}). Fix: {fix}.")
+    log.info("sketch precision gate: %d rows, min cosine %.6f >= %.4f", gate["rows"], gate["min"], gate["min_cos"])
     return report

@@ -1,0 +1,403 @@
+"""The teacher re-rank cascade (score.rerank_top) and the score stage's fidelity gate.
+
+- pipeline/cascade.py (pure numpy): checked against brute-force Python sorts on seeded random data.
+- The score stage end to end on a tiny GSM8K corpus (`slow`): local Ray, real MiniLM (encode), real
+  LanceDB, the real SmolLM2 teacher (short max_len), checked against the teacher run directly. The
+  fit stage is a stand-in that exports the offline MiniLM and writes a fit/metrics.json, so
+  manifests and identities are the real ones.
+- eval's cascade block on synthetic scores, and the whole job with the cascade on the fixture
+  corpora with the tiny models (`tiny_job`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import artifacts, cascade
+from pipeline.config import load_job
+from pipeline.errors import ConfigError
+
+MAX_LEN = 64
+
+
+# --------------------------------------------------------------------------- pure maths
+
+
+def _brute_cascade(ids, enc, teach, k):
+    """Reference: sort with Python keys, re-rank the first k by (teacher desc, id), NaN last."""
+    order = sorted(range(len(ids)), key=lambda i: (-enc[i], ids[i]))
+    block, rest = order[:k], order[k:]
+    scored = sorted([i for i in block if not math.isnan(teach[i])], key=lambda i: (-teach[i], ids[i]))
+    unscored = [i for i in block if math.isnan(teach[i])]
+    return scored + unscored + rest
+
+
+def _random_case(seed, n=40, ties=True):
+    rng = np.random.default_rng(seed)
+    ids = np.array([f"r{i:03d}" for i in rng.permutation(n)])
+    # Rounded scores make ties common, so the id tie-break is exercised.
+    enc = np.round(rng.normal(size=n), 1 if ties else 6)
+    teach = np.round(rng.normal(size=n), 1 if ties else 6)
+    return ids, enc, teach
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_cascade_order_matches_a_brute_force_sort(seed, k):
+    ids, enc, teach = _random_case(seed)
+    teach[np.random.default_rng(seed + 10).choice(len(ids), 3, replace=False)] = np.nan  # teacher rejects
+    got = cascade.cascade_order(ids, enc, teach, k)
+    assert got.tolist() == _brute_cascade(ids.tolist(), enc.tolist(), teach.tolist(), k)
+
+
+def test_block_follows_the_teacher_and_rows_past_k_keep_the_encoder_order():
+    ids, enc, teach = _random_case(3, ties=False)
+    k = 10
+    order = cascade.cascade_order(ids, enc, teach, k)
+    enc_order = np.lexsort((ids, -enc))
+    assert set(order[:k]) == set(enc_order[:k])              # the block is the encoder's top k
+    assert (np.diff(teach[order[:k]]) <= 0).all()            # ... ordered by the teacher
+    assert order[k:].tolist() == enc_order[k:].tolist()      # the rest: encoder order, untouched
+
+
+def test_ties_in_the_teacher_score_break_by_id():
+    ids = np.array(["c", "a", "d", "b"])
+    perm = cascade.rerank(ids, np.array([0.5, 0.5, 0.9, 0.5]))
+    assert ids[perm].tolist() == ["d", "a", "b", "c"]
+    # NaN (teacher rejected) rows go last, in the order given (the encoder's), not by id.
+    perm = cascade.rerank(ids, np.array([np.nan, 0.1, np.nan, 0.2]))
+    assert ids[perm].tolist() == ["b", "a", "c", "d"]
+
+
+@pytest.mark.parametrize("top, n, want", [(0.2, 10, 2), (0.25, 10, 3), (0.001, 10, 1), (0.5, 1, 1),
+                                          (3, 10, 3), (3.0, 10, 3), (50, 10, 10), (1, 10, 1), (0.2, 0, 0)])
+def test_resolve_k_fraction_or_count(top, n, want):
+    assert cascade.resolve_k(top, n) == want
+
+
+def test_resolve_k_refuses_a_fractional_count():
+    with pytest.raises(ValueError, match="whole number"):
+        cascade.resolve_k(2.5, 10)
+
+
+def test_scores_from_order_rank_exactly_like_the_order():
+    ids, enc, teach = _random_case(4)
+    order = cascade.cascade_order(ids, enc, teach, 12)
+    s = cascade.scores_from_order(order)
+    assert len(set(s.tolist())) == len(s)                    # no ties: metrics see exactly this order
+    assert np.argsort(-s, kind="stable").tolist() == order.tolist()
+
+
+def test_per_query_cascade_reranks_each_querys_own_top_k():
+    rng = np.random.default_rng(5)
+    ids = np.array([f"r{i:02d}" for i in range(30)])
+    enc, teach = rng.normal(size=(4, 30)), rng.normal(size=(4, 30))
+    s = cascade.per_query_cascade_scores(ids, enc, teach, 6)
+    for q in range(4):
+        assert np.argsort(-s[q], kind="stable").tolist() == _brute_cascade(ids.tolist(), enc[q].tolist(),
+                                                                           teach[q].tolist(), 6)
+    need = cascade.rows_needing_teacher(ids, enc.mean(0), enc, 6)
+    want = set(np.argsort(-enc.mean(0))[:6].tolist()) | {j for q in range(4) for j in np.argsort(-enc[q])[:6]}
+    assert need.tolist() == sorted(want)
+
+
+def test_teacher_scores_skip_rejected_queries_and_mark_rejected_rows():
+    rng = np.random.default_rng(6)
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    rows, qs = unit(rng.normal(size=(5, 8))), unit(rng.normal(size=(3, 8)))
+    rv, qv = np.array([1, 1, 0, 1, 1], bool), np.array([1, 0, 1], bool)
+    cos, mean = cascade.teacher_scores(rows, rv, qs, qv)
+    want = (qs[[0, 2]] @ rows.T).mean(0)
+    assert np.isnan(mean[2]) and np.isnan(cos[1]).all() and np.isnan(cos[:, 2]).all()
+    np.testing.assert_allclose(mean[rv], want[rv])
+    with pytest.raises(ValueError, match="every query"):
+        cascade.teacher_scores(rows, rv, qs, np.zeros(3, bool))
+
+
+def _minimal_job(tmp_path, **score):
+    return {"run_dir": str(tmp_path / "run"), "corpus": {"path": str(tmp_path)}, "anchors": {"path": str(tmp_path)},
+            "score": score}
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 0.0])
+def test_config_refuses_bad_rerank_top(tmp_path, bad):
+    with pytest.raises(ConfigError, match="score.rerank_top"):
+        load_job(data=_minimal_job(tmp_path, rerank_top=bad))
+
+
+def test_config_accepts_a_fraction_or_a_count_and_cascade_needs_influcoder(tmp_path):
+    assert load_job(data=_minimal_job(tmp_path, rerank_top=0.2)).score.rerank_top == 0.2
+    assert load_job(data=_minimal_job(tmp_path, rerank_top=50)).score.rerank_top == 50
+    with pytest.raises(ConfigError, match="eval.methods"):
+        load_job(data={**_minimal_job(tmp_path), "eval": {"methods": ["gradient", "cascade"]}})
+
+
+# --------------------------------------------------------------------------- fidelity gate
+
+
+@pytest.mark.parametrize("metrics, passed, exported", [
+    ({"untrained": {"spearman_aggregated": 0.3}, "exported": {"spearman_aggregated": 0.5, "spearman_per_anchor": 0.1},
+      "selected_epoch": 1, "epochs": [{"epoch": 1, "spearman_aggregated": 0.1}]}, True, 0.5),
+    ({"untrained": {"spearman_aggregated": 0.3}, "exported": {"spearman_aggregated": 0.3}}, False, 0.3),  # strict
+    # Older artifacts: no `exported`, the selected epoch's entry counts.
+    ({"untrained": {"spearman_aggregated": 0.3}, "selected_epoch": 2,
+      "epochs": [{"epoch": 1, "spearman_aggregated": 0.9}, {"epoch": 2, "spearman_aggregated": 0.2}]}, False, 0.2),
+    ({"untrained": {"spearman_aggregated": 0.3}, "selected_epoch": 1,
+      "epochs": [{"epoch": 1, "spearman_aggregated": 0.4}]}, True, 0.4),
+])
+def test_fidelity_gate_reads_fit_metrics(tmp_path, metrics, passed, exported):
+    from pipeline.stages.score import fidelity_gate
+
+    p = tmp_path / "metrics.json"
+    p.write_text(json.dumps(metrics))
+    gate = fidelity_gate(str(p))
+    assert gate["passed"] is passed and gate["exported"] == exported and gate["untrained"] == 0.3
+
+
+def test_fidelity_gate_without_figures_is_not_a_verdict(tmp_path):
+    from pipeline.stages.score import fidelity_gate
+
+    assert fidelity_gate(str(tmp_path / "missing.json"))["passed"] is None
+    p = tmp_path / "metrics.json"
+    p.write_text(json.dumps({"untrained": {"spearman_aggregated": float("nan")},
+                             "exported": {"spearman_aggregated": 0.2}}))
+    assert fidelity_gate(str(p))["passed"] is None
+
+
+# --------------------------------------------------------------------------- the score stage
+
+
+def _gsm8k(shared_data: Path, split: str, n: int) -> list[dict]:
+    with open(shared_data / "gsm8k" / f"{split}.jsonl") as f:
+        return [json.loads(line) for line in f.readlines()[:n]]
+
+
+def _cascade_job(tmp: Path, shared_data: Path, n_rows: int, n_queries: int) -> dict:
+    corpus = tmp / "corpus"
+    corpus.mkdir(parents=True)
+    rows = [{**r, "rid": f"row{i:03d}"} for i, r in enumerate(_gsm8k(shared_data, "train", n_rows))]
+    half = n_rows // 2
+    pq.write_table(pa.Table.from_pylist(rows[:half]), corpus / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[half:]), corpus / "part-00001.parquet")
+    (tmp / "queries").mkdir()
+    queries = [{**r, "qid": f"q{i}"} for i, r in enumerate(_gsm8k(shared_data, "test", n_queries))]
+    pq.write_table(pa.Table.from_pylist(queries), tmp / "queries" / "q.parquet")
+    mapping = {"prompt_column": "question", "response_column": "answer"}
+    return {
+        "run_dir": str(tmp / "run"),
+        "corpus": {"path": str(corpus), "id_column": "rid", **mapping},
+        "anchors": {"path": str(tmp / "queries"), **mapping},
+        "teacher": {"model": "smollm2-135m-instruct", "max_len": 48},
+        "sketch": {"batch_size": 4, "proj_dim": 1024, "rows_per_shard": 4},
+        "encoder": {"model": "all-minilm-l6-v2", "max_len": MAX_LEN},
+        "encode": {"batch_size": 32, "index": "none"},
+        "score": {"queries": {"path": str(tmp / "queries"), "id_column": "qid", **mapping}, "top_k": 3},
+        "ray": {"num_cpus": 2},
+    }
+
+
+def _fake_upstream(job, fit_metrics: dict) -> None:
+    """sketch: an empty stage; fit: the offline MiniLM exported as the 'fitted' encoder + metrics.json."""
+    from pipeline.encoder import TextEncoder
+    from pipeline.models import resolve_encoder
+
+    def fit(ctx):
+        TextEncoder(resolve_encoder("all-minilm-l6-v2"), MAX_LEN).save(os.path.join(ctx.out_dir, "encoder"))
+        Path(ctx.out_dir, "metrics.json").write_text(json.dumps(fit_metrics))
+
+    artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
+    artifacts.run_stage(job, "fit", runner=fit)
+
+
+def _teacher(job):
+    from pipeline.teacher import TeacherSketcher
+
+    return TeacherSketcher(job.teacher, proj_dim=job.sketch.proj_dim, proj_seed=job.sketch.proj_seed,
+                           lora_seed=job.lora_seed, device="cpu", torch_threads=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_score_cascade_reranks_the_top_rows_by_the_teacher(tmp_path, shared_data, ray_local):
+    n, k = 24, 6
+    data = _cascade_job(tmp_path, shared_data, n_rows=n, n_queries=3)
+    data["score"].update(rerank_top=k, select_top_frac=0.125)  # selects ceil(3) rows: inside the block
+    job = load_job(data=data)
+    _fake_upstream(job, {"untrained": {"spearman_aggregated": 0.30, "spearman_per_anchor": 0.2},
+                         "exported": {"spearman_aggregated": 0.10, "spearman_per_anchor": 0.1}})
+    artifacts.run_stage(job, "encode")
+    m = artifacts.run_stage(job, "score")
+
+    assert m["fidelity_gate"] == {"passed": False, "exported": 0.10, "untrained": 0.30, "source": "exported"}
+    c = m["cascade"]
+    assert c["k"] == k and c["rows"] == k and c["of_rows"] == n and c["teacher_s"] > 0
+    assert c["shards"] == {"total": 1 + math.ceil(k / 4), "resumed": 0}  # 3 queries + 6 rows, 4 per shard
+
+    t = pq.read_table(Path(job.run_dir) / "score" / "scores.parquet").to_pylist()
+    assert [r["rank"] for r in t] == list(range(1, n + 1))
+    block, rest = t[:k], t[k:]
+    assert all(r["reranked"] for r in block) and not any(r["reranked"] for r in rest)
+    assert all(r["teacher_score"] is None for r in rest)
+    # The block is the encoder's top k (by its mean score, ties by id) ...
+    enc_order = sorted(t, key=lambda r: (-r["score"], r["id"]))
+    assert {r["id"] for r in block} == {r["id"] for r in enc_order[:k]}
+    # ... rows past k keep the encoder order ...
+    assert [r["id"] for r in rest] == [r["id"] for r in enc_order[k:]]
+    # ... and the block is ordered by the teacher, ties by id.
+    assert [r["id"] for r in block] == [r["id"] for r in sorted(block, key=lambda r: (-r["teacher_score"], r["id"]))]
+    assert c["rows_moved"] == sum(a["id"] != b["id"] for a, b in zip(block, enc_order[:k]))
+
+    # The teacher scores equal an independent computation: TeacherSketcher on the raw rows.
+    corpus = {r["rid"]: r for f in sorted((tmp_path / "corpus").glob("*.parquet"))
+              for r in pq.read_table(f).to_pylist()}
+    queries = pq.read_table(tmp_path / "queries" / "q.parquet").to_pylist()
+    teacher = _teacher(job)
+    rs = teacher.sketch([corpus[r["id"]]["question"] for r in block], [corpus[r["id"]]["answer"] for r in block], 4)
+    qs = teacher.sketch([q["question"] for q in queries], [q["answer"] for q in queries], 4)
+    assert not rs.rejects and not qs.rejects
+    r_mat = rs.sketches / np.linalg.norm(rs.sketches, axis=1, keepdims=True)
+    q_mat = qs.sketches / np.linalg.norm(qs.sketches, axis=1, keepdims=True)
+    want = (q_mat @ r_mat.T).mean(axis=0)
+    np.testing.assert_allclose([r["teacher_score"] for r in block], want, atol=2e-4)
+
+    # The curation selection follows the cascade's ranks.
+    sel = pq.read_table(Path(job.run_dir) / "score" / "selected_ids.parquet").to_pylist()
+    assert [r["id"] for r in sel] == [r["id"] for r in t[:3]] and [r["rank"] for r in sel] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cascade_teacher_shards_resume(tmp_path, shared_data, ray_local):
+    """A shard file with the expected ids is reused as is (a crash does not redo it); one with other
+    ids (another shard size, another block) is recomputed."""
+    from pipeline.schema import ID, SKETCH
+    from pipeline.stages.score import teacher_sketch_groups
+
+    data = _cascade_job(tmp_path, shared_data, n_rows=6, n_queries=1)
+    job = load_job(data=data)
+    recs = [{"id": f"row{i}", "source": "gsm8k", "row": i, "text": r["question"], "prompt": r["question"],
+             "response": r["answer"]}
+            for i, r in enumerate(_gsm8k(shared_data, "train", 6))]
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    d = job.sketch.proj_dim
+
+    def shard(ids, fill):
+        flat = pa.array(np.full(len(ids) * d, fill, np.float32))
+        return pa.table({ID: ids, SKETCH: pa.FixedSizeListArray.from_arrays(flat, d)})
+
+    # rows-00000 "finished" earlier (a marker sketch), rows-00001 left over from another block.
+    pq.write_table(shard(["row0", "row1", "row2", "row3"], 0.5), shard_dir / "rows-00000.parquet")
+    pq.write_table(shard(["other"], 0.25), shard_dir / "rows-00001.parquet")
+    out, info = teacher_sketch_groups(job, {"rows": recs}, str(shard_dir))
+    assert info["shards"] == 2 and info["resumed_shards"] == 1 and info["computed_rows"] == 2
+    ids, mat, ok = out["rows"]
+    assert ids == [r["id"] for r in recs] and ok.all()
+    assert (mat[:4] == 0.5).all()                                   # reused, not recomputed
+    teacher = _teacher(job)
+    want = teacher.sketch([r["prompt"] for r in recs[4:]], [r["response"] for r in recs[4:]], 4).sketches
+    np.testing.assert_allclose(mat[4:], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the eval stage's cascade block
+
+
+def test_eval_cascade_metrics_follow_the_cascade_rankings(tmp_path):
+    """eval's cascade block on synthetic scores (the gradient method's matrix as the teacher, so no
+    model runs): AUPRC from the aggregate cascade order, MRR from each query's own re-ranked top-K,
+    cost = influcoder's + K/N of the teacher's."""
+    from pipeline import metrics
+    from pipeline.artifacts import StageRun
+    from pipeline.stages.eval import _cascade_method
+
+    rng = np.random.default_rng(7)
+    n, q, k = 60, 5, 12
+    ids = [f"r{i:03d}" for i in range(n)]
+    labels = (rng.random(n) < 0.2).astype(int)
+    labels[:2] = 1
+    enc = rng.normal(size=(q, n)) + 0.8 * labels          # a weak encoder
+    grad = rng.normal(size=(q, n)) * 0.3 + 2.0 * labels   # a teacher that knows the labels better
+    grad[:, 5] = 0.0                                      # a row the teacher rejected (zero sketch)
+    job = load_job(data=_minimal_job(tmp_path, rerank_top=k / n))
+    ctx = StageRun(job=job, stage="eval", config_hash="x", identity="x", upstream={"score": {"rows": {"scored": n}}},
+                   out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
+    results = {"influcoder": {"ms_per_sample": 0.5, "setup_s": 3.0, "bytes_per_sample": 768.0},
+               "gradient": {"ms_per_sample": 100.0}}
+    a, p = 4, 20
+    gt = rng.normal(size=(a, p))
+    curves, reps = {}, {}
+    _cascade_method(ctx, pa.table({"id": ids}), pa.table({"id": [f"q{i}" for i in range(q)]}), ids, labels,
+                    {"influcoder": enc, "gradient": grad}, {"influcoder": gt + rng.normal(size=(a, p))}, gt,
+                    [f"p{i:02d}" for i in range(p)], results, curves, reps)
+    r = results["cascade"]
+    assert r["k"] == k and r["ms_per_sample"] == pytest.approx(0.5 + k / n * 100.0)
+
+    # Aggregate: the encoder's top k by mean re-ranked by the teacher's mean (rejected row last).
+    t_mean = grad.mean(0).copy()
+    t_mean[5] = np.nan
+    order = _brute_cascade(ids, enc.mean(0).tolist(), t_mean.tolist(), k)
+    agg = np.empty(n)
+    agg[order] = np.arange(n, 0, -1)
+    assert r["auprc"] == pytest.approx(metrics.auprc(labels, agg))
+    assert r["auprc"] >= metrics.auprc(labels, enc.mean(0))  # the teacher knows better: the cascade gains
+    assert "cascade" in curves and "cascade" in reps
+
+    # Per query: that query's own encoder top k re-ranked by that query's teacher cosine.
+    rr = []
+    for j in range(q):
+        t = grad[j].copy()
+        t[5] = np.nan
+        ranked = _brute_cascade(ids, enc[j].tolist(), t.tolist(), k)
+        first = next(pos for pos, i in enumerate(ranked, start=1) if labels[i] == 1)
+        rr.append(1 / first)
+    assert r["mrr"] == pytest.approx(np.mean(rr))
+    assert r["heldout"]["spearman_aggregated"] is not None and r["consistency_with_score_stage"]["checked"] is False
+
+
+@pytest.mark.timeout(600)
+def test_whole_job_with_the_cascade(tiny_job, ray_local):
+    """Every stage with score.rerank_top on the fixture corpora (tiny models): scores.parquet carries the
+    cascade, eval reports `cascade` next to the others, and eval's block is the score stage's."""
+    from pipeline.config import STAGES
+
+    data = json.loads(json.dumps(tiny_job))
+    data["fit"]["epochs"] = 1
+    data["score"].update(rerank_top=0.25, select_top_frac=0.1)
+    data["eval"] = {"methods": ["influcoder", "gradient", "bm25", "cascade"], "recall_k": [5]}
+    job = load_job(data=data)
+    manifests = {stage: artifacts.run_stage(job, stage) for stage in STAGES}
+    c = manifests["score"]["cascade"]
+    n = manifests["score"]["rows"]["scored"]
+    assert c["k"] == math.ceil(0.25 * n) and "fidelity_gate" in manifests["score"]
+    t = pq.read_table(Path(job.run_dir) / "score" / "scores.parquet")
+    assert t.column_names == ["id", "score", "score_max", "rank", "teacher_score", "reranked"]
+    assert sum(t.column("reranked").to_pylist()) == c["k"]
+
+    m = json.loads((Path(job.run_dir) / "eval" / "metrics.json").read_text())
+    r = m["methods"]["cascade"]
+    assert r["k"] == c["k"] and {"auprc", "auprc_ci", "mrr", "recall@5", "heldout"} <= set(r)
+    g, i = m["methods"]["gradient"], m["methods"]["influcoder"]
+    assert r["ms_per_sample"] == pytest.approx(i["ms_per_sample"] + c["k"] / n * g["ms_per_sample"])
+    assert "cascade" in i["vs"]                                     # paired with influcoder's replicates
+    cons = r["consistency_with_score_stage"]
+    assert cons["checked"] and cons["block_overlap"] >= 0.8
+    assert "cascade" in (Path(job.run_dir) / "eval" / "report" / "report.md").read_text()
+
+    # Without the gradient method, eval runs the teacher on the rows the cascade needs only.
+    data["eval"]["methods"] = ["influcoder", "cascade"]
+    job2 = load_job(data=data)
+    artifacts.run_stage(job2, "eval", overwrite=True)
+    r2 = json.loads((Path(job.run_dir) / "eval" / "metrics.json").read_text())["methods"]["cascade"]
+    assert set(json.loads((Path(job.run_dir) / "eval" / "metrics.json").read_text())["methods"]) == {
+        "influcoder", "cascade"}
+    assert math.isfinite(r2["teacher_ms_per_row"]) and c["k"] <= r2["teacher_rows_per_query_union"] <= n
+    assert r2["auprc"] == pytest.approx(r["auprc"], abs=1e-6)  # the same teacher scores, the same ranking
+    assert r2["consistency_with_score_stage"]["block_overlap"] == cons["block_overlap"]

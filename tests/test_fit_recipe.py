@@ -1,0 +1,192 @@
+"""The student's recipe and honest measurement (issue 10): text views, the plain baseline, bootstrap
+CIs, the validation split, dropout, weight interpolation and the non-finite-loss guard.
+
+Real MiniLM tokenizer/weights where real behaviour is asserted (loading takes ~1 s); no Ray.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import metrics
+from pipeline.distill import check_finite
+from pipeline.models import resolve_encoder
+from pipeline.schema import ID, PROMPT, RESPONSE, SKETCH, SPLIT, TEXT
+from pipeline.stages.fit_data import load_fit_data
+from pipeline.textview import PairView, text_views, tokenize_views
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from pipeline.encoder import TextEncoder
+
+    return TextEncoder(resolve_encoder("all-minilm-l6-v2"), max_len=32)
+
+
+# --------------------------------------------------------------------------- text views
+
+
+def test_text_view_keeps_the_response_when_the_prompt_overflows(minilm):
+    prompt = " ".join(f"word{i}" for i in range(200))  # far longer than max_len
+    response = "the final answer is forty two"
+    views = text_views([f"{prompt}\n{response}"], [prompt], [response])
+    assert views == [PairView("", prompt, response)]
+    ids, cut = tokenize_views(minilm.tokenizer, views, 32)
+    decoded = minilm.tokenizer.decode(ids[0], skip_special_tokens=True)
+    assert len(ids[0]) == 32 and cut[0]
+    assert decoded.endswith(response)  # the whole response survives
+    assert "word199" in decoded and "word0 " not in decoded  # the prompt is cut from the left
+    # A plain text keeps its head instead (what SentenceTransformer does).
+    plain_ids, plain_cut = tokenize_views(minilm.tokenizer, [f"{prompt}\n{response}"], 32)
+    plain = minilm.tokenizer.decode(plain_ids[0], skip_special_tokens=True)
+    assert plain_cut[0] and plain.startswith("word0") and response not in plain
+
+
+def test_text_view_only_pairs_rows_whose_text_is_prompt_and_response():
+    views = text_views(["p\nr", "own encoder text", "just a statement"], ["p", "p", ""], ["r", "r", "just a statement"],
+                       prefix="Q: ")
+    assert views == [PairView("Q: ", "p", "r"), "Q: own encoder text", "Q: just a statement"]
+
+
+def test_a_pair_that_fits_embeds_like_its_plain_text(minilm):
+    prompt, response = "What colour is the sky?", "Blue, on a clear day."
+    a = minilm.embed(text_views([f"{prompt}\n{response}"], [prompt], [response]))
+    b = minilm.embed([f"{prompt}\n{response}"])
+    assert float(a[0] @ b[0]) > 0.9999
+
+
+def test_plain_baseline_embeds_what_sentence_transformers_gives():
+    """The untrained baseline must be MiniLM as its users run it: SentenceTransformer(model).encode."""
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.encoder import TextEncoder
+
+    model_dir = resolve_encoder("all-minilm-l6-v2")
+    st = SentenceTransformer(model_dir, device="cpu")
+    texts = ["Immigrants are ruining this country", "Solve 3 + 4 = ?\n7", "a " * 400]  # the last one overflows
+    ours = TextEncoder(model_dir, max_len=st.max_seq_length).embed(texts)
+    theirs = st.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_hand_checkable_cases():
+    const = metrics.bootstrap_ci(lambda i: 0.5, [20], resamples=200)
+    assert const == [0.5, 0.5]
+    x = np.r_[np.ones(300), np.zeros(700)]
+    lo, hi = metrics.bootstrap_ci(lambda i: float(x[i].mean()), [x.size], resamples=2000, seed=1)
+    half = 1.96 * np.sqrt(0.3 * 0.7 / x.size)  # normal approximation of a proportion's CI
+    assert lo == pytest.approx(0.3 - half, abs=0.008) and hi == pytest.approx(0.3 + half, abs=0.008)
+    # Paired replicates of one statistic differ by exactly 0.
+    reps = metrics.bootstrap_replicates(lambda i: float(x[i].mean()), [x.size], resamples=100, seed=3)
+    again = metrics.bootstrap_replicates(lambda i: float(x[i].mean()), [x.size], resamples=100, seed=3)
+    assert metrics.paired_difference(reps, again) == [0.0, 0.0]
+
+
+def test_spearman_with_ci_brackets_the_point_and_narrows_with_more_data():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n_pool in (32, 512):
+        gt = rng.normal(size=(16, n_pool))
+        pred = gt + rng.normal(size=gt.shape)
+        r = metrics.spearman_with_ci(pred, gt, resamples=300)
+        lo, hi = r["spearman_aggregated_ci"]
+        assert lo <= r["spearman_aggregated"] <= hi
+        assert r["spearman_per_anchor_ci"][0] <= r["spearman_per_anchor"] <= r["spearman_per_anchor_ci"][1]
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+    # The vectorised per-row Spearman equals scipy's.
+    gt, pred = rng.normal(size=(4, 30)), rng.normal(size=(4, 30))
+    assert metrics.spearman_rows(pred, gt) == pytest.approx([metrics._spearman(p, g) for p, g in zip(pred, gt)])
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def _write_sketch(folder, n_anchor_train=20, n_anchor_eval=6, n_pool_train=40, n_pool_eval=12, files=1):
+    rng = np.random.default_rng(0)
+    for side, n_train, n_eval in (("anchors", n_anchor_train, n_anchor_eval), ("pool", n_pool_train, n_pool_eval)):
+        ids = [f"{side}-{i:03d}" for i in range(n_train + n_eval)]
+        splits = ["train"] * n_train + ["eval"] * n_eval
+        sk = rng.normal(size=(len(ids), 8)).astype(np.float32)
+        sk /= np.linalg.norm(sk, axis=1, keepdims=True)
+        table = pa.table({ID: ids, SPLIT: splits,
+                          SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(sk.ravel()), 8),
+                          TEXT: [f"prompt {i}\nanswer {i}" for i in range(len(ids))],
+                          PROMPT: [f"prompt {i}" for i in range(len(ids))],
+                          RESPONSE: [f"answer {i}" for i in range(len(ids))]})
+        (folder / side).mkdir(parents=True, exist_ok=True)
+        order = rng.permutation(len(ids))  # file layout and row order must not matter
+        for f, part in enumerate(np.array_split(order, files)):
+            pq.write_table(table.take(pa.array(part)), folder / side / f"part-{f:05d}.parquet")
+
+
+def test_validation_is_carved_from_train_and_never_overlaps_eval(tmp_path):
+    _write_sketch(tmp_path / "a", files=1)
+    _write_sketch(tmp_path / "b", files=3)
+    one = load_fit_data(str(tmp_path / "a"), "", val_frac=0.25, val_seed=7)
+    three = load_fit_data(str(tmp_path / "b"), "", val_frac=0.25, val_seed=7)
+    for side in ("anchors", "pool"):
+        train, val, ev = (set(getattr(one, f"{s}_{side}").ids) for s in ("train", "val", "eval"))
+        assert not (val & ev) and not (val & train) and not (train & ev)
+        assert all(i.startswith(side) for i in val)
+        assert len(val) == int(np.ceil(0.25 * (len(val) + len(train))))
+        assert getattr(three, f"val_{side}").ids == getattr(one, f"val_{side}").ids  # sharding-invariant
+    assert one.val_truth.shape == (len(one.val_anchors.ids), len(one.val_pool.ids))
+    assert one.targets.shape == (len(one.train_anchors.ids), len(one.train_pool.ids))
+    assert isinstance(one.train_pool.views[0], PairView)  # the encoder's view comes with the artifact
+    other_seed = load_fit_data(str(tmp_path / "a"), "", val_frac=0.25, val_seed=8)
+    assert other_seed.val_anchors.ids != one.val_anchors.ids
+    none = load_fit_data(str(tmp_path / "a"), "", val_frac=0.0)
+    assert none.val_anchors is None and len(none.train_anchors.ids) == 20
+
+
+def test_restore_best_needs_a_validation_split():
+    from pipeline.config import FitConfig
+    from pipeline.config import _FieldError
+
+    with pytest.raises(_FieldError):
+        FitConfig(val_frac=0.0, restore_best=True)
+    FitConfig(val_frac=0.0, restore_best=False)
+
+
+# --------------------------------------------------------------------------- training recipe
+
+
+def test_fit_refuses_a_non_finite_loss():
+    check_finite(0.5, 1, 0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match="fit.lr"):
+            check_finite(bad, 3, 2)
+
+
+def test_dropout_off_makes_training_forwards_deterministic(minilm):
+    from pipeline.stages.fit_worker import set_dropout
+
+    texts = ["one sentence", "another one"]
+    minilm.train()
+    assert not torch.allclose(minilm(texts), minilm(texts))  # MiniLM's own dropout 0.1
+    set_dropout(minilm, 0.0)
+    assert torch.allclose(minilm(texts), minilm(texts))
+    minilm.eval()
+
+
+def test_weight_interpolation_ends_are_the_two_models(minilm):
+    from pipeline.stages.fit import _load_mix
+
+    start = {k: v.clone() for k, v in minilm.model.state_dict().items()}
+    tuned = {k: (v + 0.01) if v.is_floating_point() else v for k, v in start.items()}
+    for w, want in ((0.0, start), (1.0, tuned)):
+        _load_mix(minilm, start, tuned, w)
+        got = minilm.model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in start)
+    _load_mix(minilm, start, tuned, 0.5)
+    key = next(k for k, v in start.items() if v.is_floating_point())
+    assert torch.allclose(minilm.model.state_dict()[key], start[key] + 0.005, atol=1e-6)
+    _load_mix(minilm, start, start, 1.0)
