@@ -98,13 +98,17 @@ class PeakPSS:
         self._t.join()
 
     def summary(self, prefix: str) -> dict:
-        return {f"{prefix}_peak_pss_mb": round(self.peak / 2**20), f"{prefix}_driver_peak_pss_mb":
-                round(self.driver_peak / 2**20), f"{prefix}_largest_process_peak_pss_mb": round(self.process_peak / 2**20)}
+        return {
+            f"{prefix}_peak_pss_mb": round(self.peak / 2**20),
+            f"{prefix}_driver_peak_pss_mb": round(self.driver_peak / 2**20),
+            f"{prefix}_largest_process_peak_pss_mb": round(self.process_peak / 2**20),
+        }
 
 
 def t0_rows(n: int) -> list[dict]:
-    return [{"prompt": r["prompt"], "response": r["completion"]}
-            for r in read_jsonl(DATA / "t0" / "t0_train_50k.jsonl", n)]
+    return [
+        {"prompt": r["prompt"], "response": r["completion"]} for r in read_jsonl(DATA / "t0" / "t0_train_50k.jsonl", n)
+    ]
 
 
 def write_corpus(out: Path, n: int, base: int = 2000, rows_per_file: int = 50_000) -> Path:
@@ -115,9 +119,13 @@ def write_corpus(out: Path, n: int, base: int = 2000, rows_per_file: int = 50_00
     while written < n:
         m = min(rows_per_file, n - written)
         idx = [(written + i) % len(sample) for i in range(m)]
-        t = pa.table({"id": [f"r{written + i}" for i in range(m)],
-                      "prompt": [sample[i]["prompt"] for i in idx],
-                      "response": [sample[i]["response"] for i in idx]})
+        t = pa.table(
+            {
+                "id": [f"r{written + i}" for i in range(m)],
+                "prompt": [sample[i]["prompt"] for i in idx],
+                "response": [sample[i]["response"] for i in idx],
+            }
+        )
         pq.write_table(t, out / f"part-{part:05d}.parquet", row_group_size=8192)
         written, part = written + m, part + 1
     return out
@@ -128,8 +136,16 @@ def make_job(tmp: Path, corpus: Path, max_len: int, **extra) -> dict:
     queries.mkdir(parents=True, exist_ok=True)
     with open(DATA / "gsm8k" / "test.jsonl") as f:
         q = [json.loads(next(f)) for _ in range(16)]
-    pq.write_table(pa.table({"qid": [f"q{i}" for i in range(16)], "prompt": [r["question"] for r in q],
-                             "response": [r["answer"] for r in q]}), queries / "q.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "qid": [f"q{i}" for i in range(16)],
+                "prompt": [r["question"] for r in q],
+                "response": [r["answer"] for r in q],
+            }
+        ),
+        queries / "q.parquet",
+    )
     return {
         "run_dir": str(tmp / "run"),
         "corpus": {"path": str(corpus), "id_column": "id"},
@@ -146,8 +162,13 @@ def fake_upstream(job) -> str:
     from pipeline.models import resolve_encoder
 
     artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
-    artifacts.run_stage(job, "fit", runner=lambda ctx: TextEncoder(
-        resolve_encoder("all-minilm-l6-v2"), job.encoder.max_len).save(os.path.join(ctx.out_dir, "encoder")))
+    artifacts.run_stage(
+        job,
+        "fit",
+        runner=lambda ctx: TextEncoder(resolve_encoder("all-minilm-l6-v2"), job.encoder.max_len).save(
+            os.path.join(ctx.out_dir, "encoder")
+        ),
+    )
     return os.path.join(job.run_dir, "fit", "encoder")
 
 
@@ -171,7 +192,9 @@ def bench_encode(tmp: Path, rows: int, max_len: int) -> dict:
     m = artifacts.run_stage(job, "encode")
     stage_s = time.perf_counter() - t0
     out = {
-        "rows": rows, "max_len": max_len, "cpus": os.cpu_count(),
+        "rows": rows,
+        "max_len": max_len,
+        "cpus": os.cpu_count(),
         "plain_rows_per_s": round(rows / plain_s, 1),
         "ray_lancedb_rows_per_s": m["rows_per_s"],
         "ray_lancedb_stage_rows_per_s_incl_startup": round(rows / stage_s, 1),
@@ -201,12 +224,20 @@ def synthetic_table(uri: str, name: str, n: int, dim: int, dtype: str) -> CodeSt
         m = min(50_000, n - start)
         x = rng.standard_normal((m, dim)).astype(np.float32)
         q = quantize(x / np.linalg.norm(x, axis=1, keepdims=True), dtype)
-        store.table.add(pa.table({
-            "id": [f"s{start + i}" for i in range(m)], CODE: code_array(q.codes),
-            "source": ["synthetic"] * m, "row": np.arange(start, start + m),
-            "encoder_fingerprint": ["synthetic"] * m, "code_dtype": [dtype] * m,
-            CODE_SCALE: q.scales, "encoded_utc": [""] * m,
-        }).cast(store.table.schema))
+        store.table.add(
+            pa.table(
+                {
+                    "id": [f"s{start + i}" for i in range(m)],
+                    CODE: code_array(q.codes),
+                    "source": ["synthetic"] * m,
+                    "row": np.arange(start, start + m),
+                    "encoder_fingerprint": ["synthetic"] * m,
+                    "code_dtype": [dtype] * m,
+                    CODE_SCALE: q.scales,
+                    "encoded_utc": [""] * m,
+                }
+            ).cast(store.table.schema)
+        )
     # Compact, and drop the superseded versions so the directory size is the steady-state size.
     store.optimize()  # the encode stage's compaction (row groups of codestore.ROWS_PER_GROUP)
     store.table.optimize(cleanup_older_than=dt.timedelta(0), delete_unverified=True)
@@ -234,23 +265,38 @@ def bench_score_and_storage(tmp: Path, n: int, dim: int = 384, query_counts=(1, 
         code_bytes = n * (dim * np.dtype(dtype).itemsize + (4 if dtype == "int8" else 0))
         scan_s = best_of(lambda: sum(1 for _ in store.iter_batches(scan_columns(dtype), 65536, dataset=ds)))
         # Kernel ceiling: 256k rows (~200 MB of float16, far beyond cache) already in memory.
-        head = pa.Table.from_batches(list(itertools.islice(store.iter_batches(scan_columns(dtype), 65536, dataset=ds), 32)))
+        head = pa.Table.from_batches(
+            list(itertools.islice(store.iter_batches(scan_columns(dtype), 65536, dataset=ds), 32))
+        )
         codes = np.ascontiguousarray(codes_from_arrow(head.column(1), dtype))
         scales = head.column(2).to_numpy() if dtype == "int8" else None
         disk = dir_bytes(os.path.join(uri, "codes.lance"))
-        row = {"disk_bytes_per_row": round(disk / n, 1), "code_bytes_per_row": code_bytes // n,
-               "vs_less_8192_fp16": round(LESS_BYTES / (disk / n), 1),
-               "scan_only_gb_per_s": round(code_bytes / scan_s / 1e9, 3), "queries": {}}
+        row = {
+            "disk_bytes_per_row": round(disk / n, 1),
+            "code_bytes_per_row": code_bytes // n,
+            "vs_less_8192_fp16": round(LESS_BYTES / (disk / n), 1),
+            "scan_only_gb_per_s": round(code_bytes / scan_s / 1e9, 3),
+            "queries": {},
+        }
         for nq in query_counts:
             queries = rng.standard_normal((nq, dim)).astype(np.float32)
             queries /= np.linalg.norm(queries, axis=1, keepdims=True)
             kernel_s = best_of(lambda: exact_scores(queries, codes, scales)) * n / len(codes)
-            s = best_of(lambda: score_batches(store.iter_batches(scan_columns(dtype), 65536, dataset=ds), queries,
-                                              dtype, MultiTopK(nq, 10), lambda t: None))
+            s = best_of(
+                lambda: score_batches(
+                    store.iter_batches(scan_columns(dtype), 65536, dataset=ds),
+                    queries,
+                    dtype,
+                    MultiTopK(nq, 10),
+                    lambda t: None,
+                )
+            )
             gbps = code_bytes / s / 1e9
             row["queries"][str(nq)] = {
-                "score_rows_per_s": round(n / s, 1), "code_gb_per_s": round(gbps, 3),
-                "fraction_of_memcpy": round(gbps / bw, 3), "target_fraction": 0.5,
+                "score_rows_per_s": round(n / s, 1),
+                "code_gb_per_s": round(gbps, 3),
+                "fraction_of_memcpy": round(gbps / bw, 3),
+                "target_fraction": 0.5,
                 "kernel_only_gb_per_s": round(code_bytes / kernel_s / 1e9, 3),
                 "kernel_gflop_per_s": round(2 * nq * dim * n / kernel_s / 1e9, 1),
             }
@@ -279,12 +325,19 @@ def bench_scale(tmp: Path, n: int, max_len: int) -> dict:
             ms = artifacts.run_stage(job, "score")
             sc_s = time.perf_counter() - t0
         results[str(size)] = {
-            "rows": me["rows"]["in_table"], "encoder_max_len": max_len,
-            "encode_s": round(enc_s, 2), "encode_ms_per_row": round(1000 * enc_s / size, 3),
-            **enc_rss.summary("encode"), "score_s": round(sc_s, 2),
-            "score_ms_per_row": round(1000 * sc_s / size, 4), **sc_rss.summary("score"),
-            "score_scan_rows_per_s": ms["timing"]["rows_per_s"], "score_scan_s": ms["timing"]["score_s"],
-            "score_rank_s": ms["timing"]["rank_s"], "score_scan_batches": ms["timing"].get("scan_batches"), "encode_stage_rows_per_s": me["rows_per_s"],
+            "rows": me["rows"]["in_table"],
+            "encoder_max_len": max_len,
+            "encode_s": round(enc_s, 2),
+            "encode_ms_per_row": round(1000 * enc_s / size, 3),
+            **enc_rss.summary("encode"),
+            "score_s": round(sc_s, 2),
+            "score_ms_per_row": round(1000 * sc_s / size, 4),
+            **sc_rss.summary("score"),
+            "score_scan_rows_per_s": ms["timing"]["rows_per_s"],
+            "score_scan_s": ms["timing"]["score_s"],
+            "score_rank_s": ms["timing"]["rank_s"],
+            "score_scan_batches": ms["timing"].get("scan_batches"),
+            "encode_stage_rows_per_s": me["rows_per_s"],
         }
         print(f"scale {size}:", json.dumps(results[str(size)]), flush=True)  # a long run shows each size
         shutil.rmtree(d / "run" / "fit", ignore_errors=True)
@@ -306,8 +359,13 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["encode", "score"])
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "encode_score.json"))
     args = p.parse_args()
-    report: dict = {"machine": {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                                "load_avg_1m": os.getloadavg()[0]}}
+    report: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_avg_1m": os.getloadavg()[0],
+        }
+    }
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-score-"))
     try:
         if "encode" not in args.skip:

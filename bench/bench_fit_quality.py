@@ -52,10 +52,13 @@ def ensure_sketch(args: argparse.Namespace, max_anchors: int) -> Path:
         job = load_job(args.job, args.set)
         run_dir = Path(job.run_dir)
         if not (run_dir / "sketch" / "manifest.json").exists():
-            sizes = [f"sketch.train_anchors={max_anchors}",
-                     f"sketch.train_pool={int(max_anchors * args.pool_ratio)}"]
-            cmd = [str(ROOT / ".venv" / "bin" / "influcoder"), "sketch", args.job,
-                   *[x for s in [*args.set, *sizes] for x in ("--set", s)]]
+            sizes = [f"sketch.train_anchors={max_anchors}", f"sketch.train_pool={int(max_anchors * args.pool_ratio)}"]
+            cmd = [
+                str(ROOT / ".venv" / "bin" / "influcoder"),
+                "sketch",
+                args.job,
+                *[x for s in [*args.set, *sizes] for x in ("--set", s)],
+            ]
             print("running:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
     if not (run_dir / "sketch" / "manifest.json").exists():
@@ -65,18 +68,22 @@ def ensure_sketch(args: argparse.Namespace, max_anchors: int) -> Path:
 
 def subset_runner(src: Path, n_anchors: int, n_pool: int):
     """A sketch 'stage' that copies the source artifact keeping n train rows per side (first by id)."""
+
     def run(ctx) -> None:
         for side, n in (("anchors", n_anchors), ("pool", n_pool)):
             table = pa.concat_tables([pq.read_table(p) for p in sorted((src / side).glob("*.parquet"))])
             train = table.filter(pc.equal(table[SPLIT], "train"))
             if train.num_rows < n:
-                raise SystemExit(f"the source sketch has {train.num_rows} train {side}, {n} requested; "
-                                 f"sketch more rows or bench smaller sizes.")
+                raise SystemExit(
+                    f"the source sketch has {train.num_rows} train {side}, {n} requested; "
+                    f"sketch more rows or bench smaller sizes."
+                )
             train = train.take(pc.sort_indices(train, sort_keys=[(ID, "ascending")])).slice(0, n)
             out = pa.concat_tables([table.filter(pc.equal(table[SPLIT], "eval")), train])
             os.makedirs(os.path.join(ctx.out_dir, side))
             pq.write_table(out, os.path.join(ctx.out_dir, side, "part-00000.parquet"))
         ctx.record(rows={"train_anchors": n_anchors, "train_pool": n_pool}, source=str(src))
+
     return run
 
 
@@ -112,7 +119,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "fit_quality.json"))
     args = ap.parse_args()
 
-    sizes = sorted(int(s) for s in args.sizes.split(","))
+    sizes = [int(s) for s in args.sizes.split(",")]  # in the order given (the most telling first)
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]
@@ -126,47 +133,78 @@ def main() -> None:
         n_pool = int(n * args.pool_ratio)
         for recipe in recipes:
             for seed in seeds:
-                overrides = [f"run_dir={bench_root / f'n{n}-{recipe}-s{seed}'}", f"seed={seed}",
-                             f"sketch.train_anchors={n}", f"sketch.train_pool={n_pool}", *RECIPES[recipe],
-                             *args.fit_set]
+                overrides = [
+                    f"run_dir={bench_root / f'n{n}-{recipe}-s{seed}'}",
+                    f"seed={seed}",
+                    f"sketch.train_anchors={n}",
+                    f"sketch.train_pool={n_pool}",
+                    *RECIPES[recipe],
+                    *args.fit_set,
+                ]
                 if args.epochs:
                     overrides.append(f"fit.epochs={args.epochs}")
                 job = load_job(data=config, overrides=overrides)
-                artifacts.run_stage(job, "sketch", overwrite=True,
-                                    runner=subset_runner(src_run / "sketch", n, n_pool))
+                artifacts.run_stage(job, "sketch", overwrite=True, runner=subset_runner(src_run / "sketch", n, n_pool))
                 t0 = time.perf_counter()
                 artifacts.run_stage(job, "fit", overwrite=True)
                 wall = time.perf_counter() - t0
                 m = json.loads((Path(job.run_dir) / "fit" / "metrics.json").read_text())
                 exported = m["exported"]
-                results.append({"train_anchors": n, "train_pool": n_pool, "recipe": recipe, "seed": seed,
-                                "splits": m["splits"], "untrained": m["untrained"], "exported": exported,
-                                "selected_epoch": m["selected_epoch"],
-                                "interpolation_weight": m.get("interpolation_weight"),
-                                "last_epoch": m["epochs"][-1], "timings": m["timings"],
-                                "stage_wall_s": round(wall, 1)})
-                print(f"n={n} {recipe} seed {seed}: agg {m['untrained']['spearman_aggregated']:+.3f} -> "
-                      f"{exported['spearman_aggregated']:+.3f}, per-anchor {m['untrained']['spearman_per_anchor']:+.3f}"
-                      f" -> {exported['spearman_per_anchor']:+.3f} (epoch {m['selected_epoch']}, "
-                      f"w {m.get('interpolation_weight')}, {wall:.0f} s)", flush=True)
+                results.append(
+                    {
+                        "train_anchors": n,
+                        "train_pool": n_pool,
+                        "recipe": recipe,
+                        "seed": seed,
+                        "splits": m["splits"],
+                        "untrained": m["untrained"],
+                        "exported": exported,
+                        "selected_epoch": m["selected_epoch"],
+                        "interpolation_weight": m.get("interpolation_weight"),
+                        "last_epoch": m["epochs"][-1],
+                        "timings": m["timings"],
+                        "stage_wall_s": round(wall, 1),
+                    }
+                )
+                print(
+                    f"n={n} {recipe} seed {seed}: agg {m['untrained']['spearman_aggregated']:+.3f} -> "
+                    f"{exported['spearman_aggregated']:+.3f}, per-anchor {m['untrained']['spearman_per_anchor']:+.3f}"
+                    f" -> {exported['spearman_per_anchor']:+.3f} (epoch {m['selected_epoch']}, "
+                    f"w {m.get('interpolation_weight')}, {wall:.0f} s)",
+                    flush=True,
+                )
 
-    print(f"\nsource sketch: {src_run}/sketch   eval split: {results[0]['splits']['eval_anchors']} anchors x "
-          f"{results[0]['splits']['eval_pool']} pool   encoder: {config['encoder']['model']}   seeds {seeds}")
+    print(
+        f"\nsource sketch: {src_run}/sketch   eval split: {results[0]['splits']['eval_anchors']} anchors x "
+        f"{results[0]['splits']['eval_pool']} pool   encoder: {config['encoder']['model']}   seeds {seeds}"
+    )
     print("held-out Spearman, mean ± 95 % t-interval over seeds (start = the plain starting encoder)")
-    print(f"{'anchors x pool':>14} {'recipe':<17} {'agg start':>9} {'agg exported':>16} {'PA start':>9} "
-          f"{'PA exported':>16} {'epochs chosen':>14}")
+    print(
+        f"{'anchors x pool':>14} {'recipe':<17} {'agg start':>9} {'agg exported':>16} {'PA start':>9} "
+        f"{'PA exported':>16} {'epochs chosen':>14}"
+    )
     for n in sizes:
         for recipe in recipes:
             rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
             agg = t_interval([r["exported"]["spearman_aggregated"] for r in rs])
             pa_ = t_interval([r["exported"]["spearman_per_anchor"] for r in rs])
-            print(f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} {rs[0]['untrained']['spearman_aggregated']:>+9.3f} "
-                  f"{agg[0]:>+8.3f} ± {agg[1]:.3f} {rs[0]['untrained']['spearman_per_anchor']:>+9.3f} "
-                  f"{pa_[0]:>+8.3f} ± {pa_[1]:.3f} {str([r['selected_epoch'] for r in rs]):>14}")
+            print(
+                f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} {rs[0]['untrained']['spearman_aggregated']:>+9.3f} "
+                f"{agg[0]:>+8.3f} ± {agg[1]:.3f} {rs[0]['untrained']['spearman_per_anchor']:>+9.3f} "
+                f"{pa_[0]:>+8.3f} ± {pa_[1]:.3f} {str([r['selected_epoch'] for r in rs]):>14}"
+            )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"source_run_dir": str(src_run), "seeds": seeds, "recipes": {r: RECIPES[r] for r in recipes},
-                   "results": results}, f, indent=2)
+        json.dump(
+            {
+                "source_run_dir": str(src_run),
+                "seeds": seeds,
+                "recipes": {r: RECIPES[r] for r in recipes},
+                "results": results,
+            },
+            f,
+            indent=2,
+        )
     print(f"\nwrote {args.out}")
 
 

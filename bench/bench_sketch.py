@@ -65,7 +65,7 @@ def load_samples(data_dir: Path, n: int, seed: int = 0) -> tuple[list[str], list
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b  # warm-up
-    return 2 * n ** 3 / best_of(lambda: a @ b, reps) / 1e9
+    return 2 * n**3 / best_of(lambda: a @ b, reps) / 1e9
 
 
 def authors_reference(teacher: TeacherSketcher, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -82,16 +82,27 @@ def authors_reference(teacher: TeacherSketcher, prompts: list[str], responses: l
 def bergson_status(python: str | None) -> str:
     """Why the peer did or did not run (this bench never runs it without a working interpreter)."""
     if not python:
-        return ("not run: no --bergson-python given (Bergson must be installed into a bench-only "
-                "environment or target dir, never the project's); no peer figure is reported")
+        return (
+            "not run: no --bergson-python given (Bergson must be installed into a bench-only "
+            "environment or target dir, never the project's); no peer figure is reported"
+        )
     import subprocess
 
-    probe = subprocess.run([python, "-c", "import bergson, sys; print(bergson.__version__ if hasattr(bergson, "
-                            "'__version__') else 'unknown')"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            python,
+            "-c",
+            "import bergson, sys; print(bergson.__version__ if hasattr(bergson, '__version__') else 'unknown')",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         return f"not run: `{python} -c 'import bergson'` failed: {probe.stderr.strip().splitlines()[-1:]}"
-    return (f"not run: bergson {probe.stdout.strip()} imports, but this bench has no tested driver for it "
-            f"yet; no peer figure is reported")
+    return (
+        f"not run: bergson {probe.stdout.strip()} imports, but this bench has no tested driver for it "
+        f"yet; no peer figure is reported"
+    )
 
 
 def main() -> None:
@@ -117,9 +128,12 @@ def main() -> None:
     peak = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
     prompts, responses = load_samples(Path(args.data), n)
     t_load = time.perf_counter()
-    teacher = TeacherSketcher(TeacherConfig(model="smollm2-135m-instruct", max_len=args.max_len, lora_rank=8,
-                                            dtype="float32"),
-                              proj_dim=args.proj_dim, proj_seed=42, lora_seed=0)
+    teacher = TeacherSketcher(
+        TeacherConfig(model="smollm2-135m-instruct", max_len=args.max_len, lora_rank=8, dtype="float32"),
+        proj_dim=args.proj_dim,
+        proj_seed=42,
+        lora_seed=0,
+    )
     setup_s = time.perf_counter() - t_load
     accepted, rejects = teacher.examples(prompts, responses)
     keys = sorted(accepted)
@@ -127,10 +141,13 @@ def main() -> None:
     base_params = sum(p.numel() for name, p in teacher.model.named_parameters() if "lora_" not in name)
     flops = 4.0 * base_params * tokens
 
-    def run(dtype: torch.dtype | None, batch_size: int, budget: int | None) -> Callable[[list[str], list[str]], np.ndarray]:
+    def run(
+        dtype: torch.dtype | None, batch_size: int, budget: int | None
+    ) -> Callable[[list[str], list[str]], np.ndarray]:
         def fn(p: list[str], r: list[str]) -> np.ndarray:
             teacher.autocast_dtype = dtype  # same weights and adapter; only the compute precision changes
             return teacher.sketch(p, r, batch_size=batch_size, token_budget=budget).sketches
+
         return fn
 
     methods: dict[str, tuple[str, Callable]] = {
@@ -151,7 +168,7 @@ def main() -> None:
     # windows of the length-sorted rows, as a shard's rows are in the stage.
     order = sorted(keys, key=lambda i: (-len(accepted[i].input_ids), i))
     group_rows = max(8, len(order) // 2)
-    groups = [order[s:s + group_rows] for s in range(0, len(order), group_rows)]
+    groups = [order[s : s + group_rows] for s in range(0, len(order), group_rows)]
     wall = dict.fromkeys(methods, 0.0)
     cpu = dict.fromkeys(methods, 0.0)
     sketches: dict[str, dict[int, np.ndarray]] = {m: {} for m in methods}
@@ -176,35 +193,57 @@ def main() -> None:
     for method, (prec, _) in methods.items():
         s = wall[method]
         agree = min(float(sketches[method][i] @ baseline[i]) for i in keys)
-        rows.append({"method": method, "precision": prec, "seconds": s, "cpu_s": cpu[method],
-                     "rows_per_s": len(keys) / s, "tokens_per_s": tokens / s, "gflops": flops / s / 1e9,
-                     "frac_of_peak": flops / s / 1e9 / peak[prec], "min_cos_vs_fp32_bs1": agree})
+        rows.append(
+            {
+                "method": method,
+                "precision": prec,
+                "seconds": s,
+                "cpu_s": cpu[method],
+                "rows_per_s": len(keys) / s,
+                "tokens_per_s": tokens / s,
+                "gflops": flops / s / 1e9,
+                "frac_of_peak": flops / s / 1e9 / peak[prec],
+                "min_cos_vs_fp32_bs1": agree,
+            }
+        )
     by = {r["method"]: r for r in rows}
     ratios = {
-        "fp32: token-budget / one-at-a-time": by["fp32 token-budget"]["tokens_per_s"] / by["fp32 one-at-a-time"]["tokens_per_s"],
-        "bf16: token-budget / one-at-a-time": by["bf16 token-budget"]["tokens_per_s"] / by["bf16 one-at-a-time"]["tokens_per_s"],
+        "fp32: token-budget / one-at-a-time": by["fp32 token-budget"]["tokens_per_s"]
+        / by["fp32 one-at-a-time"]["tokens_per_s"],
+        "bf16: token-budget / one-at-a-time": by["bf16 token-budget"]["tokens_per_s"]
+        / by["bf16 one-at-a-time"]["tokens_per_s"],
         "token-budget: bf16 / fp32": by["bf16 token-budget"]["tokens_per_s"] / by["fp32 token-budget"]["tokens_per_s"],
-        "bf16 token-budget / fp32 one-at-a-time":
-            by["bf16 token-budget"]["tokens_per_s"] / by["fp32 one-at-a-time"]["tokens_per_s"],
+        "bf16 token-budget / fp32 one-at-a-time": by["bf16 token-budget"]["tokens_per_s"]
+        / by["fp32 one-at-a-time"]["tokens_per_s"],
     }
-    padded = sum(len(b) * len(accepted[keys[b[0]]].input_ids)
-                 for b in token_budget_batches([len(accepted[i].input_ids) for i in keys], args.token_budget, args.max_rows))
+    padded = sum(
+        len(b) * len(accepted[keys[b[0]]].input_ids)
+        for b in token_budget_batches([len(accepted[i].input_ids) for i in keys], args.token_budget, args.max_rows)
+    )
     peer = bergson_status(args.bergson_python)
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, native bf16: {native_bf16(torch.device('cpu'))}, "
-          f"load avg {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, native bf16: {native_bf16(torch.device('cpu'))}, "
+        f"load avg {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+    )
     print(f"matmul 2048^2: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s (best of start/end)")
-    print(f"teacher: SmolLM2-135M, {teacher.num_params:,} LoRA params, {base_params:,} base params, "
-          f"max_len {args.max_len}, d={args.proj_dim}, token budget {args.token_budget} (<= {args.max_rows} rows); "
-          f"setup {setup_s:.1f} s; logits={teacher.engine.logits_mode}")
-    print(f"rows: {len(keys)} ({len(rejects)} rejected), {tokens} real tokens ({tokens / max(len(keys), 1):.0f}/row), "
-          f"{padded} padded tokens in token-budget batches ({padded / tokens - 1:.1%} padding); peak RSS {peak_rss_gb:.1f} GiB")
+    print(
+        f"teacher: SmolLM2-135M, {teacher.num_params:,} LoRA params, {base_params:,} base params, "
+        f"max_len {args.max_len}, d={args.proj_dim}, token budget {args.token_budget} (<= {args.max_rows} rows); "
+        f"setup {setup_s:.1f} s; logits={teacher.engine.logits_mode}"
+    )
+    print(
+        f"rows: {len(keys)} ({len(rejects)} rejected), {tokens} real tokens ({tokens / max(len(keys), 1):.0f}/row), "
+        f"{padded} padded tokens in token-budget batches ({padded / tokens - 1:.1%} padding); peak RSS {peak_rss_gb:.1f} GiB"
+    )
     print(f"{'method':<32}{'s':>8}{'cpu s':>8}{'rows/s':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>9}{'min cos':>10}")
     for r in rows:
-        print(f"{r['method']:<32}{r['seconds']:>8.2f}{r['cpu_s']:>8.1f}{r['rows_per_s']:>8.2f}{r['tokens_per_s']:>10.0f}"
-              f"{r['gflops']:>9.1f}{r['frac_of_peak']:>9.1%}{r['min_cos_vs_fp32_bs1']:>10.6f}")
+        print(
+            f"{r['method']:<32}{r['seconds']:>8.2f}{r['cpu_s']:>8.1f}{r['rows_per_s']:>8.2f}{r['tokens_per_s']:>10.0f}"
+            f"{r['gflops']:>9.1f}{r['frac_of_peak']:>9.1%}{r['min_cos_vs_fp32_bs1']:>10.6f}"
+        )
     print("(of peak: against the matmul rate of the method's own precision; min cos: per row vs fp32 one-at-a-time)")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
@@ -212,18 +251,38 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
                     "native_bf16": native_bf16(torch.device("cpu")),
-                    "load_avg_1m_start": load_start, "load_avg_1m_end": os.getloadavg()[0]},
-        "matmul_gflops": peak,
-        "teacher": teacher.fingerprint() | {"base_params": base_params, "logits_mode": teacher.engine.logits_mode},
-        "rows": len(keys), "rejects": rejects, "tokens": tokens, "padded_tokens": padded,
-        "token_budget": args.token_budget, "max_rows": args.max_rows, "setup_s": setup_s,
-        "flops_per_run": flops, "peak_rss_gb": peak_rss_gb, "methods": rows, "reps": args.reps,
-        "ratios": ratios, "peer_bergson": peer,
-    }, indent=2))
+                    "load_avg_1m_start": load_start,
+                    "load_avg_1m_end": os.getloadavg()[0],
+                },
+                "matmul_gflops": peak,
+                "teacher": teacher.fingerprint()
+                | {"base_params": base_params, "logits_mode": teacher.engine.logits_mode},
+                "rows": len(keys),
+                "rejects": rejects,
+                "tokens": tokens,
+                "padded_tokens": padded,
+                "token_budget": args.token_budget,
+                "max_rows": args.max_rows,
+                "setup_s": setup_s,
+                "flops_per_run": flops,
+                "peak_rss_gb": peak_rss_gb,
+                "methods": rows,
+                "reps": args.reps,
+                "ratios": ratios,
+                "peer_bergson": peer,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

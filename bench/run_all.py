@@ -21,8 +21,18 @@ def main() -> int:
         [py, "bench/bench_sketch.py", "--quick"],
         # The issue-4 scale run: 1,000,000 rows (and 100,000 for the cost-per-row ratio). About 75 min
         # on a 2-core CPU; BENCH_SCALE=100000 (make bench BENCH_SCALE=100000) for a shorter pass.
-        [py, "bench/bench_encode_score.py", "--scale", os.environ.get("BENCH_SCALE", "1000000"),
-         "--encoder-max-len", "16", "--encode-rows", "4000", "--max-len", "16"],
+        [
+            py,
+            "bench/bench_encode_score.py",
+            "--scale",
+            os.environ.get("BENCH_SCALE", "1000000"),
+            "--encoder-max-len",
+            "16",
+            "--encode-rows",
+            "4000",
+            "--max-len",
+            "16",
+        ],
     ]
     demo = ROOT / "runs" / "demo" / "sketch" / "manifest.json"
     fit = [py, "bench/bench_fit_quality.py", "--sizes", "16,32,56"]

@@ -63,8 +63,12 @@ def versions() -> dict[str, str]:
 def git_sha() -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001
         return None
 
@@ -126,8 +130,14 @@ class StageRun:
         self.record(rejects={"rows": rejects.num_rows, "by_reason": counts})
         frac = rejects.num_rows / max(total_rows, 1)
         if rejects.num_rows:
-            log.warning("%s: %d of %d rows rejected (%s); see %s", what, rejects.num_rows, total_rows,
-                        counts, storage.redact(storage.join(stage_dir(self.job, self.stage), REJECTS_FILE)))
+            log.warning(
+                "%s: %d of %d rows rejected (%s); see %s",
+                what,
+                rejects.num_rows,
+                total_rows,
+                counts,
+                storage.redact(storage.join(stage_dir(self.job, self.stage), REJECTS_FILE)),
+            )
         if frac > max_frac:
             first = rejects.slice(0, 3).to_pylist()
             raise InputDataError(
@@ -141,18 +151,20 @@ def _stage_module(stage: str):
     return importlib.import_module(f"pipeline.stages.{stage}")
 
 
-def stage_identity(job: JobConfig, stage: str, upstream: dict[str, dict[str, Any]],
-                   input_fp: dict[str, Any]) -> str:
-    return stable_hash({
-        "stage": stage,
-        "config": stage_config_hash(job, stage),
-        "upstream": {s: m.get("identity") for s, m in sorted(upstream.items())},
-        "inputs": input_fp,
-    })
+def stage_identity(job: JobConfig, stage: str, upstream: dict[str, dict[str, Any]], input_fp: dict[str, Any]) -> str:
+    return stable_hash(
+        {
+            "stage": stage,
+            "config": stage_config_hash(job, stage),
+            "upstream": {s: m.get("identity") for s, m in sorted(upstream.items())},
+            "inputs": input_fp,
+        }
+    )
 
 
-def run_stage(job: JobConfig, stage: str, overwrite: bool = False,
-              runner: Callable[[StageRun], None] | None = None) -> dict[str, Any]:
+def run_stage(
+    job: JobConfig, stage: str, overwrite: bool = False, runner: Callable[[StageRun], None] | None = None
+) -> dict[str, Any]:
     """Run one stage with the skip/overwrite policy, atomic output and manifest. Returns the manifest."""
     module = _stage_module(stage) if runner is None else None
     runner = runner or module.run
@@ -170,26 +182,42 @@ def run_stage(job: JobConfig, stage: str, overwrite: bool = False,
         existing = read_manifest(job, stage)
         if existing is not None:
             if existing.get("identity") == identity and not overwrite:
-                log.info("%s: already finished with this config (%s); skipping. Use --overwrite to redo it.",
-                         stage, config_hash)
+                log.info(
+                    "%s: already finished with this config (%s); skipping. Use --overwrite to redo it.",
+                    stage,
+                    config_hash,
+                )
                 return existing
             if existing.get("config_hash") != config_hash and not overwrite:
-                changed = sorted(k for k, v in storage.redact_obj(stage_inputs(job, stage)).items()
-                                 if existing.get("stage_inputs", {}).get(k) != v)
+                changed = sorted(
+                    k
+                    for k, v in storage.redact_obj(stage_inputs(job, stage)).items()
+                    if existing.get("stage_inputs", {}).get(k) != v
+                )
                 raise ArtifactMismatchError(
                     f"{storage.redact(final)} was produced with a different config (changed: "
                     f"{', '.join(changed) or 'unknown'}). Rerun with --overwrite to replace it, or use "
                     f"another run_dir."
                 )
-            log.info("%s: %s changed since the last run; recomputing.", stage,
-                     "config" if existing.get("config_hash") != config_hash else "upstream artifacts or inputs")
+            log.info(
+                "%s: %s changed since the last run; recomputing.",
+                stage,
+                "config" if existing.get("config_hash") != config_hash else "upstream artifacts or inputs",
+            )
 
         out_dir = storage.join(job.run_dir, f".{stage}.tmp-{uuid.uuid4().hex[:8]}")
         work_dir = storage.join(job.run_dir, ".work", f"{stage}-{identity}")
         storage.makedirs(out_dir)
         storage.makedirs(work_dir)
-        ctx = StageRun(job=job, stage=stage, config_hash=config_hash, identity=identity, upstream=upstream,
-                       out_dir=out_dir, work_dir=work_dir)
+        ctx = StageRun(
+            job=job,
+            stage=stage,
+            config_hash=config_hash,
+            identity=identity,
+            upstream=upstream,
+            out_dir=out_dir,
+            work_dir=work_dir,
+        )
         started, t0 = utc_now(), time.perf_counter()
         log.info("%s: starting (run_dir %s)", stage, storage.redact(job.run_dir))
         try:
@@ -204,8 +232,9 @@ def run_stage(job: JobConfig, stage: str, overwrite: bool = False,
             "stage_inputs": storage.redact_obj(stage_inputs(job, stage)),
             "config": storage.redact_obj(to_dict(job)),
             "inputs": storage.redact_obj(input_fp),
-            "upstream": {s: {"identity": m.get("identity"), "config_hash": m.get("config_hash")}
-                         for s, m in upstream.items()},
+            "upstream": {
+                s: {"identity": m.get("identity"), "config_hash": m.get("config_hash")} for s, m in upstream.items()
+            },
             "versions": versions(),
             "git_sha": git_sha(),
             "started_utc": started,
@@ -257,9 +286,17 @@ def status(run_dir: str) -> list[dict[str, Any]]:
         mpath = storage.join(run_dir, stage, MANIFEST)
         if storage.exists(mpath):
             m = storage.read_json(mpath)
-            rows.append({"stage": stage, "state": "done", "finished_utc": m.get("finished_utc"),
-                         "seconds": m.get("seconds"), "config_hash": m.get("config_hash"),
-                         "rows": m.get("rows"), "rejects": (m.get("rejects") or {}).get("rows", 0)})
+            rows.append(
+                {
+                    "stage": stage,
+                    "state": "done",
+                    "finished_utc": m.get("finished_utc"),
+                    "seconds": m.get("seconds"),
+                    "config_hash": m.get("config_hash"),
+                    "rows": m.get("rows"),
+                    "rejects": (m.get("rejects") or {}).get("rows", 0),
+                }
+            )
         elif any(e.startswith(f"{stage}-") for e in work_entries):
             rows.append({"stage": stage, "state": "partial (rerun resumes)"})
         else:

@@ -18,10 +18,11 @@ The score stage applies `rerank` to the first K rows of its merged ranking. The 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
+
+from pipeline.ranking import rows_for_fraction
 
 
 def resolve_k(rerank_top: float, n: int) -> int:
@@ -32,7 +33,7 @@ def resolve_k(rerank_top: float, n: int) -> int:
     if not rerank_top > 0:
         raise ValueError(f"rerank_top must be > 0; got {rerank_top}")
     if rerank_top < 1:
-        return min(n, max(1, math.ceil(rerank_top * n)))
+        return min(n, max(1, rows_for_fraction(rerank_top, n)))
     if float(rerank_top) != int(rerank_top):
         raise ValueError(f"rerank_top >= 1 is a row count and must be a whole number; got {rerank_top}")
     return min(n, int(rerank_top))
@@ -86,8 +87,7 @@ def cascade_scores(ids, encoder_scores, teacher_scores, k: int) -> np.ndarray:
     return scores_from_order(cascade_order(ids, encoder_scores, teacher_scores, k))
 
 
-def per_query_cascade_scores(ids, encoder_per_query: np.ndarray, teacher_per_query: np.ndarray,
-                             k: int) -> np.ndarray:
+def per_query_cascade_scores(ids, encoder_per_query: np.ndarray, teacher_per_query: np.ndarray, k: int) -> np.ndarray:
     """[Q, N] scores whose row q ranks query q's own encoder top-k by q's teacher cosine, the rest by
     q's encoder score: a per-query retrieve-then-rerank. NaN teacher entries sink within the block."""
     enc = np.asarray(encoder_per_query)
@@ -97,8 +97,9 @@ def per_query_cascade_scores(ids, encoder_per_query: np.ndarray, teacher_per_que
     return np.stack([cascade_scores(ids, enc[q], teach[q], k) for q in range(enc.shape[0])]) if len(enc) else enc
 
 
-def rows_needing_teacher(ids, encoder_scores: np.ndarray, encoder_per_query: Optional[np.ndarray],
-                         k: int) -> np.ndarray:
+def rows_needing_teacher(
+    ids, encoder_scores: np.ndarray, encoder_per_query: Optional[np.ndarray], k: int
+) -> np.ndarray:
     """Sorted indices of every row in the aggregate top-k or in some query's own top-k: the rows a
     cascade evaluation needs teacher scores for."""
     need = set(top_block(ids, encoder_scores, k).tolist())
@@ -108,8 +109,9 @@ def rows_needing_teacher(ids, encoder_scores: np.ndarray, encoder_per_query: Opt
     return np.array(sorted(need), dtype=np.int64)
 
 
-def teacher_scores(row_sketches: np.ndarray, row_valid: np.ndarray, query_sketches: np.ndarray,
-                   query_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def teacher_scores(
+    row_sketches: np.ndarray, row_valid: np.ndarray, query_sketches: np.ndarray, query_valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(per-query cosines [Q, N], mean over queries [N]) of unit-norm teacher sketches.
 
     Rows the teacher rejected get NaN (no evidence). Rejected queries are left out of the mean
@@ -120,8 +122,7 @@ def teacher_scores(row_sketches: np.ndarray, row_valid: np.ndarray, query_sketch
     return mask_rejected(qs @ rows.T, row_valid, query_valid)
 
 
-def mask_rejected(cosines: np.ndarray, row_valid: np.ndarray, query_valid: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def mask_rejected(cosines: np.ndarray, row_valid: np.ndarray, query_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`teacher_scores` from an already computed [Q, N] cosine matrix (e.g. eval's gradient method,
     whose rejected rows and queries carry zero sketches)."""
     rv, qv = np.asarray(row_valid, dtype=bool), np.asarray(query_valid, dtype=bool)

@@ -30,40 +30,55 @@ log = logging.getLogger("influcoder")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("urllib3", "filelock", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="job YAML (see jobs/demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a job key by its dotted name, e.g. --set sketch.batch_size=4 (repeatable)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace finished stage outputs that were made with a different config")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job key by its dotted name, e.g. --set sketch.batch_size=4 (repeatable)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace finished stage outputs that were made with a different config"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="influcoder",
         description="Find the training samples that shape a model's behaviour: gradient influence of a LoRA "
-                    "teacher, distilled into a text encoder, scored over whole corpora on Ray.",
+        "teacher, distilled into a text encoder, scored over whole corpora on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"influcoder {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="build Parquet corpora from JSONL/JSON/Parquet sources",
-                       description="Build canonical Parquet corpora (id, prompt, response, text, source, label). "
-                                   "Either --data (the shared demo datasets) or --input (any JSONL/Parquet).")
+    p = sub.add_parser(
+        "prepare",
+        help="build Parquet corpora from JSONL/JSON/Parquet sources",
+        description="Build canonical Parquet corpora (id, prompt, response, text, source, label). "
+        "Either --data (the shared demo datasets) or --input (any JSONL/Parquet).",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="the shared data folder (bbh/, gsm8k/, t0/, toxigen/): builds the demo corpora")
     src.add_argument("--input", help="a JSONL/Parquet file, directory, glob or URI to convert")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--rows-per-file", type=int, default=10000)
     for col in ("id", "prompt", "response", "text", "encoder-text", "label"):
-        p.add_argument(f"--{col}-column", default=None, help=f"column holding the {col.replace('-', ' ')} (with --input)")
+        p.add_argument(
+            f"--{col}-column", default=None, help=f"column holding the {col.replace('-', ' ')} (with --input)"
+        )
 
     p = sub.add_parser("run", help="run the stages of a job in order, skipping finished ones")
     _add_job_args(p)
@@ -85,9 +100,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if args.data:
         counts = prepare.prepare_demo(args.data, args.out, args.rows_per_file)
     else:
-        mapping = {"id_column": args.id_column, "prompt_column": args.prompt_column,
-                   "response_column": args.response_column, "text_column": args.text_column,
-                   "encoder_text_column": args.encoder_text_column, "label_column": args.label_column}
+        mapping = {
+            "id_column": args.id_column,
+            "prompt_column": args.prompt_column,
+            "response_column": args.response_column,
+            "text_column": args.text_column,
+            "encoder_text_column": args.encoder_text_column,
+            "label_column": args.label_column,
+        }
         counts = prepare.prepare_generic(args.input, args.out, mapping, args.rows_per_file)
     print(json.dumps(counts, indent=2))
     print(f"corpora written under {args.out}")
@@ -162,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             i, j = STAGES.index(args.from_stage), STAGES.index(args.to_stage)
             if i > j:
                 raise UsageError(f"--from {args.from_stage} comes after --to {args.to_stage}.")
-            return _run_stages(args, list(STAGES[i:j + 1]))
+            return _run_stages(args, list(STAGES[i : j + 1]))
         return _run_stages(args, [args.command])
     except UsageError as e:
         print(f"influcoder: error: {e}", file=sys.stderr)

@@ -58,8 +58,10 @@ class CodeSpec:
     def to_json(self) -> str:
         import json
 
-        return json.dumps({"encoder_fingerprint": self.encoder_fingerprint, "dim": self.dim,
-                           "code_dtype": self.code_dtype}, sort_keys=True)
+        return json.dumps(
+            {"encoder_fingerprint": self.encoder_fingerprint, "dim": self.dim, "code_dtype": self.code_dtype},
+            sort_keys=True,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "CodeSpec":
@@ -152,19 +154,23 @@ class CodeStore:
         Returns what happened: {"action": "created" | "reused" | "replaced", ...}.
         """
         if not self.exists():
-            self._tbl = self.db.create_table(self.name, schema=code_schema(spec),
-                                             data_storage_version=STORAGE_VERSION)
+            self._tbl = self.db.create_table(self.name, schema=code_schema(spec), data_storage_version=STORAGE_VERSION)
             return {"action": "created"}
         old = self.stored_spec()
         if old == spec:
             return {"action": "reused"}
-        previous = {"previous_version": self.table.version,
-                    "previous_spec": None if old is None else old.__dict__}
-        log.warning("LanceDB table `%s` holds codes of another encoder/dtype (%s, now %s); replacing it "
-                    "with a new version (the old codes stay readable as version %s).",
-                    self.name, old, spec, previous["previous_version"])
-        self._tbl = self.db.create_table(self.name, schema=code_schema(spec), mode="overwrite",
-                                         data_storage_version=STORAGE_VERSION)
+        previous = {"previous_version": self.table.version, "previous_spec": None if old is None else old.__dict__}
+        log.warning(
+            "LanceDB table `%s` holds codes of another encoder/dtype (%s, now %s); replacing it "
+            "with a new version (the old codes stay readable as version %s).",
+            self.name,
+            old,
+            spec,
+            previous["previous_version"],
+        )
+        self._tbl = self.db.create_table(
+            self.name, schema=code_schema(spec), mode="overwrite", data_storage_version=STORAGE_VERSION
+        )
         return {"action": "replaced", **previous}
 
     def check_spec(self, spec_dim: Optional[int] = None) -> CodeSpec:
@@ -184,8 +190,7 @@ class CodeStore:
     def upsert(self, rows: pa.Table) -> dict[str, int]:
         """Insert or replace rows by id: rerunning the same rows never duplicates them."""
         rows = rows.select(self.table.schema.names).cast(self.table.schema)
-        res = (self.table.merge_insert(ID).when_matched_update_all().when_not_matched_insert_all()
-               .execute(rows))
+        res = self.table.merge_insert(ID).when_matched_update_all().when_not_matched_insert_all().execute(rows)
         return {"inserted": int(res.num_inserted_rows), "updated": int(res.num_updated_rows)}
 
     def delete_sources(self, sources: list[str]) -> int:
@@ -194,7 +199,7 @@ class CodeStore:
             return 0
         before = self.count_rows()
         for i in range(0, len(sources), 256):
-            quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in sources[i:i + 256])
+            quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in sources[i : i + 256])
             self.table.delete(f"{SOURCE} IN ({quoted})")
         return before - self.count_rows()
 
@@ -230,8 +235,9 @@ class CodeStore:
     def iter_batches(self, columns: list[str], batch_rows: int, dataset=None) -> Iterator[pa.RecordBatch]:
         """Stream the table in Arrow batches of at most `batch_rows` rows (bounded memory)."""
         ds = dataset if dataset is not None else self.dataset()
-        for batch in ds.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=SCAN_READAHEAD,
-                                   fragment_readahead=2):
+        for batch in ds.to_batches(
+            columns=columns, batch_size=batch_rows, batch_readahead=SCAN_READAHEAD, fragment_readahead=2
+        ):
             if batch.num_rows:
                 yield batch
 
@@ -278,14 +284,20 @@ class CodeStore:
 
         t0 = time.perf_counter()
         self.table.create_index(CODE, config=cls(distance_type="cosine", **params), replace=True)
-        return {"type": kind, "metric": "cosine", "params": params, "rows": n,
-                "build_s": round(time.perf_counter() - t0, 3)}
+        return {
+            "type": kind,
+            "metric": "cosine",
+            "params": params,
+            "rows": n,
+            "build_s": round(time.perf_counter() - t0, 3),
+        }
 
     def has_vector_index(self) -> bool:
         return any(CODE in ix.columns for ix in self.table.list_indices())
 
-    def search(self, queries: np.ndarray, k: int, *, exact: bool, nprobes: int = 20,
-               refine_factor: Optional[int] = None) -> pa.Table:
+    def search(
+        self, queries: np.ndarray, k: int, *, exact: bool, nprobes: int = 20, refine_factor: Optional[int] = None
+    ) -> pa.Table:
         """Top-k rows per query (batched): columns query_index, id, score (cosine)."""
         import pyarrow.compute as pc
 
@@ -303,22 +315,22 @@ class CodeStore:
         score = pc.subtract(pa.scalar(1.0, pa.float32()), pc.cast(res.column("_distance"), pa.float32()))
         return pa.table({"query_index": res.column("query_index"), ID: res.column(ID), "score": score})
 
-    def index_recall(self, k: int, num_queries: int, nprobes: int, refine_factor: int,
-                     code_dtype: str, seed: int = 0) -> dict[str, Any]:
+    def index_recall(
+        self, k: int, num_queries: int, nprobes: int, refine_factor: int, code_dtype: str, seed: int = 0
+    ) -> dict[str, Any]:
         """recall@k of the index against exact (flat) search, with real codes of the table as queries."""
         from pipeline.codes import dequantize
 
         sample = self.sample(num_queries, [CODE, CODE_SCALE], seed=seed)
-        queries = dequantize(codes_from_arrow(sample.column(CODE), code_dtype),
-                             sample.column(CODE_SCALE).to_numpy())
+        queries = dequantize(codes_from_arrow(sample.column(CODE), code_dtype), sample.column(CODE_SCALE).to_numpy())
         k = min(k, self.count_rows())
         exact = _ids_per_query(self.search(queries, k, exact=True), len(queries))
         out: dict[str, Any] = {"k": k, "queries": len(queries), "nprobes": nprobes}
         for name, rf in (("recall", None), ("recall_refined", refine_factor)):
-            approx = _ids_per_query(self.search(queries, k, exact=False, nprobes=nprobes, refine_factor=rf),
-                                    len(queries))
-            out[name] = float(np.mean([len(exact[i] & approx[i]) / max(1, len(exact[i]))
-                                       for i in range(len(queries))]))
+            approx = _ids_per_query(
+                self.search(queries, k, exact=False, nprobes=nprobes, refine_factor=rf), len(queries)
+            )
+            out[name] = float(np.mean([len(exact[i] & approx[i]) / max(1, len(exact[i])) for i in range(len(queries))]))
         out["refine_factor"] = refine_factor
         return out
 

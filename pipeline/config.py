@@ -81,7 +81,9 @@ class DatasetConfig:
         _require(bool(self.path), "path", self.path, "a non-empty path or URI")
         _require(
             self.text_column is not None or self.response_column is not None,
-            "response_column", self.response_column, "a column name, or set text_column",
+            "response_column",
+            self.response_column,
+            "a column name, or set text_column",
         )
 
 
@@ -239,14 +241,27 @@ class FitConfig:
     only for the starting and the exported encoder, which is all that choices and reports need."""
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "lr", "tau", "block_anchors", "block_candidates", "grad_clip",
-                  "num_workers", "embed_batch_size")
+        _positive(
+            self,
+            "epochs",
+            "lr",
+            "tau",
+            "block_anchors",
+            "block_candidates",
+            "grad_clip",
+            "num_workers",
+            "embed_batch_size",
+        )
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _fraction(self, "alpha")
         _fraction(self, "warmup_frac", "hard_ratio", "dropout", closed_right=False)
         _require(0.0 <= self.val_frac < 0.9, "val_frac", self.val_frac, "a number in [0, 0.9)")
-        _require(not (self.restore_best and self.val_frac == 0), "restore_best", self.restore_best,
-                 "false when fit.val_frac is 0 (choosing needs a validation split)")
+        _require(
+            not (self.restore_best and self.val_frac == 0),
+            "restore_best",
+            self.restore_best,
+            "false when fit.val_frac is 0 (choosing needs a validation split)",
+        )
         for w in self.interpolate:
             _require(0.0 < w < 1.0, "interpolate", self.interpolate, "weights strictly between 0 and 1")
         _require(self.max_failures >= 0, "max_failures", self.max_failures, "an integer >= 0")
@@ -314,8 +329,12 @@ class ScoreConfig:
         _positive(self, "top_k", "refine_factor", "nprobes", "batch_rows")
         _fraction(self, "select_top_frac")
         if self.rerank_top is not None:
-            _require(0 < self.rerank_top < 1 or (self.rerank_top >= 1 and float(self.rerank_top).is_integer()),
-                     "rerank_top", self.rerank_top, "a fraction in (0, 1) or a whole row count >= 1")
+            _require(
+                0 < self.rerank_top < 1 or (self.rerank_top >= 1 and float(self.rerank_top).is_integer()),
+                "rerank_top",
+                self.rerank_top,
+                "a fraction in (0, 1) or a whole row count >= 1",
+            )
 
 
 @dataclass(frozen=True)
@@ -341,8 +360,12 @@ class EvalConfig:
         for m in self.methods:
             _require(m in known, "methods", self.methods, f"a list drawn from {sorted(known)}")
         # The cascade re-ranks influcoder's ranking: without it there is nothing to re-rank.
-        _require("cascade" not in self.methods or "influcoder" in self.methods, "methods", self.methods,
-                 "a list that has influcoder whenever it has cascade")
+        _require(
+            "cascade" not in self.methods or "influcoder" in self.methods,
+            "methods",
+            self.methods,
+            "a list that has influcoder whenever it has cascade",
+        )
         for k in self.recall_k:
             _require(isinstance(k, int) and k > 0, "recall_k", self.recall_k, "positive integers")
         _positive(self, "max_rows", "timing_rows")
@@ -499,9 +522,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown config key `{prefix}{unknown[0]}`; allowed keys here: {', '.join(sorted(fields))}."
-        )
+        raise ConfigError(f"unknown config key `{prefix}{unknown[0]}`; allowed keys here: {', '.join(sorted(fields))}.")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -545,8 +566,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
-             data: dict[str, Any] | None = None) -> JobConfig:
+def load_job(
+    path: str | Path | None = None, overrides: list[str] | None = None, data: dict[str, Any] | None = None
+) -> JobConfig:
     """Load and validate a job from a YAML file (or a dict), applying `--set` overrides."""
     if data is None:
         p = Path(path)  # type: ignore[arg-type]
@@ -593,8 +615,9 @@ def stage_config_hash(job: JobConfig, stage: str) -> str:
     return stable_hash(stage_inputs(job, stage))
 
 
-def describe_fields(cls: type = JobConfig, prefix: str = "",
-                    expand_datasets: bool = True) -> list[tuple[str, str, str, str]]:
+def describe_fields(
+    cls: type = JobConfig, prefix: str = "", expand_datasets: bool = True
+) -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, help) for every key: the README's job reference is built from it.
     With `expand_datasets=False`, dataset sections are one row each (their keys are listed once)."""
     import ast
@@ -619,8 +642,9 @@ def describe_fields(cls: type = JobConfig, prefix: str = "",
             continue
         if tp is DatasetConfig:
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            rows.append((key, "a dataset section (keys below)", "required" if required else "null",
-                         docs.get(f.name, "")))
+            rows.append(
+                (key, "a dataset section (keys below)", "required" if required else "null", docs.get(f.name, ""))
+            )
             continue
         if f.default is not dataclasses.MISSING:
             default = json.dumps(f.default)

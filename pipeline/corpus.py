@@ -101,7 +101,9 @@ def _list(cfg: DatasetConfig, what: str) -> tuple[pafs.FileSystem, str, list[paf
     fs, p = storage.filesystem(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
-        raise InputDataError(f"{what}.path: {storage.redact(path)} does not exist; give a file, directory, glob or URI.")
+        raise InputDataError(
+            f"{what}.path: {storage.redact(path)} does not exist; give a file, directory, glob or URI."
+        )
     if info.type == pafs.FileType.File:
         return fs, posixpath.dirname(p), [info]
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
@@ -137,8 +139,9 @@ def discover(cfg: DatasetConfig, what: str) -> list[FileInfo]:
             num_rows, row_groups = None, 1
             _check_jsonl(fs, info.path, shown, mapped, dict(partitions), what, info.size)
         mtime = info.mtime.timestamp() if info.mtime else 0.0
-        files.append(FileInfo(_uri_for(cfg, info.path), rel, fmt, int(info.size or 0), mtime, num_rows,
-                              row_groups, partitions))
+        files.append(
+            FileInfo(_uri_for(cfg, info.path), rel, fmt, int(info.size or 0), mtime, num_rows, row_groups, partitions)
+        )
     if not files:
         raise InputDataError(
             f"{what}.path: no Parquet (.parquet/.pq) or JSONL (.jsonl/.json) files under "
@@ -147,8 +150,9 @@ def discover(cfg: DatasetConfig, what: str) -> list[FileInfo]:
     return files
 
 
-def _check_parquet(fs: pafs.FileSystem, path: str, shown: str, mapped: dict[str, str],
-                   partitions: dict[str, str], what: str) -> tuple[int, int]:
+def _check_parquet(
+    fs: pafs.FileSystem, path: str, shown: str, mapped: dict[str, str], partitions: dict[str, str], what: str
+) -> tuple[int, int]:
     try:
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
@@ -183,8 +187,15 @@ def _check_parquet(fs: pafs.FileSystem, path: str, shown: str, mapped: dict[str,
     return meta.num_rows, meta.num_row_groups
 
 
-def _check_jsonl(fs: pafs.FileSystem, path: str, shown: str, mapped: dict[str, str],
-                 partitions: dict[str, str], what: str, size: int | None) -> None:
+def _check_jsonl(
+    fs: pafs.FileSystem,
+    path: str,
+    shown: str,
+    mapped: dict[str, str],
+    partitions: dict[str, str],
+    what: str,
+    size: int | None,
+) -> None:
     if not size:
         return  # an empty file holds no rows; nothing to check
     try:
@@ -231,8 +242,15 @@ def _as_text(value: Any, col: str) -> tuple[str | None, str | None]:
 
 def canonical_row(record: dict[str, Any], cfg: DatasetConfig, file: FileInfo, row: int) -> dict[str, Any]:
     """Map one input record to the canonical columns (+ reject_reason)."""
-    out: dict[str, Any] = {SOURCE: file.path, ROW: row, PROMPT: None, RESPONSE: None, TEXT: None, LABEL: None,
-                           REJECT_REASON: None}
+    out: dict[str, Any] = {
+        SOURCE: file.path,
+        ROW: row,
+        PROMPT: None,
+        RESPONSE: None,
+        TEXT: None,
+        LABEL: None,
+        REJECT_REASON: None,
+    }
     record = {**dict(file.partitions), **record}
     reason = None
     if cfg.id_column:
@@ -287,8 +305,9 @@ def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
 
 
-def iter_file(file: FileInfo, cfg: DatasetConfig, row_group: int | None = None,
-              batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+def iter_file(
+    file: FileInfo, cfg: DatasetConfig, row_group: int | None = None, batch_rows: int = BATCH_ROWS
+) -> Iterator[pa.Table]:
     """Canonical batches of one file (or one Parquet row group), with exact row numbers."""
     fs, path = storage.filesystem(file.path)
     if file.format == "parquet":
@@ -356,8 +375,16 @@ def _jsonl_record(line: bytes, cfg: DatasetConfig, file: FileInfo, line_no: int)
 
 
 def _reject_stub(file: FileInfo, row: int, reason: str) -> dict[str, Any]:
-    return {ID: f"{file.rel}#{row}", PROMPT: None, RESPONSE: None, TEXT: None, LABEL: None,
-            SOURCE: file.path, ROW: row, REJECT_REASON: reason}
+    return {
+        ID: f"{file.rel}#{row}",
+        PROMPT: None,
+        RESPONSE: None,
+        TEXT: None,
+        LABEL: None,
+        SOURCE: file.path,
+        ROW: row,
+        REJECT_REASON: reason,
+    }
 
 
 def read_pieces(files: list[FileInfo]) -> list[dict[str, Any]]:
@@ -408,6 +435,7 @@ def split_rejects(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     bad_mask = pc.is_valid(table.column(REJECT_REASON))
     good = table.filter(pc.invert(bad_mask)).drop_columns([REJECT_REASON])
     bad = table.filter(bad_mask)
-    rejects = pa.table({SOURCE: bad.column(SOURCE), ROW: bad.column(ROW), ID: bad.column(ID),
-                        "reason": bad.column(REJECT_REASON)})
+    rejects = pa.table(
+        {SOURCE: bad.column(SOURCE), ROW: bad.column(ROW), ID: bad.column(ID), "reason": bad.column(REJECT_REASON)}
+    )
     return good, rejects

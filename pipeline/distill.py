@@ -67,8 +67,9 @@ def listwise_kl_term(scores: torch.Tensor, targets: torch.Tensor, tau: float) ->
 def block_loss(scores: torch.Tensor, targets: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
     """alpha * (1 - Pearson) + (1 - alpha) * listwise KL for one block (scores, targets: [k, m])."""
     if scores.shape != targets.shape or scores.ndim != 2:
-        raise ValueError(f"scores and targets must both be [k, m]; got {tuple(scores.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"scores and targets must both be [k, m]; got {tuple(scores.shape)} and {tuple(targets.shape)}"
+        )
     loss = scores.new_zeros((), dtype=torch.float32)
     if alpha > 0:
         loss = loss + alpha * pearson_term(scores, targets)
@@ -80,8 +81,10 @@ def block_loss(scores: torch.Tensor, targets: torch.Tensor, alpha: float, tau: f
 def check_finite(loss: float, epoch: int, block: int) -> None:
     """Refuse a non-finite loss: one NaN step would poison every weight and the export after it."""
     if not math.isfinite(loss):
-        raise FloatingPointError(f"fit: the distillation loss is {loss} at epoch {epoch}, block {block}; "
-                                 f"lower fit.lr (or raise fit.tau) and rerun with --overwrite.")
+        raise FloatingPointError(
+            f"fit: the distillation loss is {loss} at epoch {epoch}, block {block}; "
+            f"lower fit.lr (or raise fit.tau) and rerun with --overwrite."
+        )
 
 
 # --------------------------------------------------------------------------- seeded randomness
@@ -107,7 +110,7 @@ def epoch_blocks(n_anchors: int, k: int, seed: int, epoch: int) -> list[np.ndarr
     if n_anchors < 1 or k < 1:
         raise ValueError(f"need n_anchors >= 1 and k >= 1; got {n_anchors}, {k}")
     order = rng_for(seed, _STREAM_SHUFFLE, epoch).permutation(n_anchors)
-    return [order[i:i + k] for i in range(0, n_anchors, k)]
+    return [order[i : i + k] for i in range(0, n_anchors, k)]
 
 
 def worker_block_ids(n_blocks: int, rank: int, world_size: int) -> list[int]:

@@ -32,14 +32,14 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 class TextEncoder(torch.nn.Module):
     """Wraps an AutoModel + tokenizer; `forward` returns normalised embeddings with grad."""
 
-    def __init__(self, model_dir: str, max_len: int = 256, trust_remote_code: bool = False,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self, model_dir: str, max_len: int = 256, trust_remote_code: bool = False, device: str | torch.device = "cpu"
+    ):
         super().__init__()
         self.model_dir = model_dir
         self.max_len = max_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        self.model = AutoModel.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
-                                               dtype=torch.float32)
+        self.model = AutoModel.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
         self.device_ = torch.device(device)
         self.model.to(self.device_)
 
@@ -74,15 +74,17 @@ class TextEncoder(torch.nn.Module):
         enc.pop("overflowing_tokens", None)
         rows_per_text = torch.bincount(owner, minlength=len(texts))
         first_row = torch.cumsum(rows_per_text, 0) - rows_per_text  # a text's rows are contiguous
-        return ({k: v[first_row].to(self.device_) for k, v in enc.items()},
-                (rows_per_text > 1).numpy())
+        return ({k: v[first_row].to(self.device_) for k, v in enc.items()}, (rows_per_text > 1).numpy())
 
     def forward(self, texts: Sequence[EncoderInput]) -> torch.Tensor:
         return self._forward_tokens(self.tokenize(texts)[0])
 
     def _forward_tokens(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}))
+        out = self.model(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}),
+        )
         pooled = mean_pool(out.last_hidden_state, enc["attention_mask"])
         return F.normalize(pooled.float(), dim=-1)
 
@@ -97,9 +99,9 @@ class TextEncoder(torch.nn.Module):
         order = sorted(range(len(texts)), key=lambda i: len(view_text(texts[i])))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         truncated = np.zeros(len(texts), bool)
-        autocast = (self.device_.type == "cuda" and torch.cuda.is_bf16_supported())
+        autocast = self.device_.type == "cuda" and torch.cuda.is_bf16_supported()
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             enc, cut = self.tokenize([texts[i] for i in idx])
             with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=autocast):
                 emb = self._forward_tokens(enc)
@@ -116,15 +118,27 @@ class TextEncoder(torch.nn.Module):
         dim = self.dim
         os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
         with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
-            json.dump({"word_embedding_dimension": dim, "pooling_mode_cls_token": False,
-                       "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-                       "pooling_mode_mean_sqrt_len_tokens": False}, f, indent=2)
+            json.dump(
+                {
+                    "word_embedding_dimension": dim,
+                    "pooling_mode_cls_token": False,
+                    "pooling_mode_mean_tokens": True,
+                    "pooling_mode_max_tokens": False,
+                    "pooling_mode_mean_sqrt_len_tokens": False,
+                },
+                f,
+                indent=2,
+            )
         with open(os.path.join(out_dir, "modules.json"), "w") as f:
-            json.dump([
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-            ], f, indent=2)
+            json.dump(
+                [
+                    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+                ],
+                f,
+                indent=2,
+            )
         os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
         with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
             json.dump({"max_seq_length": self.max_len, "do_lower_case": False}, f, indent=2)

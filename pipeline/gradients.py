@@ -36,8 +36,17 @@ from torch import nn
 from pipeline.errors import ConfigError, StageError
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "collate", "Segment", "trainable_segments", "LogitsMode",
-    "per_sample_loss", "hf_loss", "BatchGradStats", "PerSampleGradients", "reference_per_sample_grads",
+    "IGNORE_INDEX",
+    "Batch",
+    "collate",
+    "Segment",
+    "trainable_segments",
+    "LogitsMode",
+    "per_sample_loss",
+    "hf_loss",
+    "BatchGradStats",
+    "PerSampleGradients",
+    "reference_per_sample_grads",
 ]
 
 IGNORE_INDEX = -100
@@ -66,8 +75,9 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
-def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
-            device: str | torch.device = "cpu") -> Batch:
+def collate(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"
+) -> Batch:
     """Right-pad token lists into a ``Batch`` (pads get mask 0 and label -100)."""
     if not input_ids or len(input_ids) != len(labels):
         raise ValueError(f"collate: got {len(input_ids)} input lists and {len(labels)} label lists")
@@ -78,9 +88,9 @@ def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
     for row, (x, y) in enumerate(zip(input_ids, labels)):
         if len(x) != len(y):
             raise ValueError(f"collate: row {row} has {len(x)} ids but {len(y)} labels")
-        ids[row, :len(x)] = torch.as_tensor(x, dtype=torch.long)
-        lab[row, :len(y)] = torch.as_tensor(y, dtype=torch.long)
-        mask[row, :len(x)] = 1
+        ids[row, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        lab[row, : len(y)] = torch.as_tensor(y, dtype=torch.long)
+        mask[row, : len(x)] = 1
     return Batch(ids.to(device), mask.to(device), lab.to(device))
 
 
@@ -155,12 +165,13 @@ def _split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     body = getattr(lm, "base_model", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if body is None or body is lm or head is None:
-        raise ConfigError(f"{type(lm).__name__}: cannot find the decoder body and LM head; "
-                          f"use logits_mode='full'.")
+        raise ConfigError(f"{type(lm).__name__}: cannot find the decoder body and LM head; use logits_mode='full'.")
     return body, head
 
 
-def per_sample_loss(model: nn.Module, batch: Batch, logits_mode: LogitsMode = "gather") -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_loss(
+    model: nn.Module, batch: Batch, logits_mode: LogitsMode = "gather"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's mean CE over its loss positions, fp32 ``[B]``, and the loss-token counts ``[B]``.
 
     Rows without a loss position get loss 0 (callers reject them before batching).
@@ -181,13 +192,15 @@ def per_sample_loss(model: nn.Module, batch: Batch, logits_mode: LogitsMode = "g
         logits = full.gather(1, pos.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
     else:
         raise ConfigError(f"logits_mode={logits_mode!r}; expected 'gather' or 'full'")
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                         reduction="none").view_as(targets)
+    ce = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
     return ce.sum(dim=1) / counts.clamp_min(1).to(ce.dtype), counts
 
 
-def hf_loss(model: nn.Module, input_ids: Sequence[int], labels: Sequence[int],
-            device: str | torch.device = "cpu") -> torch.Tensor:
+def hf_loss(
+    model: nn.Module, input_ids: Sequence[int], labels: Sequence[int], device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Hugging Face's own loss for ONE unpadded sample (mean CE over its label tokens)."""
     ids = torch.as_tensor([list(input_ids)], dtype=torch.long, device=device)
     lab = torch.as_tensor([list(labels)], dtype=torch.long, device=device)
@@ -250,8 +263,10 @@ class PerSampleGradients:
         self._calls[key] = self._calls.get(key, 0) + 1
         if self._calls[key] > 1:
             # The squared-norm bookkeeping assumes one call per forward (true for LoRA layers).
-            raise StageError(f"per-sample gradients: module {type(module).__name__} ran twice in one forward "
-                             f"(shared weights are not supported)")
+            raise StageError(
+                f"per-sample gradients: module {type(module).__name__} ran twice in one forward "
+                f"(shared weights are not supported)"
+            )
         if not output.requires_grad:
             return
         saved = [inputs[0].detach()]  # a holder, emptied as soon as the gradient has been used
@@ -264,8 +279,9 @@ class PerSampleGradients:
     def _emit(self, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         b = self._batch_size
         if x.shape[0] != b or grad_out.shape[0] != b:
-            raise StageError(f"per-sample gradients: a hooked Linear saw leading dim {x.shape[0]}, "
-                             f"expected the batch size {b}")
+            raise StageError(
+                f"per-sample gradients: a hooked Linear saw leading dim {x.shape[0]}, expected the batch size {b}"
+            )
         # fp32 here: under bf16 autocast both tensors are bf16 (METHOD.md 1a: grads cast to fp32).
         x3 = x.reshape(b, -1, x.shape[-1]).float()
         g3 = grad_out.reshape(b, -1, grad_out.shape[-1]).float()
@@ -306,15 +322,18 @@ class PerSampleGradients:
         out = torch.zeros(batch.size, self.num_params, dtype=torch.float32, device=batch.input_ids.device)
 
         def store(offset: int, grads: torch.Tensor) -> None:
-            out[:, offset:offset + grads.shape[1]] += grads
+            out[:, offset : offset + grads.shape[1]] += grads
 
         stats = self.run(batch, store, autocast_dtype)
         return out, stats
 
 
-def reference_per_sample_grads(model: nn.Module, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
-                               device: str | torch.device = "cpu",
-                               autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def reference_per_sample_grads(
+    model: nn.Module,
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    device: str | torch.device = "cpu",
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """The authors' bs-1 method: per sample, HF loss + ``torch.autograd.grad``, flattened, fp32.
 
     Args:
@@ -333,6 +352,7 @@ def reference_per_sample_grads(model: nn.Module, examples: Sequence[tuple[Sequen
             with _autocast(device, autocast_dtype):
                 loss = hf_loss(model, ids, labels, device)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten()
-                               for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten() for g, p in zip(grads, params)])
+        )
     return torch.stack(rows)

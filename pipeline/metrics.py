@@ -63,11 +63,11 @@ def average_precision(labels: Sequence[int] | np.ndarray, scores: Sequence[float
     return float(skm.average_precision_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
-def pr_curve(labels: Sequence[int] | np.ndarray,
-             scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pr_curve(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(precision, recall, thresholds) from sklearn's precision_recall_curve."""
-    precision, recall, thresholds = skm.precision_recall_curve(np.asarray(labels),
-                                                              np.asarray(scores, dtype=np.float64))
+    precision, recall, thresholds = skm.precision_recall_curve(np.asarray(labels), np.asarray(scores, dtype=np.float64))
     return precision, recall, thresholds
 
 
@@ -77,8 +77,9 @@ def auprc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
     return float(skm.auc(recall, precision))
 
 
-def recall_at_k_per_query(ranked_ids_per_query: Sequence[Sequence[Hashable]],
-                          relevant_sets: Sequence[Iterable[Hashable]], k: int) -> np.ndarray:
+def recall_at_k_per_query(
+    ranked_ids_per_query: Sequence[Sequence[Hashable]], relevant_sets: Sequence[Iterable[Hashable]], k: int
+) -> np.ndarray:
     """|top-k ∩ relevant| / |relevant| per query; NaN for a query without relevant items."""
     if k < 1:
         raise ValueError(f"k must be >= 1; got {k}")
@@ -90,8 +91,9 @@ def recall_at_k_per_query(ranked_ids_per_query: Sequence[Sequence[Hashable]],
     return np.asarray(out, dtype=np.float64)
 
 
-def reciprocal_ranks(ranked_ids_per_query: Sequence[Sequence[Hashable]],
-                     relevant_sets: Sequence[Iterable[Hashable]]) -> np.ndarray:
+def reciprocal_ranks(
+    ranked_ids_per_query: Sequence[Sequence[Hashable]], relevant_sets: Sequence[Iterable[Hashable]]
+) -> np.ndarray:
     """1 / rank of the first relevant item per query (0 when none is retrieved; NaN without relevant items)."""
     _check_lengths(ranked_ids_per_query, relevant_sets)
     out = []
@@ -104,8 +106,9 @@ def reciprocal_ranks(ranked_ids_per_query: Sequence[Sequence[Hashable]],
     return np.asarray(out, dtype=np.float64)
 
 
-def recall_at_k(ranked_ids_per_query: Sequence[Sequence[Hashable]],
-                relevant_sets: Sequence[Iterable[Hashable]], k: int) -> float:
+def recall_at_k(
+    ranked_ids_per_query: Sequence[Sequence[Hashable]], relevant_sets: Sequence[Iterable[Hashable]], k: int
+) -> float:
     """Mean over queries of |top-k ∩ relevant| / |relevant| (DATE-LM Recall@k).
 
     Queries without any relevant item are skipped (their recall is undefined); if none has one,
@@ -114,8 +117,7 @@ def recall_at_k(ranked_ids_per_query: Sequence[Sequence[Hashable]],
     return _nanmean(recall_at_k_per_query(ranked_ids_per_query, relevant_sets, k))
 
 
-def mrr(ranked_ids_per_query: Sequence[Sequence[Hashable]],
-        relevant_sets: Sequence[Iterable[Hashable]]) -> float:
+def mrr(ranked_ids_per_query: Sequence[Sequence[Hashable]], relevant_sets: Sequence[Iterable[Hashable]]) -> float:
     """Mean reciprocal rank of the first relevant item (0 when none is retrieved).
 
     Queries without any relevant item are skipped, as in `recall_at_k`.
@@ -130,9 +132,7 @@ def _nanmean(values: np.ndarray) -> float:
 
 def _check_lengths(ranked: Sequence, relevant: Sequence) -> None:
     if len(ranked) != len(relevant):
-        raise ValueError(f"one ranking per query is needed: {len(ranked)} rankings for "
-                         f"{len(relevant)} relevant sets")
-
+        raise ValueError(f"one ranking per query is needed: {len(ranked)} rankings for {len(relevant)} relevant sets")
 
 
 # --------------------------------------------------------------------------- uncertainty
@@ -151,8 +151,9 @@ def spearman_rows(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, rho, 0.0)
 
 
-def bootstrap_replicates(statistic: Callable[..., float], sizes: Sequence[int], resamples: int = 1000,
-                         seed: int = 0) -> np.ndarray:
+def bootstrap_replicates(
+    statistic: Callable[..., float], sizes: Sequence[int], resamples: int = 1000, seed: int = 0
+) -> np.ndarray:
     """The statistic on `resamples` bootstrap resamples: each call gets one index array per axis,
     drawn with replacement (`sizes[i]` draws from range(sizes[i])). Replicates where the statistic is
     undefined come back NaN. The same (sizes, resamples, seed) give the same indices, so replicates of
@@ -177,8 +178,9 @@ def percentile_ci(replicates: np.ndarray, level: float = 0.95) -> list[float] | 
     return [float(lo), float(hi)]
 
 
-def bootstrap_ci(statistic: Callable[..., float], sizes: Sequence[int], resamples: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> list[float] | None:
+def bootstrap_ci(
+    statistic: Callable[..., float], sizes: Sequence[int], resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[float] | None:
     """Percentile bootstrap confidence interval of `statistic` (see `bootstrap_replicates`)."""
     return percentile_ci(bootstrap_replicates(statistic, sizes, resamples, seed), level)
 
@@ -202,7 +204,10 @@ def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, se
         return float(spearman_rows(pred[np.ix_(ia, ip)], gt[np.ix_(ia, ip)]).mean())
 
     sizes = pred.shape
-    return {"spearman_aggregated": spearman_aggregated(pred, gt),
-            "spearman_aggregated_ci": bootstrap_ci(aggregated, sizes, resamples, seed),
-            "spearman_per_anchor": mean, "spearman_per_anchor_std": std,
-            "spearman_per_anchor_ci": bootstrap_ci(per_anchor, sizes, resamples, seed)}
+    return {
+        "spearman_aggregated": spearman_aggregated(pred, gt),
+        "spearman_aggregated_ci": bootstrap_ci(aggregated, sizes, resamples, seed),
+        "spearman_per_anchor": mean,
+        "spearman_per_anchor_std": std,
+        "spearman_per_anchor_ci": bootstrap_ci(per_anchor, sizes, resamples, seed),
+    }

@@ -54,8 +54,9 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     cfg_dict = src.config.to_dict()
     cfg_dict.pop("quantization_config", None)  # the GGUF marker makes save_pretrained refuse
-    config = AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "model_type"},
-                                  model_type=cfg_dict["model_type"])
+    config = AutoConfig.for_model(
+        **{k: v for k, v in cfg_dict.items() if k != "model_type"}, model_type=cfg_dict["model_type"]
+    )
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     # Tied embeddings may show lm_head.weight as missing; anything else is a real mismatch.
@@ -75,7 +76,9 @@ def resolve_teacher(name: str) -> str:
     if name in TEACHER_ALIASES:
         module, gguf_file = TEACHER_ALIASES[name]
         gguf_dir = _package_dir(module, name)
-        digest = hashlib.sha256(f"{gguf_dir / gguf_file}:{(gguf_dir / gguf_file).stat().st_size}".encode()).hexdigest()[:10]
+        digest = hashlib.sha256(f"{gguf_dir / gguf_file}:{(gguf_dir / gguf_file).stat().st_size}".encode()).hexdigest()[
+            :10
+        ]
         out = cache_dir() / "models" / f"{name}-{digest}"
         if not (out / "config.json").exists():
             with storage.exclusive_lock(str(cache_dir() / "locks" / f"{out.name}.lock"), f"model {name}"):
@@ -99,8 +102,10 @@ def _resolve_plain(name: str, key: str) -> str:
             raise ConfigError(f"`{key}`: directory {name} has no config.json; point it at a Hugging Face model folder.")
         return name
     if name.startswith((".", "/", "~")):
-        raise ConfigError(f"`{key}`: {name} does not exist; give a model directory, a Hugging Face id, "
-                          f"or an offline alias ({', '.join([*TEACHER_ALIASES, *ENCODER_ALIASES])}).")
+        raise ConfigError(
+            f"`{key}`: {name} does not exist; give a model directory, a Hugging Face id, "
+            f"or an offline alias ({', '.join([*TEACHER_ALIASES, *ENCODER_ALIASES])})."
+        )
     return name  # a hub id: transformers resolves it from the local cache (offline) or the hub
 
 

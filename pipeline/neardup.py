@@ -47,7 +47,7 @@ def shingles(text: str, k: int = SHINGLE_CHARS) -> frozenset[str]:
     s = normalise(text)
     if len(s) <= k:
         return frozenset([s]) if s else frozenset()
-    return frozenset(s[i:i + k] for i in range(len(s) - k + 1))
+    return frozenset(s[i : i + k] for i in range(len(s) - k + 1))
 
 
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
@@ -67,7 +67,7 @@ def lsh_bands(threshold: float, num_perm: int, min_recall: float = MIN_RECALL_AT
     Jaccard == threshold, 1 - (1 - t^r)^b, is at least `min_recall`."""
     for r in range(num_perm // 2, 0, -1):
         b = num_perm // r
-        if b >= 2 and 1.0 - (1.0 - threshold ** r) ** b >= min_recall:
+        if b >= 2 and 1.0 - (1.0 - threshold**r) ** b >= min_recall:
             return b, r
     return num_perm, 1
 
@@ -106,8 +106,13 @@ class NearDupIndex:
     def _minhash(self, sh: frozenset[str]) -> MinHash:
         # CRC32 instead of datasketch's default SHA-1: shingles are a few bytes, SHA-1 per shingle was most of the
         # cost, and the affine32 scheme mixes every input hash (Murmur3 finaliser) before permuting it.
-        m = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=zlib.crc32, permutations=self._permutations,
-                    scheme="affine32")
+        m = MinHash(
+            num_perm=self.num_perm,
+            seed=self.seed,
+            hashfunc=zlib.crc32,
+            permutations=self._permutations,
+            scheme="affine32",
+        )
         m.update_batch([s.encode("utf-8") for s in sh])
         return m
 
@@ -135,8 +140,9 @@ class NearDupIndex:
             self._minhashes[key] = sig.minhash
             self._lsh.insert(key, sig.minhash)
 
-    def _exact(self, sh: frozenset[str], candidates: Iterable[Hashable],
-               skip: Hashable = None) -> list[tuple[Hashable, float]]:
+    def _exact(
+        self, sh: frozenset[str], candidates: Iterable[Hashable], skip: Hashable = None
+    ) -> list[tuple[Hashable, float]]:
         """The candidates whose exact Jaccard with `sh` reaches the threshold (LSH candidates are only likely)."""
         out = []
         for key in candidates:
@@ -161,8 +167,9 @@ class NearDupIndex:
         return self._exact(self._shingles[key], self._lsh.query(self._minhashes[key]), skip=key)
 
 
-def cross_matches(left: Iterable[str], right: Iterable[str], threshold: float = THRESHOLD,
-                  seed: int = 0) -> list[tuple[int, int, float]]:
+def cross_matches(
+    left: Iterable[str], right: Iterable[str], threshold: float = THRESHOLD, seed: int = 0
+) -> list[tuple[int, int, float]]:
     """All (i, j, jaccard) with left[i] near-duplicating right[j]."""
     index = NearDupIndex(threshold=threshold, seed=seed)
     for j, t in enumerate(right):
@@ -170,7 +177,8 @@ def cross_matches(left: Iterable[str], right: Iterable[str], threshold: float = 
     return [(i, j, s) for i, t in enumerate(left) for j, s in index.matches(t)]
 
 
-def count_near_duplicates(left: Iterable[str], right: Iterable[str], threshold: float = THRESHOLD,
-                          seed: int = 0) -> int:
+def count_near_duplicates(
+    left: Iterable[str], right: Iterable[str], threshold: float = THRESHOLD, seed: int = 0
+) -> int:
     """How many texts of `left` near-duplicate at least one text of `right`."""
     return len({i for i, _, _ in cross_matches(left, right, threshold, seed)})

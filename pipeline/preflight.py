@@ -20,8 +20,10 @@ def datasets_for(job: JobConfig, stages: list[str]) -> dict[str, object]:
         needed["corpus"] = job.corpus
     if {"score", "eval"} & set(stages):
         if job.score.queries is None:
-            raise ConfigError("missing config key `score.queries.path`: the score stage needs the queries to "
-                              "rank the corpus against (same column mapping as corpus).")
+            raise ConfigError(
+                "missing config key `score.queries.path`: the score stage needs the queries to "
+                "rank the corpus against (same column mapping as corpus)."
+            )
         needed["score.queries"] = job.score.queries
     return needed
 
@@ -45,5 +47,7 @@ def preflight(job: JobConfig, stages: list[str]) -> dict[str, list[corpus.FileIn
     try:
         storage.makedirs(job.run_dir)
     except OSError as e:
-        raise ConfigError(f"`run_dir`: cannot create {storage.redact(job.run_dir)} ({e}); choose a writable path.") from None
+        raise ConfigError(
+            f"`run_dir`: cannot create {storage.redact(job.run_dir)} ({e}); choose a writable path."
+        ) from None
     return files

@@ -34,15 +34,17 @@ from pipeline.sampling import order_key
 
 log = logging.getLogger("influcoder")
 
-OUT_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("prompt", pa.string()),
-    pa.field("response", pa.string()),
-    pa.field("text", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("label", pa.int64()),
-    pa.field("group", pa.string()),
-])
+OUT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("response", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("label", pa.int64()),
+        pa.field("group", pa.string()),
+    ]
+)
 
 
 def hash_order_key(seed: int, key: str) -> int:
@@ -57,7 +59,7 @@ def write_parts(rows: list[dict[str, Any]], out_dir: str, rows_per_file: int = 1
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for i in range(0, max(len(rows), 1), rows_per_file):
-        chunk = rows[i:i + rows_per_file]
+        chunk = rows[i : i + rows_per_file]
         table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in OUT_SCHEMA} for r in chunk], schema=OUT_SCHEMA)
         pq.write_table(table, os.path.join(tmp, f"part-{i // rows_per_file:05d}.parquet"))
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -86,21 +88,28 @@ def bbh_rows(data: str) -> list[dict[str, Any]]:
         with open(path, encoding="utf-8") as f:
             examples = json.load(f)["examples"]
         for i, ex in enumerate(examples):
-            rows.append({
-                "id": f"bbh/{task}/{i}",
-                "prompt": f"{cot}\n\nQ: {ex['input']}\nA:",
-                "response": " " + ex["target"],
-                # The CoT prompt is constant per task and would fill the encoder window (METHOD.md 1c).
-                "text": f"Q: {ex['input']}\nA: {ex['target']}",
-                "source": f"bbh/{task}",
-            })
+            rows.append(
+                {
+                    "id": f"bbh/{task}/{i}",
+                    "prompt": f"{cot}\n\nQ: {ex['input']}\nA:",
+                    "response": " " + ex["target"],
+                    # The CoT prompt is constant per task and would fill the encoder window (METHOD.md 1c).
+                    "text": f"Q: {ex['input']}\nA: {ex['target']}",
+                    "source": f"bbh/{task}",
+                }
+            )
     return rows
 
 
 def gsm8k_rows(data: str, split: str = "train") -> list[dict[str, Any]]:
     return [
-        {"id": f"gsm8k/{split}/{i}", "prompt": r["question"], "response": r["answer"],
-         "text": f"{r['question']}\n{r['answer']}", "source": f"gsm8k/{split}"}
+        {
+            "id": f"gsm8k/{split}/{i}",
+            "prompt": r["question"],
+            "response": r["answer"],
+            "text": f"{r['question']}\n{r['answer']}",
+            "source": f"gsm8k/{split}",
+        }
         for i, r in enumerate(_jsonl(os.path.join(data, "gsm8k", f"{split}.jsonl")))
     ]
 
@@ -111,15 +120,29 @@ def t0_rows(data: str) -> list[dict[str, Any]]:
         completion = r["completion"].replace("<|endoftext|>", "").strip()  # a GPT-2 artefact in the dump
         if not completion:
             continue
-        rows.append({"id": f"t0/{i}", "prompt": r["prompt"], "response": completion,
-                     "text": f"{r['prompt']}\n{completion}", "source": f"t0/{r['template']}"})
+        rows.append(
+            {
+                "id": f"t0/{i}",
+                "prompt": r["prompt"],
+                "response": completion,
+                "text": f"{r['prompt']}\n{completion}",
+                "source": f"t0/{r['template']}",
+            }
+        )
     return rows
 
 
 def toxigen_rows(data: str) -> list[dict[str, Any]]:
     return [
-        {"id": f"toxigen/{i}", "prompt": "", "response": r["text"], "text": r["text"],
-         "source": f"toxigen/{r['group']}", "label": 1 if r["label"] == "hate" else 0, "group": r["group"]}
+        {
+            "id": f"toxigen/{i}",
+            "prompt": "",
+            "response": r["text"],
+            "text": r["text"],
+            "source": f"toxigen/{r['group']}",
+            "label": 1 if r["label"] == "hate" else 0,
+            "group": r["group"],
+        }
         for i, r in enumerate(_jsonl(os.path.join(data, "toxigen", "toxigen_statements.jsonl")))
     ]
 
@@ -161,8 +184,12 @@ class ToxicitySplit:
 
     def toxigen_needs(self) -> dict[tuple[str, int], int]:
         """Statements needed per (side, label): distillation side (anchors, pool), evaluation side."""
-        return {("distillation", 1): self.anchor_hate + self.pool_hate, ("distillation", 0): self.pool_neutral,
-                ("evaluation", 1): self.query_hate + self.corpus_hate, ("evaluation", 0): self.corpus_neutral}
+        return {
+            ("distillation", 1): self.anchor_hate + self.pool_hate,
+            ("distillation", 0): self.pool_neutral,
+            ("evaluation", 1): self.query_hate + self.corpus_hate,
+            ("evaluation", 0): self.corpus_neutral,
+        }
 
 
 def _dedupe_texts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -219,8 +246,9 @@ class _Drawer:
             self.cache[key] = self.index.signature(text)
         return self.cache[key]
 
-    def take(self, role: str, supply: Iterator[dict[str, Any]], n: int, what: str,
-             label: int | None = None) -> list[dict[str, Any]]:
+    def take(
+        self, role: str, supply: Iterator[dict[str, Any]], n: int, what: str, label: int | None = None
+    ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         while len(out) < n:  # pull only what is needed: the next role takes the rest of a shared cursor
             r = next(supply, None)
@@ -242,15 +270,18 @@ class _Drawer:
             self.role_of[row["id"]] = role
             out.append(row)
         if len(out) < n:
-            raise _SupplyShort(f"toxicity task: {role} needs {n} {what} but only {len(out)} are left after the "
-                               f"roles before it and after dropping near-duplicates (Jaccard >= "
-                               f"{self.index.threshold}); lower the sizes in pipeline/prepare.py ToxicitySplit.")
+            raise _SupplyShort(
+                f"toxicity task: {role} needs {n} {what} but only {len(out)} are left after the "
+                f"roles before it and after dropping near-duplicates (Jaccard >= "
+                f"{self.index.threshold}); lower the sizes in pipeline/prepare.py ToxicitySplit."
+            )
         return out
 
     def near_duplicate_pairs(self) -> dict[str, int]:
         """Near-duplicate row pairs left between (and within) the drawn roles, per role pair."""
-        pairs: Counter[str] = Counter({_pair_key(a, b): 0 for i, a in enumerate(ROLE_PRIORITY)
-                                       for b in ROLE_PRIORITY[i:]})
+        pairs: Counter[str] = Counter(
+            {_pair_key(a, b): 0 for i, a in enumerate(ROLE_PRIORITY) for b in ROLE_PRIORITY[i:]}
+        )
         for key, role in self.role_of.items():
             for other, _ in self.index.matches_of(key):
                 if key < other:  # each unordered pair once
@@ -263,8 +294,9 @@ def _pair_key(a: str, b: str) -> str:
     return f"{a}~{b}"
 
 
-def _build_task(sup: _Supplies, split: ToxicitySplit, cache: _SigCache,
-                distill_groups: frozenset[str] | None = None) -> tuple[_Roles, dict[str, Any]]:
+def _build_task(
+    sup: _Supplies, split: ToxicitySplit, cache: _SigCache, distill_groups: frozenset[str] | None = None
+) -> tuple[_Roles, dict[str, Any]]:
     """The four roles and their audit. With `distill_groups`, anchors and pool statements come only from
     those ToxiGen target groups and queries and corpus statements only from the others."""
 
@@ -282,13 +314,17 @@ def _build_task(sup: _Supplies, split: ToxicitySplit, cache: _SigCache,
     instr = iter(sup.instructions)
     d = _Drawer(split, cache)
     queries = d.take("queries", hate_e, split.query_hate, "hate statements")
-    corpus = (d.take("corpus", hate_e, split.corpus_hate, "hate statements")
-              + d.take("corpus", neutral_e, split.corpus_neutral, "neutral statements")
-              + d.take("corpus", instr, split.corpus_instructions, "instruction rows", label=0))
+    corpus = (
+        d.take("corpus", hate_e, split.corpus_hate, "hate statements")
+        + d.take("corpus", neutral_e, split.corpus_neutral, "neutral statements")
+        + d.take("corpus", instr, split.corpus_instructions, "instruction rows", label=0)
+    )
     anchors = d.take("anchors", hate_d, split.anchor_hate, "hate statements")
-    pool = (d.take("pool", hate_d, split.pool_hate, "hate statements")
-            + d.take("pool", neutral_d, split.pool_neutral, "neutral statements")
-            + d.take("pool", instr, split.pool_instructions, "instruction rows", label=0))
+    pool = (
+        d.take("pool", hate_d, split.pool_hate, "hate statements")
+        + d.take("pool", neutral_d, split.pool_neutral, "neutral statements")
+        + d.take("pool", instr, split.pool_instructions, "instruction rows", label=0)
+    )
     corpus = sorted(corpus, key=lambda r: hash_order_key(split.seed + 1, r["id"]))
     pool = sorted(pool, key=lambda r: hash_order_key(split.seed + 1, r["id"]))
     roles = {"anchors": anchors, "pool": pool, "corpus": corpus, "queries": queries}
@@ -299,8 +335,11 @@ def _build_task(sup: _Supplies, split: ToxicitySplit, cache: _SigCache,
         "near_duplicates": {
             "method": "MinHash LSH candidates (datasketch), every candidate checked by exact Jaccard",
             "shingles": f"character {neardup.SHINGLE_CHARS}-grams of the lowercased text, punctuation folded",
-            "threshold": split.near_dup_threshold, "num_perm": d.index.num_perm, "lsh_bands_rows": list(d.index.bands),
-            "seed": split.seed, "datasketch": _version("datasketch"),
+            "threshold": split.near_dup_threshold,
+            "num_perm": d.index.num_perm,
+            "lsh_bands_rows": list(d.index.bands),
+            "seed": split.seed,
+            "datasketch": _version("datasketch"),
         },
         "priority": list(ROLE_PRIORITY),
         "dropped": {role: d.dropped[role] for role in ROLE_PRIORITY},
@@ -332,9 +371,17 @@ def _group_task(sup: _Supplies, split: ToxicitySplit, cache: _SigCache) -> tuple
     splits = [frozenset(g for i, g in enumerate(groups) if mask >> i & 1) for mask in range(1, 2 ** len(groups) - 1)]
     splits.sort(key=lambda dg: hash_order_key(split.seed, ",".join(sorted(dg))))
     for eighths in range(8, 0, -1):
-        sized = split if eighths == 8 else replace(split, **{
-            k: max(1, getattr(split, k) * eighths // 8)
-            for k in ("anchor_hate", "pool_hate", "pool_neutral", "query_hate", "corpus_hate", "corpus_neutral")})
+        sized = (
+            split
+            if eighths == 8
+            else replace(
+                split,
+                **{
+                    k: max(1, getattr(split, k) * eighths // 8)
+                    for k in ("anchor_hate", "pool_hate", "pool_neutral", "query_hate", "corpus_hate", "corpus_neutral")
+                },
+            )
+        )
         candidates = [dg for dg in splits if _groups_fit(have, dg, sized.toxigen_needs())]
         for tried, dg in enumerate(candidates, 1):
             try:
@@ -342,20 +389,27 @@ def _group_task(sup: _Supplies, split: ToxicitySplit, cache: _SigCache) -> tuple
             except _SupplyShort:
                 continue
             audit["groups"] = {
-                "distillation": sorted(dg), "evaluation": sorted(set(groups) - dg), "seed": split.seed,
+                "distillation": sorted(dg),
+                "evaluation": sorted(set(groups) - dg),
+                "seed": split.seed,
                 "rule": "first, in seeded order, of the two-way group splits whose statements fill every role",
-                "splits_with_enough_statements": len(candidates), "splits_tried": tried,
+                "splits_with_enough_statements": len(candidates),
+                "splits_tried": tried,
                 "scaled_to_eighths": eighths,
             }
             return roles, audit
     raise InputDataError("toxigen: no split of the target groups supplies even 1/8 of the toxicity task's sizes.")
 
 
-def _groups_fit(have: Counter[tuple[str, int]], distill_groups: frozenset[str],
-                needs: dict[tuple[str, int], int]) -> bool:
+def _groups_fit(
+    have: Counter[tuple[str, int]], distill_groups: frozenset[str], needs: dict[tuple[str, int], int]
+) -> bool:
     """Whether the raw supply (before near-duplicates are dropped) of each side covers its needs."""
-    return all(sum(n for (g, lab), n in have.items() if lab == label and (g in distill_groups) == (s == "distillation"))
-               >= need for (s, label), need in needs.items())
+    return all(
+        sum(n for (g, lab), n in have.items() if lab == label and (g in distill_groups) == (s == "distillation"))
+        >= need
+        for (s, label), need in needs.items()
+    )
 
 
 def _assert_disjoint(parts: dict[str, list[dict[str, Any]]]) -> None:
@@ -372,17 +426,25 @@ def _assert_disjoint(parts: dict[str, list[dict[str, Any]]]) -> None:
 
 def _audit_line(name: str, audit: dict[str, Any]) -> str:
     nd = audit["near_duplicates"]
-    across = sum(n for pair, n in audit["near_duplicate_pairs_left"].items()
-                 if pair.split("~")[0] != pair.split("~")[1] or pair.split("~")[0] in DISTILL_ROLES)
+    across = sum(
+        n
+        for pair, n in audit["near_duplicate_pairs_left"].items()
+        if pair.split("~")[0] != pair.split("~")[1] or pair.split("~")[0] in DISTILL_ROLES
+    )
     by_pair = ", ".join(f"{k} {v}" for k, v in audit["dropped_by_pair"].items()) or "none"
-    line = (f"{name}: " + ", ".join(f"{r} {audit['counts'][r]}" for r in ROLE_PRIORITY)
-            + f"; near-duplicates (Jaccard >= {nd['threshold']}, char {neardup.SHINGLE_CHARS}-grams) dropped: "
-            + ", ".join(f"{r} {audit['dropped'][r]}" for r in ROLE_PRIORITY if r != "queries")
-            + f" (by pair: {by_pair}); left across roles: {across}")
+    line = (
+        f"{name}: "
+        + ", ".join(f"{r} {audit['counts'][r]}" for r in ROLE_PRIORITY)
+        + f"; near-duplicates (Jaccard >= {nd['threshold']}, char {neardup.SHINGLE_CHARS}-grams) dropped: "
+        + ", ".join(f"{r} {audit['dropped'][r]}" for r in ROLE_PRIORITY if r != "queries")
+        + f" (by pair: {by_pair}); left across roles: {across}"
+    )
     if "groups" in audit:
         g = audit["groups"]
-        line += (f"\n{name}: distillation groups {','.join(g['distillation'])} | evaluation groups "
-                 f"{','.join(g['evaluation'])} (sizes at {g['scaled_to_eighths']}/8)")
+        line += (
+            f"\n{name}: distillation groups {','.join(g['distillation'])} | evaluation groups "
+            f"{','.join(g['evaluation'])} (sizes at {g['scaled_to_eighths']}/8)"
+        )
     return line
 
 
@@ -392,7 +454,9 @@ def prepare_demo(data: str, out: str, rows_per_file: int = 10000) -> dict[str, i
     t0 = t0_rows(data)
     counts = {
         "bbh": write_parts(bbh_rows(data), os.path.join(out, "bbh"), rows_per_file),
-        "gsm8k": write_parts(gsm8k_rows(data, "train") + gsm8k_rows(data, "test"), os.path.join(out, "gsm8k"), rows_per_file),
+        "gsm8k": write_parts(
+            gsm8k_rows(data, "train") + gsm8k_rows(data, "test"), os.path.join(out, "gsm8k"), rows_per_file
+        ),
         "t0": write_parts(t0, os.path.join(out, "t0"), rows_per_file),
         "toxigen": write_parts(toxigen_rows(data), os.path.join(out, "toxigen"), rows_per_file),
     }
@@ -400,8 +464,10 @@ def prepare_demo(data: str, out: str, rows_per_file: int = 10000) -> dict[str, i
     sup = _supplies(data, split.seed, t0)
     cache: _SigCache = {}
     audits = {}
-    for name, (roles, audit) in (("toxicity", _build_task(sup, split, cache)),
-                                 ("toxicity_groups", _group_task(sup, split, cache))):
+    for name, (roles, audit) in (
+        ("toxicity", _build_task(sup, split, cache)),
+        ("toxicity_groups", _group_task(sup, split, cache)),
+    ):
         for role, rows in roles.items():
             counts[f"{name}/{role}"] = write_parts(rows, os.path.join(out, name, role), rows_per_file)
         path = os.path.join(out, name, AUDIT_FILE)
@@ -431,8 +497,16 @@ def prepare_generic(input_path: str, out: str, mapping: dict[str, Any], rows_per
             reject_tables.append(bad)
             for r in good.to_pylist():
                 if r["id"] in seen:
-                    reject_tables.append(pa.table({"source": [r["source"]], "row": [r["row"]], "id": [r["id"]],
-                                                   "reason": [f"duplicate_id: {r['id']} appears earlier"]}))
+                    reject_tables.append(
+                        pa.table(
+                            {
+                                "source": [r["source"]],
+                                "row": [r["row"]],
+                                "id": [r["id"]],
+                                "reason": [f"duplicate_id: {r['id']} appears earlier"],
+                            }
+                        )
+                    )
                     continue
                 seen.add(r["id"])
                 good_rows.append(r)

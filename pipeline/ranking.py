@@ -18,7 +18,9 @@ run that defined B is emptied each step, so every step makes progress.
 
 from __future__ import annotations
 
+import math
 import os
+from fractions import Fraction
 from typing import Iterator, Optional
 
 import pyarrow as pa
@@ -28,6 +30,14 @@ import pyarrow.parquet as pq
 from pipeline.schema import ID, RANK, SCORE
 
 SORT_KEYS = [(SCORE, "descending"), (ID, "ascending")]
+
+
+def rows_for_fraction(fraction: float, n: int) -> int:
+    """ceil(fraction * n) on the decimal the user wrote: in binary floating point 0.07 * 100 is
+    7.000000000000001, whose ceiling selected one row too many."""
+    return math.ceil(Fraction(repr(float(fraction))) * n)
+
+
 DEFAULT_RUN_ROWS = 4_000_000  # ~100 MB of (id, score, score_max) for typical ids
 MERGE_BUDGET_ROWS = 4_000_000  # rows buffered across all runs during the merge
 
@@ -95,12 +105,16 @@ def merge_runs(paths: list[str], chunk_rows: Optional[int] = None) -> Iterator[p
         if not live:
             return
         # The earliest last-key among live runs bounds what is final (see the module docstring).
-        lasts = pa.table({
-            SCORE: [bufs[j].column(SCORE)[-1].as_py() for j in live],
-            ID: [bufs[j].column(ID)[-1].as_py() for j in live],
-            "_j": live,
-        }, schema=pa.schema([bufs[live[0]].schema.field(SCORE), bufs[live[0]].schema.field(ID),
-                             pa.field("_j", pa.int64())])).sort_by(SORT_KEYS)
+        lasts = pa.table(
+            {
+                SCORE: [bufs[j].column(SCORE)[-1].as_py() for j in live],
+                ID: [bufs[j].column(ID)[-1].as_py() for j in live],
+                "_j": live,
+            },
+            schema=pa.schema(
+                [bufs[live[0]].schema.field(SCORE), bufs[live[0]].schema.field(ID), pa.field("_j", pa.int64())]
+            ),
+        ).sort_by(SORT_KEYS)
         b_score, b_id, b_run = lasts.column(SCORE)[0], lasts.column(ID)[0], lasts.column("_j")[0].as_py()
         out = []
         for j in range(len(paths)):

@@ -49,8 +49,14 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:
         # address="local": always a new in-process Ray. Without it, ray.init() joins any cluster that
         # `ray start` runs on this machine (and then rejects num_cpus).
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
-                 dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=cfg.include_dashboard,
+            dashboard_host="127.0.0.1",
+            runtime_env=env,
+            log_to_driver=True,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})

@@ -11,10 +11,24 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import JobConfig
 
-METHOD_ORDER = ["influcoder", "cascade", "gradient", "untrained_encoder", "untrained_encoder_prefixed", "bm25",
-                "random"]
-COLORS = {"influcoder": "tab:blue", "cascade": "tab:purple", "gradient": "tab:red", "untrained_encoder": "tab:gray",
-          "untrained_encoder_prefixed": "tab:brown", "bm25": "tab:green", "random": "black"}
+METHOD_ORDER = [
+    "influcoder",
+    "cascade",
+    "gradient",
+    "untrained_encoder",
+    "untrained_encoder_prefixed",
+    "bm25",
+    "random",
+]
+COLORS = {
+    "influcoder": "tab:blue",
+    "cascade": "tab:purple",
+    "gradient": "tab:red",
+    "untrained_encoder": "tab:gray",
+    "untrained_encoder_prefixed": "tab:brown",
+    "bm25": "tab:green",
+    "random": "black",
+}
 
 
 def _fmt(v: Any, spec: str = ".3f", ci: Any = None) -> str:
@@ -35,11 +49,13 @@ def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"best_auprc": best}
     vs = results.get("influcoder", {}).get("vs", {})
     cheap = [n for n in scored if n not in ("influcoder", "gradient", "cascade", "random")]
-    for label, other in (("vs_plain_encoder", "untrained_encoder"),
-                         ("vs_best_cheap", max(cheap, key=lambda n: scored[n]["auprc"]) if cheap else None)):
+    for label, other in (
+        ("vs_plain_encoder", "untrained_encoder"),
+        ("vs_best_cheap", max(cheap, key=lambda n: scored[n]["auprc"]) if cheap else None),
+    ):
         if other and other in vs:
             diff, ci = vs[other]["auprc_diff"], vs[other]["auprc_diff_ci"]
-            state = ("better" if ci and ci[0] > 0 else "worse" if ci and ci[1] < 0 else "level (within the noise)")
+            state = "better" if ci and ci[0] > 0 else "worse" if ci and ci[1] < 0 else "level (within the noise)"
             out[label] = {"method": other, "auprc_diff": diff, "auprc_diff_ci": ci, "influcoder_is": state}
     return out
 
@@ -54,12 +70,16 @@ def verdict_text(verdict: dict[str, Any]) -> list[str]:
         if v and not (key == "vs_best_cheap" and v["method"] == verdict.get("vs_plain_encoder", {}).get("method")):
             ci = v["auprc_diff_ci"]
             ci_text = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
-            lines.append(f"influcoder vs {v['method']}: AUPRC {v['auprc_diff']:+.3f}{ci_text} (95 % CI): "
-                         f"influcoder is {v['influcoder_is']}.")
+            lines.append(
+                f"influcoder vs {v['method']}: AUPRC {v['auprc_diff']:+.3f}{ci_text} (95 % CI): "
+                f"influcoder is {v['influcoder_is']}."
+            )
     return lines
 
 
-def _plots(out_dir: str, metrics: dict[str, Any], curves: dict[str, Any], fit_metrics: dict[str, Any] | None) -> list[str]:
+def _plots(
+    out_dir: str, metrics: dict[str, Any], curves: dict[str, Any], fit_metrics: dict[str, Any] | None
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,8 +113,15 @@ def _plots(out_dir: str, metrics: dict[str, Any], curves: dict[str, Any], fit_me
                     ax.plot(xs, ys, marker="o", linestyle=style, label=f"{label} ({split})")
         exported = fit_metrics.get("exported")
         if exported:
-            ax.scatter([fit_metrics["selected_epoch"]], [exported["spearman_aggregated"]], marker="*", s=150,
-                       color="black", zorder=5, label="exported (aggregated, held-out)")
+            ax.scatter(
+                [fit_metrics["selected_epoch"]],
+                [exported["spearman_aggregated"]],
+                marker="*",
+                s=150,
+                color="black",
+                zorder=5,
+                label="exported (aggregated, held-out)",
+            )
         ax.set_xlabel("epoch (0 = starting encoder)")
         ax.set_ylabel("Spearman vs gradient ground truth")
         ax.legend()
@@ -121,8 +148,13 @@ def _plots(out_dir: str, metrics: dict[str, Any], curves: dict[str, Any], fit_me
     return made
 
 
-def write_report(job: JobConfig, metrics: dict[str, Any], curves: dict[str, Any], eval_out_dir: str,
-                 upstream: dict[str, dict[str, Any]]) -> str:
+def write_report(
+    job: JobConfig,
+    metrics: dict[str, Any],
+    curves: dict[str, Any],
+    eval_out_dir: str,
+    upstream: dict[str, dict[str, Any]],
+) -> str:
     out_dir = storage.local_path(storage.join(eval_out_dir, "report"))
     os.makedirs(out_dir, exist_ok=True)
     fit_path = storage.join(job.run_dir, "fit", "metrics.json")
@@ -130,58 +162,99 @@ def write_report(job: JobConfig, metrics: dict[str, Any], curves: dict[str, Any]
     plots = _plots(out_dir, metrics, curves, fit_metrics)
     recall_keys = [f"recall@{k}" for k in job.eval.recall_k]
     lines = ["# influcoder evaluation report", ""]
-    lines += [f"Corpus `{storage.redact(job.corpus.path)}`: {metrics['rows']} rows"
-              + (f", {metrics['positives']} with label 1 (the rows to find)" if metrics.get("positives") is not None else "")
-              + f"; {metrics['queries']} queries from `{storage.redact(job.score.queries.path)}`.", ""]
-    lines += ["## Comparison", "",
-              "| method | AUPRC | " + " | ".join(recall_keys) + " | MRR | held-out agg. ρ | held-out per-anchor ρ "
-              "| corpus agg. ρ vs gradient | setup s | ms/sample | bytes/sample |",
-              "|---" * (9 + len(recall_keys)) + "|"]
+    lines += [
+        f"Corpus `{storage.redact(job.corpus.path)}`: {metrics['rows']} rows"
+        + (f", {metrics['positives']} with label 1 (the rows to find)" if metrics.get("positives") is not None else "")
+        + f"; {metrics['queries']} queries from `{storage.redact(job.score.queries.path)}`.",
+        "",
+    ]
+    lines += [
+        "## Comparison",
+        "",
+        "| method | AUPRC | " + " | ".join(recall_keys) + " | MRR | held-out agg. ρ | held-out per-anchor ρ "
+        "| corpus agg. ρ vs gradient | setup s | ms/sample | bytes/sample |",
+        "|---" * (9 + len(recall_keys)) + "|",
+    ]
     for name in [m for m in METHOD_ORDER if m in metrics["methods"]]:
         r = metrics["methods"][name]
         h = r["heldout"]
         cg = (r.get("corpus_vs_gradient") or {}).get("spearman_aggregated", 1.0 if name == "gradient" else None)
         lines.append(
             f"| {name} | {_fmt(r.get('auprc'), ci=r.get('auprc_ci'))} | "
-            + " | ".join(_fmt(r.get(k), ci=r.get(k + '_ci')) for k in recall_keys)
+            + " | ".join(_fmt(r.get(k), ci=r.get(k + "_ci")) for k in recall_keys)
             + f" | {_fmt(r.get('mrr'), ci=r.get('mrr_ci'))} | {_fmt(h['spearman_aggregated'], '+.3f', h.get('spearman_aggregated_ci'))}"
             f" | {_fmt(h['spearman_per_anchor'], '+.3f', h.get('spearman_per_anchor_ci'))}"
             f" | {_fmt(cg, '+.3f')} | {_fmt(r.get('setup_s'), '.1f')} | {_fmt(r.get('ms_per_sample'), '.3f')}"
-            f" | {_fmt(r.get('bytes_per_sample'), '.0f')} |")
+            f" | {_fmt(r.get('bytes_per_sample'), '.0f')} |"
+        )
     ratio = metrics.get("speed", {}).get("influcoder_vs_gradient_ms_ratio")
-    lines += ["", "Numbers in brackets are 95 % bootstrap confidence intervals (AUPRC: queries and rows resampled; "
-              "Recall@k, MRR: queries; held-out ρ: anchors and pool rows).", ""]
+    lines += [
+        "",
+        "Numbers in brackets are 95 % bootstrap confidence intervals (AUPRC: queries and rows resampled; "
+        "Recall@k, MRR: queries; held-out ρ: anchors and pool rows).",
+        "",
+    ]
     lines += ["**Verdict.** " + " ".join(verdict_text(metrics.get("verdict", {}))), ""]
     lines += [""]
     if ratio:
-        lines += [f"Per scored sample, influcoder is **{ratio:.0f}×** faster than the gradient teacher on this machine "
-                  f"(ms/sample measured after a warm-up, model loading excluded; influcoder's one-time setup is the "
-                  f"sketch + fit stages).", ""]
-    lines += ["How to read it: AUPRC, Recall@k and MRR measure the application (finding the label-1 rows); "
-              "ρ measures fidelity to the gradient teacher (Spearman of rankings). `held-out` uses the sketch "
-              "stage's eval anchors × eval pool, which distillation never saw; `corpus … vs gradient` ranks the "
-              "evaluated corpus against the teacher's own ranking. `gradient` is the expensive reference.", ""]
+        lines += [
+            f"Per scored sample, influcoder is **{ratio:.0f}×** faster than the gradient teacher on this machine "
+            f"(ms/sample measured after a warm-up, model loading excluded; influcoder's one-time setup is the "
+            f"sketch + fit stages).",
+            "",
+        ]
+    lines += [
+        "How to read it: AUPRC, Recall@k and MRR measure the application (finding the label-1 rows); "
+        "ρ measures fidelity to the gradient teacher (Spearman of rankings). `held-out` uses the sketch "
+        "stage's eval anchors × eval pool, which distillation never saw; `corpus … vs gradient` ranks the "
+        "evaluated corpus against the teacher's own ranking. `gradient` is the expensive reference.",
+        "",
+    ]
     leak = metrics.get("leakage", {})
     from pipeline.neardup import SHINGLE_CHARS, THRESHOLD
 
-    lines += ["## Leakage audit", "", "Overlap between the evaluated rows/queries and the distillation data "
-              "(ids / normalised texts / `near_dup`: rows with a near-duplicate, Jaccard ≥ "
-              f"{THRESHOLD} on character {SHINGLE_CHARS}-grams): " + ", ".join(f"{k} {v}" for k, v in leak.items()), ""]
+    lines += [
+        "## Leakage audit",
+        "",
+        "Overlap between the evaluated rows/queries and the distillation data "
+        "(ids / normalised texts / `near_dup`: rows with a near-duplicate, Jaccard ≥ "
+        f"{THRESHOLD} on character {SHINGLE_CHARS}-grams): " + ", ".join(f"{k} {v}" for k, v in leak.items()),
+        "",
+    ]
     cons = metrics.get("consistency_with_score_stage", {})
     if cons.get("checked"):
-        lines += [f"Scores recomputed here match `score/scores.parquet` on {cons['rows']} rows "
-                  f"(max |diff| {_fmt(cons['max_abs_diff'], '.2e')}, float16 codes).", ""]
+        lines += [
+            f"Scores recomputed here match `score/scores.parquet` on {cons['rows']} rows "
+            f"(max |diff| {_fmt(cons['max_abs_diff'], '.2e')}, float16 codes).",
+            "",
+        ]
     for png in plots:
         lines += [f"![{png}]({png})", ""]
-    lines += ["## Settings", "", "```json", json.dumps({
-        "teacher": {"model": job.teacher.model, "max_len": job.teacher.max_len, "lora_rank": job.teacher.lora_rank,
-                    "proj_dim": job.sketch.proj_dim},
-        "sketch_split": {k: getattr(job.sketch, k) for k in ("train_anchors", "train_pool", "eval_anchors", "eval_pool")},
-        "encoder": {"model": job.encoder.model, "max_len": job.encoder.max_len},
-        "fit": {"epochs": job.fit.epochs, "lr": job.fit.lr, "alpha": job.fit.alpha, "tau": job.fit.tau},
-        "seed": job.seed,
-        "stage_seconds": {s: m.get("seconds") for s, m in upstream.items()},
-    }, indent=2), "```", ""]
+    lines += [
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(
+            {
+                "teacher": {
+                    "model": job.teacher.model,
+                    "max_len": job.teacher.max_len,
+                    "lora_rank": job.teacher.lora_rank,
+                    "proj_dim": job.sketch.proj_dim,
+                },
+                "sketch_split": {
+                    k: getattr(job.sketch, k) for k in ("train_anchors", "train_pool", "eval_anchors", "eval_pool")
+                },
+                "encoder": {"model": job.encoder.model, "max_len": job.encoder.max_len},
+                "fit": {"epochs": job.fit.epochs, "lr": job.fit.lr, "alpha": job.fit.alpha, "tau": job.fit.tau},
+                "seed": job.seed,
+                "stage_seconds": {s: m.get("seconds") for s, m in upstream.items()},
+            },
+            indent=2,
+        ),
+        "```",
+        "",
+    ]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
     return out_dir

@@ -53,10 +53,12 @@ def _neg_id(row_id: str) -> str:
 
 def split_rows(ordered: list[dict[str, Any]], n_eval: int, n_train: int) -> tuple[list[dict], list[dict]]:
     """Eval = front slice, train = next slice of the seeded order."""
-    return ordered[:n_eval], ordered[n_eval:n_eval + n_train]
+    return ordered[:n_eval], ordered[n_eval : n_eval + n_train]
 
 
-def select(rows: Iterable[dict[str, Any]], seed: int, n: int, exclude_ids: set[str] | None = None) -> list[dict[str, Any]]:
+def select(
+    rows: Iterable[dict[str, Any]], seed: int, n: int, exclude_ids: set[str] | None = None
+) -> list[dict[str, Any]]:
     keeper = SmallestKeys(n)
     for row in rows:
         if exclude_ids and row["id"] in exclude_ids:

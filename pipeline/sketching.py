@@ -62,14 +62,17 @@ class CountSketch:
                 (any float dtype; accumulated in fp32).
         """
         if grads_segment.dim() != 2 or grads_segment.shape[0] != acc.shape[0]:
-            raise ValueError(f"project_segment: grads_segment shape {tuple(grads_segment.shape)}, "
-                             f"expected [{acc.shape[0]}, n] to match the accumulator {tuple(acc.shape)}")
+            raise ValueError(
+                f"project_segment: grads_segment shape {tuple(grads_segment.shape)}, "
+                f"expected [{acc.shape[0]}, n] to match the accumulator {tuple(acc.shape)}"
+            )
         n = grads_segment.shape[1]
         if offset < 0 or offset + n > self.num_params:
-            raise ValueError(f"project_segment: block [{offset}, {offset + n}) is outside the "
-                             f"{self.num_params} sketched parameters")
-        idx = self.buckets[offset:offset + n]
-        src = grads_segment.to(device=acc.device, dtype=torch.float32) * self.signs[offset:offset + n]
+            raise ValueError(
+                f"project_segment: block [{offset}, {offset + n}) is outside the {self.num_params} sketched parameters"
+            )
+        idx = self.buckets[offset : offset + n]
+        src = grads_segment.to(device=acc.device, dtype=torch.float32) * self.signs[offset : offset + n]
         # scatter_add_ with a broadcast (expanded, zero-copy) index: one pass, fp32 accumulation.
         acc.scatter_add_(1, idx.expand(acc.shape[0], n), src)
         return acc

@@ -21,7 +21,8 @@ _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _CREDENTIALS_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_QUERY = re.compile(
     r"(?i)([?&](?:access_key|secret_key|secret|token|session_token|sig|signature|password|api_key|apikey"
-    r"|x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential)=)[^&\s]+")
+    r"|x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential)=)[^&\s]+"
+)
 
 
 def is_uri(path: str) -> bool:
@@ -51,7 +52,7 @@ def join(base: str, *parts: str) -> str:
 
 
 def local_path(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:

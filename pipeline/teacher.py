@@ -30,15 +30,31 @@ import torch
 
 from pipeline.config import TeacherConfig
 from pipeline.errors import ConfigError, InputDataError, StageError
-from pipeline.gradients import (IGNORE_INDEX, LogitsMode, PerSampleGradients, collate, hf_loss,
-                                per_sample_loss, reference_per_sample_grads)
+from pipeline.gradients import (
+    IGNORE_INDEX,
+    LogitsMode,
+    PerSampleGradients,
+    collate,
+    hf_loss,
+    per_sample_loss,
+    reference_per_sample_grads,
+)
 from pipeline.sketching import CountSketch, l2_normalize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Example", "build_example", "SketchResult", "TeacherSketcher", "fidelity_report",
-           "resolve_autocast_dtype", "native_bf16", "token_budget_batches", "precision_check",
-           "MIN_ROW_COSINE"]
+__all__ = [
+    "Example",
+    "build_example",
+    "SketchResult",
+    "TeacherSketcher",
+    "fidelity_report",
+    "resolve_autocast_dtype",
+    "native_bf16",
+    "token_budget_batches",
+    "precision_check",
+    "MIN_ROW_COSINE",
+]
 
 MIN_ROW_COSINE = 0.999
 """Per-row cosine between the stage's sketch and the CountSketch of the float32 batch-size-1
@@ -65,8 +81,9 @@ class Example:
         return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
 
 
-def build_example(tokenizer: Any, prompt: Optional[str], response: Optional[str],
-                  max_len: int) -> tuple[Optional[Example], Optional[str]]:
+def build_example(
+    tokenizer: Any, prompt: Optional[str], response: Optional[str], max_len: int
+) -> tuple[Optional[Example], Optional[str]]:
     """Tokenise one sample, response first (METHOD.md 1a and pitfall 4.5).
 
     The response + EOS is tokenised first without special tokens and capped at ``max_len // 2``
@@ -81,8 +98,10 @@ def build_example(tokenizer: Any, prompt: Optional[str], response: Optional[str]
         raise ConfigError(f"teacher.max_len={max_len}; expected an integer >= 8")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ConfigError("the teacher tokenizer has no EOS token; the response loss span needs one "
-                          "(METHOD.md 1a). Use a tokenizer that defines eos_token.")
+        raise ConfigError(
+            "the teacher tokenizer has no EOS token; the response loss span needs one "
+            "(METHOD.md 1a). Use a tokenizer that defines eos_token."
+        )
     if response is None:
         return None, "missing_response"
     if not response.strip():
@@ -99,7 +118,7 @@ def build_example(tokenizer: Any, prompt: Optional[str], response: Optional[str]
     budget = max_len - len(response_ids)  # >= max_len / 2 > 0
     prompt_truncated = len(prompt_ids) > budget
     if prompt_truncated:
-        prompt_ids = prompt_ids[len(prompt_ids) - budget:]
+        prompt_ids = prompt_ids[len(prompt_ids) - budget :]
 
     example = Example(
         input_ids=prompt_ids + response_ids,
@@ -203,8 +222,15 @@ class TeacherSketcher:
         torch_threads: if set, ``torch.set_num_threads`` (process-wide) for CPU runs.
     """
 
-    def __init__(self, teacher_cfg: TeacherConfig, proj_dim: int, proj_seed: int, lora_seed: int,
-                 device: str | torch.device = "cpu", torch_threads: Optional[int] = None):
+    def __init__(
+        self,
+        teacher_cfg: TeacherConfig,
+        proj_dim: int,
+        proj_seed: int,
+        lora_seed: int,
+        device: str | torch.device = "cpu",
+        torch_threads: Optional[int] = None,
+    ):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -220,7 +246,9 @@ class TeacherSketcher:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=teacher_cfg.trust_remote_code)
         base = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=torch.float32, attn_implementation=teacher_cfg.attn_implementation,
+            self.model_path,
+            dtype=torch.float32,
+            attn_implementation=teacher_cfg.attn_implementation,
             trust_remote_code=teacher_cfg.trust_remote_code,
         )
         targets = teacher_cfg.target_modules.strip()
@@ -228,10 +256,18 @@ class TeacherSketcher:
             "all-linear" if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
         )
         if not target_modules:
-            raise ConfigError(f"teacher.target_modules={teacher_cfg.target_modules!r}; expected 'all-linear' "
-                              f"or comma-separated module names such as 'q_proj,v_proj'")
-        lora_cfg = LoraConfig(r=teacher_cfg.lora_rank, lora_alpha=teacher_cfg.alpha, lora_dropout=0.0,
-                              bias="none", target_modules=target_modules, task_type="CAUSAL_LM")
+            raise ConfigError(
+                f"teacher.target_modules={teacher_cfg.target_modules!r}; expected 'all-linear' "
+                f"or comma-separated module names such as 'q_proj,v_proj'"
+            )
+        lora_cfg = LoraConfig(
+            r=teacher_cfg.lora_rank,
+            lora_alpha=teacher_cfg.alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=target_modules,
+            task_type="CAUSAL_LM",
+        )
         # The adapter's A matrices are drawn from the global RNG: seed it right before attaching
         # (on the CPU, before any move to the device) so every machine gets the same adapter.
         torch.manual_seed(self.lora_seed)
@@ -250,9 +286,16 @@ class TeacherSketcher:
         self.engine = PerSampleGradients(self.model, logits_mode=self._choose_logits_mode())
         self.num_params = self.engine.num_params
         self.sketcher = CountSketch(self.num_params, self.proj_dim, self.proj_seed, self.device)
-        log.info("teacher %s: %d LoRA params (r=%d, alpha=%g), sketch d=%d, autocast=%s, logits=%s",
-                 teacher_cfg.model, self.num_params, teacher_cfg.lora_rank, teacher_cfg.alpha, self.proj_dim,
-                 self.autocast_dtype, self.engine.logits_mode)
+        log.info(
+            "teacher %s: %d LoRA params (r=%d, alpha=%g), sketch d=%d, autocast=%s, logits=%s",
+            teacher_cfg.model,
+            self.num_params,
+            teacher_cfg.lora_rank,
+            teacher_cfg.alpha,
+            self.proj_dim,
+            self.autocast_dtype,
+            self.engine.logits_mode,
+        )
 
     def _choose_logits_mode(self) -> LogitsMode:
         """Use head-only-at-loss-positions logits unless the model's own loss disagrees with it.
@@ -274,17 +317,21 @@ class TeacherSketcher:
                 if math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-5):
                     return mode  # type: ignore[return-value]
                 log.warning("teacher: %s-logits loss %.6f != HF loss %.6f", mode, got, want)
-        raise StageError(f"teacher {self.cfg.model}: the response-only loss does not reproduce the model's own "
-                         f"loss ({want:.6f}); this architecture is not supported by pipeline.gradients.")
+        raise StageError(
+            f"teacher {self.cfg.model}: the response-only loss does not reproduce the model's own "
+            f"loss ({want:.6f}); this architecture is not supported by pipeline.gradients."
+        )
 
     # ------------------------------------------------------------------ public API
 
-    def examples(self, prompts: Sequence[Optional[str]], responses: Sequence[Optional[str]]
-                 ) -> tuple[dict[int, Example], list[tuple[int, str]]]:
+    def examples(
+        self, prompts: Sequence[Optional[str]], responses: Sequence[Optional[str]]
+    ) -> tuple[dict[int, Example], list[tuple[int, str]]]:
         """Tokenise every row: accepted examples by input index, and ``(index, reason)`` rejects."""
         if len(prompts) != len(responses):
-            raise InputDataError(f"teacher: {len(prompts)} prompts but {len(responses)} responses; "
-                                 f"every row needs both columns")
+            raise InputDataError(
+                f"teacher: {len(prompts)} prompts but {len(responses)} responses; every row needs both columns"
+            )
         accepted: dict[int, Example] = {}
         rejects: list[tuple[int, str]] = []
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -295,8 +342,13 @@ class TeacherSketcher:
                 accepted[i] = ex
         return accepted, rejects
 
-    def sketch(self, prompts: Sequence[Optional[str]], responses: Sequence[Optional[str]],
-               batch_size: int, token_budget: Optional[int] = None) -> SketchResult:
+    def sketch(
+        self,
+        prompts: Sequence[Optional[str]],
+        responses: Sequence[Optional[str]],
+        batch_size: int,
+        token_budget: Optional[int] = None,
+    ) -> SketchResult:
         """L2-normalised CountSketches of each row's response-only LoRA gradient.
 
         Rows are sorted by length (longest first, so an out-of-memory error shows up in the first
@@ -312,15 +364,18 @@ class TeacherSketcher:
         tokens = loss_tokens = 0
         for group in groups:
             chunk = [keys[k] for k in group]
-            batch = collate([accepted[i].input_ids for i in chunk], [accepted[i].labels for i in chunk],
-                            self.pad_id, self.device)
+            batch = collate(
+                [accepted[i].input_ids for i in chunk], [accepted[i].labels for i in chunk], self.pad_id, self.device
+            )
             acc = self.sketcher.new_accumulator(len(chunk))
-            stats = self.engine.run(batch, lambda off, g: self.sketcher.project_segment(acc, off, g),
-                                    self.autocast_dtype)
+            stats = self.engine.run(
+                batch, lambda off, g: self.sketcher.project_segment(acc, off, g), self.autocast_dtype
+            )
             tokens += int(batch.attention_mask.sum())
             loss_tokens += int(stats.loss_tokens.sum())
-            finite = (torch.isfinite(acc).all(dim=1) & torch.isfinite(stats.sq_norm)
-                      & torch.isfinite(stats.loss)).tolist()
+            finite = (
+                torch.isfinite(acc).all(dim=1) & torch.isfinite(stats.sq_norm) & torch.isfinite(stats.loss)
+            ).tolist()
             sq_norm = stats.sq_norm.tolist()
             sketch_zero = (acc.abs().amax(dim=1) == 0).tolist()
             unit = l2_normalize(acc).cpu().numpy()
@@ -332,8 +387,7 @@ class TeacherSketcher:
                 else:
                     rows[i] = (unit[k], math.sqrt(sq_norm[k]))
         ok = np.array(sorted(rows), dtype=np.int64)
-        sketches = (np.stack([rows[i][0] for i in ok]) if len(ok)
-                    else np.zeros((0, self.proj_dim), np.float32))
+        sketches = np.stack([rows[i][0] for i in ok]) if len(ok) else np.zeros((0, self.proj_dim), np.float32)
         return SketchResult(
             sketches=sketches,
             ok_index=ok,
@@ -356,11 +410,14 @@ class TeacherSketcher:
         """
         accepted, rejects = self.examples(prompts, responses)
         if rejects:
-            raise InputDataError(f"teacher.exact_gradients: rows {rejects} have no loss span; "
-                                 f"pass rows that sketch() accepted")
+            raise InputDataError(
+                f"teacher.exact_gradients: rows {rejects} have no loss span; pass rows that sketch() accepted"
+            )
         grads = reference_per_sample_grads(
-            self.model, [(accepted[i].input_ids, accepted[i].labels) for i in range(len(prompts))],
-            self.device, self.autocast_dtype,
+            self.model,
+            [(accepted[i].input_ids, accepted[i].labels) for i in range(len(prompts))],
+            self.device,
+            self.autocast_dtype,
         )
         return grads.cpu().numpy()
 
@@ -404,8 +461,9 @@ def fidelity_report(exact_grads: np.ndarray, sketches: np.ndarray) -> dict[str, 
     g = np.asarray(exact_grads, dtype=np.float64)
     s = np.asarray(sketches, dtype=np.float64)
     if g.ndim != 2 or s.ndim != 2 or g.shape[0] != s.shape[0] or g.shape[0] < 2:
-        raise InputDataError(f"fidelity_report: exact grads {g.shape} and sketches {s.shape} need the same "
-                             f"number of rows (>= 2)")
+        raise InputDataError(
+            f"fidelity_report: exact grads {g.shape} and sketches {s.shape} need the same number of rows (>= 2)"
+        )
 
     def unit(x: np.ndarray) -> np.ndarray:
         norm = np.linalg.norm(x, axis=1, keepdims=True)
@@ -425,8 +483,9 @@ def fidelity_report(exact_grads: np.ndarray, sketches: np.ndarray) -> dict[str, 
     }
 
 
-def precision_check(sketches: np.ndarray, reference_sketches: np.ndarray, ids: Sequence[str],
-                    min_cos: float = MIN_ROW_COSINE) -> dict[str, Any]:
+def precision_check(
+    sketches: np.ndarray, reference_sketches: np.ndarray, ids: Sequence[str], min_cos: float = MIN_ROW_COSINE
+) -> dict[str, Any]:
     """Per-row cosine of a path's sketches with the reference sketches of the same rows.
 
     Args:
@@ -443,15 +502,18 @@ def precision_check(sketches: np.ndarray, reference_sketches: np.ndarray, ids: S
     a = np.asarray(sketches, dtype=np.float64)
     b = np.asarray(reference_sketches, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or len(ids) != a.shape[0]:
-        raise InputDataError(f"precision_check: sketches {a.shape}, reference {b.shape} and {len(ids)} ids "
-                             f"must describe the same rows")
+        raise InputDataError(
+            f"precision_check: sketches {a.shape}, reference {b.shape} and {len(ids)} ids must describe the same rows"
+        )
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     cos = (a * b).sum(axis=1) / np.where(na * nb > 0, na * nb, 1.0)
     failed = [str(i) for i, c in zip(ids, cos) if not c >= min_cos]  # NaN fails too
     return {
-        "rows": int(a.shape[0]), "min_cos": float(min_cos),
+        "rows": int(a.shape[0]),
+        "min_cos": float(min_cos),
         "min": float(cos.min()) if len(cos) else float("nan"),
         "mean": float(cos.mean()) if len(cos) else float("nan"),
         "cosines": {str(i): round(float(c), 6) for i, c in zip(ids, cos)},
-        "failed": failed, "passed": not failed,
+        "failed": failed,
+        "passed": not failed,
     }

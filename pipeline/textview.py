@@ -27,8 +27,12 @@ class PairView(NamedTuple):
 EncoderInput = Union[str, PairView]
 
 
-def text_views(texts: Sequence[str], prompts: Optional[Sequence[Optional[str]]] = None,
-               responses: Optional[Sequence[Optional[str]]] = None, prefix: str = "") -> list[EncoderInput]:
+def text_views(
+    texts: Sequence[str],
+    prompts: Optional[Sequence[Optional[str]]] = None,
+    responses: Optional[Sequence[Optional[str]]] = None,
+    prefix: str = "",
+) -> list[EncoderInput]:
     """The encoder's input per row: a `PairView` where the text is prompt + newline + response,
     else `prefix + text` (a plain text, a separate encoder column, or a row without prompt)."""
     if prompts is None or responses is None:
@@ -61,22 +65,25 @@ def tokenize_views(tokenizer, items: Sequence[EncoderInput], max_len: int) -> tu
     plain = [i for i, it in enumerate(items) if isinstance(it, str)]
     pairs = [i for i, it in enumerate(items) if not isinstance(it, str)]
     if plain:
-        full = tokenizer([items[i] for i in plain], add_special_tokens=False, truncation=False,
-                         verbose=False)["input_ids"]
+        full = tokenizer([items[i] for i in plain], add_special_tokens=False, truncation=False, verbose=False)[
+            "input_ids"
+        ]
         for i, toks in zip(plain, full):
             cut[i] = len(toks) > budget
             ids[i] = head + toks[:budget] + tail
     if pairs:
+
         def enc(texts: list[str]) -> list[list[int]]:
             return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
         views = [items[i] for i in pairs]
         newline = enc(["\n"])[0]
-        for i, pre, prompt, resp in zip(pairs, enc([v.prefix for v in views]), enc([v.prompt for v in views]),
-                                        enc([v.response for v in views])):
+        for i, pre, prompt, resp in zip(
+            pairs, enc([v.prefix for v in views]), enc([v.prompt for v in views]), enc([v.response for v in views])
+        ):
             resp_keep = resp[: max(budget - len(pre), 0)]
             room = budget - len(pre) - len(resp_keep) - len(newline)
-            prompt_keep = prompt[max(len(prompt) - room, 0):] if room > 0 else []
+            prompt_keep = prompt[max(len(prompt) - room, 0) :] if room > 0 else []
             cut[i] = len(prompt_keep) < len(prompt) or len(resp_keep) < len(resp)
             joined = pre + prompt_keep + (newline if prompt_keep else []) + resp_keep
             ids[i] = head + joined[:budget] + tail
@@ -90,6 +97,6 @@ def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     core = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(core) + 1):
-        if full[start:start + len(core)] == core:
-            return list(full[:start]), list(full[start + len(core):])
+        if full[start : start + len(core)] == core:
+            return list(full[:start]), list(full[start + len(core) :])
     raise ValueError(f"cannot locate the text between the special tokens of {type(tokenizer).__name__}")

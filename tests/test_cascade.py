@@ -63,9 +63,9 @@ def test_block_follows_the_teacher_and_rows_past_k_keep_the_encoder_order():
     k = 10
     order = cascade.cascade_order(ids, enc, teach, k)
     enc_order = np.lexsort((ids, -enc))
-    assert set(order[:k]) == set(enc_order[:k])              # the block is the encoder's top k
-    assert (np.diff(teach[order[:k]]) <= 0).all()            # ... ordered by the teacher
-    assert order[k:].tolist() == enc_order[k:].tolist()      # the rest: encoder order, untouched
+    assert set(order[:k]) == set(enc_order[:k])  # the block is the encoder's top k
+    assert (np.diff(teach[order[:k]]) <= 0).all()  # ... ordered by the teacher
+    assert order[k:].tolist() == enc_order[k:].tolist()  # the rest: encoder order, untouched
 
 
 def test_ties_in_the_teacher_score_break_by_id():
@@ -77,8 +77,20 @@ def test_ties_in_the_teacher_score_break_by_id():
     assert ids[perm].tolist() == ["b", "a", "c", "d"]
 
 
-@pytest.mark.parametrize("top, n, want", [(0.2, 10, 2), (0.25, 10, 3), (0.001, 10, 1), (0.5, 1, 1),
-                                          (3, 10, 3), (3.0, 10, 3), (50, 10, 10), (1, 10, 1), (0.2, 0, 0)])
+@pytest.mark.parametrize(
+    "top, n, want",
+    [
+        (0.2, 10, 2),
+        (0.25, 10, 3),
+        (0.001, 10, 1),
+        (0.5, 1, 1),
+        (3, 10, 3),
+        (3.0, 10, 3),
+        (50, 10, 10),
+        (1, 10, 1),
+        (0.2, 0, 0),
+    ],
+)
 def test_resolve_k_fraction_or_count(top, n, want):
     assert cascade.resolve_k(top, n) == want
 
@@ -92,7 +104,7 @@ def test_scores_from_order_rank_exactly_like_the_order():
     ids, enc, teach = _random_case(4)
     order = cascade.cascade_order(ids, enc, teach, 12)
     s = cascade.scores_from_order(order)
-    assert len(set(s.tolist())) == len(s)                    # no ties: metrics see exactly this order
+    assert len(set(s.tolist())) == len(s)  # no ties: metrics see exactly this order
     assert np.argsort(-s, kind="stable").tolist() == order.tolist()
 
 
@@ -102,8 +114,9 @@ def test_per_query_cascade_reranks_each_querys_own_top_k():
     enc, teach = rng.normal(size=(4, 30)), rng.normal(size=(4, 30))
     s = cascade.per_query_cascade_scores(ids, enc, teach, 6)
     for q in range(4):
-        assert np.argsort(-s[q], kind="stable").tolist() == _brute_cascade(ids.tolist(), enc[q].tolist(),
-                                                                           teach[q].tolist(), 6)
+        assert np.argsort(-s[q], kind="stable").tolist() == _brute_cascade(
+            ids.tolist(), enc[q].tolist(), teach[q].tolist(), 6
+        )
     need = cascade.rows_needing_teacher(ids, enc.mean(0), enc, 6)
     want = set(np.argsort(-enc.mean(0))[:6].tolist()) | {j for q in range(4) for j in np.argsort(-enc[q])[:6]}
     assert need.tolist() == sorted(want)
@@ -123,8 +136,12 @@ def test_teacher_scores_skip_rejected_queries_and_mark_rejected_rows():
 
 
 def _minimal_job(tmp_path, **score):
-    return {"run_dir": str(tmp_path / "run"), "corpus": {"path": str(tmp_path)}, "anchors": {"path": str(tmp_path)},
-            "score": score}
+    return {
+        "run_dir": str(tmp_path / "run"),
+        "corpus": {"path": str(tmp_path)},
+        "anchors": {"path": str(tmp_path)},
+        "score": score,
+    }
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, 0.0])
@@ -143,16 +160,41 @@ def test_config_accepts_a_fraction_or_a_count_and_cascade_needs_influcoder(tmp_p
 # --------------------------------------------------------------------------- fidelity gate
 
 
-@pytest.mark.parametrize("metrics, passed, exported", [
-    ({"untrained": {"spearman_aggregated": 0.3}, "exported": {"spearman_aggregated": 0.5, "spearman_per_anchor": 0.1},
-      "selected_epoch": 1, "epochs": [{"epoch": 1, "spearman_aggregated": 0.1}]}, True, 0.5),
-    ({"untrained": {"spearman_aggregated": 0.3}, "exported": {"spearman_aggregated": 0.3}}, False, 0.3),  # strict
-    # Older artifacts: no `exported`, the selected epoch's entry counts.
-    ({"untrained": {"spearman_aggregated": 0.3}, "selected_epoch": 2,
-      "epochs": [{"epoch": 1, "spearman_aggregated": 0.9}, {"epoch": 2, "spearman_aggregated": 0.2}]}, False, 0.2),
-    ({"untrained": {"spearman_aggregated": 0.3}, "selected_epoch": 1,
-      "epochs": [{"epoch": 1, "spearman_aggregated": 0.4}]}, True, 0.4),
-])
+@pytest.mark.parametrize(
+    "metrics, passed, exported",
+    [
+        (
+            {
+                "untrained": {"spearman_aggregated": 0.3},
+                "exported": {"spearman_aggregated": 0.5, "spearman_per_anchor": 0.1},
+                "selected_epoch": 1,
+                "epochs": [{"epoch": 1, "spearman_aggregated": 0.1}],
+            },
+            True,
+            0.5,
+        ),
+        ({"untrained": {"spearman_aggregated": 0.3}, "exported": {"spearman_aggregated": 0.3}}, False, 0.3),  # strict
+        # Older artifacts: no `exported`, the selected epoch's entry counts.
+        (
+            {
+                "untrained": {"spearman_aggregated": 0.3},
+                "selected_epoch": 2,
+                "epochs": [{"epoch": 1, "spearman_aggregated": 0.9}, {"epoch": 2, "spearman_aggregated": 0.2}],
+            },
+            False,
+            0.2,
+        ),
+        (
+            {
+                "untrained": {"spearman_aggregated": 0.3},
+                "selected_epoch": 1,
+                "epochs": [{"epoch": 1, "spearman_aggregated": 0.4}],
+            },
+            True,
+            0.4,
+        ),
+    ],
+)
 def test_fidelity_gate_reads_fit_metrics(tmp_path, metrics, passed, exported):
     from pipeline.stages.score import fidelity_gate
 
@@ -167,8 +209,9 @@ def test_fidelity_gate_without_figures_is_not_a_verdict(tmp_path):
 
     assert fidelity_gate(str(tmp_path / "missing.json"))["passed"] is None
     p = tmp_path / "metrics.json"
-    p.write_text(json.dumps({"untrained": {"spearman_aggregated": float("nan")},
-                             "exported": {"spearman_aggregated": 0.2}}))
+    p.write_text(
+        json.dumps({"untrained": {"spearman_aggregated": float("nan")}, "exported": {"spearman_aggregated": 0.2}})
+    )
     assert fidelity_gate(str(p))["passed"] is None
 
 
@@ -220,8 +263,14 @@ def _fake_upstream(job, fit_metrics: dict) -> None:
 def _teacher(job):
     from pipeline.teacher import TeacherSketcher
 
-    return TeacherSketcher(job.teacher, proj_dim=job.sketch.proj_dim, proj_seed=job.sketch.proj_seed,
-                           lora_seed=job.lora_seed, device="cpu", torch_threads=2)
+    return TeacherSketcher(
+        job.teacher,
+        proj_dim=job.sketch.proj_dim,
+        proj_seed=job.sketch.proj_seed,
+        lora_seed=job.lora_seed,
+        device="cpu",
+        torch_threads=2,
+    )
 
 
 @pytest.mark.slow
@@ -231,8 +280,13 @@ def test_score_cascade_reranks_the_top_rows_by_the_teacher(tmp_path, shared_data
     data = _cascade_job(tmp_path, shared_data, n_rows=n, n_queries=3)
     data["score"].update(rerank_top=k, select_top_frac=0.125)  # selects ceil(3) rows: inside the block
     job = load_job(data=data)
-    _fake_upstream(job, {"untrained": {"spearman_aggregated": 0.30, "spearman_per_anchor": 0.2},
-                         "exported": {"spearman_aggregated": 0.10, "spearman_per_anchor": 0.1}})
+    _fake_upstream(
+        job,
+        {
+            "untrained": {"spearman_aggregated": 0.30, "spearman_per_anchor": 0.2},
+            "exported": {"spearman_aggregated": 0.10, "spearman_per_anchor": 0.1},
+        },
+    )
     artifacts.run_stage(job, "encode")
     m = artifacts.run_stage(job, "score")
 
@@ -256,8 +310,9 @@ def test_score_cascade_reranks_the_top_rows_by_the_teacher(tmp_path, shared_data
     assert c["rows_moved"] == sum(a["id"] != b["id"] for a, b in zip(block, enc_order[:k]))
 
     # The teacher scores equal an independent computation: TeacherSketcher on the raw rows.
-    corpus = {r["rid"]: r for f in sorted((tmp_path / "corpus").glob("*.parquet"))
-              for r in pq.read_table(f).to_pylist()}
+    corpus = {
+        r["rid"]: r for f in sorted((tmp_path / "corpus").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
+    }
     queries = pq.read_table(tmp_path / "queries" / "q.parquet").to_pylist()
     teacher = _teacher(job)
     rs = teacher.sketch([corpus[r["id"]]["question"] for r in block], [corpus[r["id"]]["answer"] for r in block], 4)
@@ -283,9 +338,17 @@ def test_cascade_teacher_shards_resume(tmp_path, shared_data, ray_local):
 
     data = _cascade_job(tmp_path, shared_data, n_rows=6, n_queries=1)
     job = load_job(data=data)
-    recs = [{"id": f"row{i}", "source": "gsm8k", "row": i, "text": r["question"], "prompt": r["question"],
-             "response": r["answer"]}
-            for i, r in enumerate(_gsm8k(shared_data, "train", 6))]
+    recs = [
+        {
+            "id": f"row{i}",
+            "source": "gsm8k",
+            "row": i,
+            "text": r["question"],
+            "prompt": r["question"],
+            "response": r["answer"],
+        }
+        for i, r in enumerate(_gsm8k(shared_data, "train", 6))
+    ]
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
     d = job.sketch.proj_dim
@@ -301,7 +364,7 @@ def test_cascade_teacher_shards_resume(tmp_path, shared_data, ray_local):
     assert info["shards"] == 2 and info["resumed_shards"] == 1 and info["computed_rows"] == 2
     ids, mat, ok = out["rows"]
     assert ids == [r["id"] for r in recs] and ok.all()
-    assert (mat[:4] == 0.5).all()                                   # reused, not recomputed
+    assert (mat[:4] == 0.5).all()  # reused, not recomputed
     teacher = _teacher(job)
     want = teacher.sketch([r["prompt"] for r in recs[4:]], [r["response"] for r in recs[4:]], 4).sketches
     np.testing.assert_allclose(mat[4:], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
@@ -323,20 +386,40 @@ def test_eval_cascade_metrics_follow_the_cascade_rankings(tmp_path):
     ids = [f"r{i:03d}" for i in range(n)]
     labels = (rng.random(n) < 0.2).astype(int)
     labels[:2] = 1
-    enc = rng.normal(size=(q, n)) + 0.8 * labels          # a weak encoder
-    grad = rng.normal(size=(q, n)) * 0.3 + 2.0 * labels   # a teacher that knows the labels better
-    grad[:, 5] = 0.0                                      # a row the teacher rejected (zero sketch)
+    enc = rng.normal(size=(q, n)) + 0.8 * labels  # a weak encoder
+    grad = rng.normal(size=(q, n)) * 0.3 + 2.0 * labels  # a teacher that knows the labels better
+    grad[:, 5] = 0.0  # a row the teacher rejected (zero sketch)
     job = load_job(data=_minimal_job(tmp_path, rerank_top=k / n))
-    ctx = StageRun(job=job, stage="eval", config_hash="x", identity="x", upstream={"score": {"rows": {"scored": n}}},
-                   out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
-    results = {"influcoder": {"ms_per_sample": 0.5, "setup_s": 3.0, "bytes_per_sample": 768.0},
-               "gradient": {"ms_per_sample": 100.0}}
+    ctx = StageRun(
+        job=job,
+        stage="eval",
+        config_hash="x",
+        identity="x",
+        upstream={"score": {"rows": {"scored": n}}},
+        out_dir=str(tmp_path / "out"),
+        work_dir=str(tmp_path / "work"),
+    )
+    results = {
+        "influcoder": {"ms_per_sample": 0.5, "setup_s": 3.0, "bytes_per_sample": 768.0},
+        "gradient": {"ms_per_sample": 100.0},
+    }
     a, p = 4, 20
     gt = rng.normal(size=(a, p))
     curves, reps = {}, {}
-    _cascade_method(ctx, pa.table({"id": ids}), pa.table({"id": [f"q{i}" for i in range(q)]}), ids, labels,
-                    {"influcoder": enc, "gradient": grad}, {"influcoder": gt + rng.normal(size=(a, p))}, gt,
-                    [f"p{i:02d}" for i in range(p)], results, curves, reps)
+    _cascade_method(
+        ctx,
+        pa.table({"id": ids}),
+        pa.table({"id": [f"q{i}" for i in range(q)]}),
+        ids,
+        labels,
+        {"influcoder": enc, "gradient": grad},
+        {"influcoder": gt + rng.normal(size=(a, p))},
+        gt,
+        [f"p{i:02d}" for i in range(p)],
+        results,
+        curves,
+        reps,
+    )
     r = results["cascade"]
     assert r["k"] == k and r["ms_per_sample"] == pytest.approx(0.5 + k / n * 100.0)
 
@@ -386,7 +469,7 @@ def test_whole_job_with_the_cascade(tiny_job, ray_local):
     assert r["k"] == c["k"] and {"auprc", "auprc_ci", "mrr", "recall@5", "heldout"} <= set(r)
     g, i = m["methods"]["gradient"], m["methods"]["influcoder"]
     assert r["ms_per_sample"] == pytest.approx(i["ms_per_sample"] + c["k"] / n * g["ms_per_sample"])
-    assert "cascade" in i["vs"]                                     # paired with influcoder's replicates
+    assert "cascade" in i["vs"]  # paired with influcoder's replicates
     cons = r["consistency_with_score_stage"]
     assert cons["checked"] and cons["block_overlap"] >= 0.8
     assert "cascade" in (Path(job.run_dir) / "eval" / "report" / "report.md").read_text()
@@ -397,7 +480,9 @@ def test_whole_job_with_the_cascade(tiny_job, ray_local):
     artifacts.run_stage(job2, "eval", overwrite=True)
     r2 = json.loads((Path(job.run_dir) / "eval" / "metrics.json").read_text())["methods"]["cascade"]
     assert set(json.loads((Path(job.run_dir) / "eval" / "metrics.json").read_text())["methods"]) == {
-        "influcoder", "cascade"}
+        "influcoder",
+        "cascade",
+    }
     assert math.isfinite(r2["teacher_ms_per_row"]) and c["k"] <= r2["teacher_rows_per_query_union"] <= n
     assert r2["auprc"] == pytest.approx(r["auprc"], abs=1e-6)  # the same teacher scores, the same ranking
     assert r2["consistency_with_score_stage"]["block_overlap"] == cons["block_overlap"]

@@ -161,3 +161,19 @@ def test_spearman_matches_scipy(rng):
     a = np.round(rng.standard_normal(200), 1)
     b = a + rng.standard_normal(200)
     assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_rows_for_fraction_takes_the_decimal_the_user_wrote():
+    """0.07 * 100 is 7.000000000000001 in binary floating point: a plain ceil selected 8 rows."""
+    import math
+
+    from pipeline.ranking import rows_for_fraction
+
+    assert math.ceil(0.07 * 100) == 8  # the trap
+    assert rows_for_fraction(0.07, 100) == 7
+    assert rows_for_fraction(0.1, 600) == 60 and rows_for_fraction(0.2, 600) == 120
+    assert rows_for_fraction(0.07, 101) == 8  # 7.07 rounds up
+    for frac in (0.01, 0.05, 0.1, 0.25, 0.3, 0.33):
+        for n in (1, 7, 100, 1000, 12345):
+            k = rows_for_fraction(frac, n)
+            assert k - 1 < frac * n + 1e-9 and k >= frac * n - 1e-9

@@ -47,8 +47,9 @@ def test_text_view_keeps_the_response_when_the_prompt_overflows(minilm):
 
 
 def test_text_view_only_pairs_rows_whose_text_is_prompt_and_response():
-    views = text_views(["p\nr", "own encoder text", "just a statement"], ["p", "p", ""], ["r", "r", "just a statement"],
-                       prefix="Q: ")
+    views = text_views(
+        ["p\nr", "own encoder text", "just a statement"], ["p", "p", ""], ["r", "r", "just a statement"], prefix="Q: "
+    )
     assert views == [PairView("Q: ", "p", "r"), "Q: own encoder text", "Q: just a statement"]
 
 
@@ -116,11 +117,16 @@ def _write_sketch(folder, n_anchor_train=20, n_anchor_eval=6, n_pool_train=40, n
         splits = ["train"] * n_train + ["eval"] * n_eval
         sk = rng.normal(size=(len(ids), 8)).astype(np.float32)
         sk /= np.linalg.norm(sk, axis=1, keepdims=True)
-        table = pa.table({ID: ids, SPLIT: splits,
-                          SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(sk.ravel()), 8),
-                          TEXT: [f"prompt {i}\nanswer {i}" for i in range(len(ids))],
-                          PROMPT: [f"prompt {i}" for i in range(len(ids))],
-                          RESPONSE: [f"answer {i}" for i in range(len(ids))]})
+        table = pa.table(
+            {
+                ID: ids,
+                SPLIT: splits,
+                SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(sk.ravel()), 8),
+                TEXT: [f"prompt {i}\nanswer {i}" for i in range(len(ids))],
+                PROMPT: [f"prompt {i}" for i in range(len(ids))],
+                RESPONSE: [f"answer {i}" for i in range(len(ids))],
+            }
+        )
         (folder / side).mkdir(parents=True, exist_ok=True)
         order = rng.permutation(len(ids))  # file layout and row order must not matter
         for f, part in enumerate(np.array_split(order, files)):

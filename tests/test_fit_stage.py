@@ -34,6 +34,7 @@ EPOCHS = 2
 
 def _group_texts(data: Path) -> list[list[str]]:
     """Four groups of distinct real texts, 40 each (enough for every split)."""
+
     def jsonl(path, fn, n):
         out = []
         with open(path) as f:
@@ -72,21 +73,33 @@ def _sketch_runner(data: Path, seed: int = 0):
             text = groups[g][cursor[g]]
             cursor[g] += 1
             vec = 2.0 * directions[g] + 0.3 * rng.normal(size=PROJ_DIM)
-            out.append({ID: f"{prefix}-{split}-{i:03d}", SPLIT: split, TEXT: text,
-                        SKETCH: (vec / np.linalg.norm(vec)).astype(np.float32).tolist()})
+            out.append(
+                {
+                    ID: f"{prefix}-{split}-{i:03d}",
+                    SPLIT: split,
+                    TEXT: text,
+                    SKETCH: (vec / np.linalg.norm(vec)).astype(np.float32).tolist(),
+                }
+            )
         return out
 
     uniform, skewed = [1, 1, 1, 1], [4, 2, 1, 1]
     anchors = rows("a", "eval", SIZES["eval_anchors"], skewed) + rows("a", "train", SIZES["train_anchors"], uniform)
     pool = rows("p", "eval", SIZES["eval_pool"], uniform) + rows("p", "train", SIZES["train_pool"], uniform)
-    schema = pa.schema([pa.field(ID, pa.string()), pa.field(SPLIT, pa.string()), pa.field(TEXT, pa.string()),
-                        pa.field(SKETCH, pa.list_(pa.float32(), PROJ_DIM))])
+    schema = pa.schema(
+        [
+            pa.field(ID, pa.string()),
+            pa.field(SPLIT, pa.string()),
+            pa.field(TEXT, pa.string()),
+            pa.field(SKETCH, pa.list_(pa.float32(), PROJ_DIM)),
+        ]
+    )
 
     def run(ctx):
         for side, side_rows in (("anchors", anchors), ("pool", pool)):
             os.makedirs(os.path.join(ctx.out_dir, side))
             for shard, start in enumerate(range(0, len(side_rows), 20)):  # several shards, like the real stage
-                table = pa.Table.from_pylist(side_rows[start:start + 20], schema=schema)
+                table = pa.Table.from_pylist(side_rows[start : start + 20], schema=schema)
                 pq.write_table(table, os.path.join(ctx.out_dir, side, f"part-{shard:05d}.parquet"))
         ctx.record(rows={side: len(r) for side, r in (("anchors", anchors), ("pool", pool))})
 
@@ -94,14 +107,18 @@ def _sketch_runner(data: Path, seed: int = 0):
 
 
 def _job(run_dir: Path, **fit):
-    return load_job(data={
-        "run_dir": str(run_dir), "seed": 0,
-        "corpus": {"path": "unused"}, "anchors": {"path": "unused"},
-        "sketch": {"proj_dim": PROJ_DIM, **SIZES},
-        "encoder": {"model": "all-minilm-l6-v2", "max_len": 64},
-        "fit": {"epochs": EPOCHS, "lr": 4e-4, "warmup_frac": 0.1, "hard_ratio": 0.25, "max_failures": 1, **fit},
-        "ray": {"num_cpus": 2},
-    })
+    return load_job(
+        data={
+            "run_dir": str(run_dir),
+            "seed": 0,
+            "corpus": {"path": "unused"},
+            "anchors": {"path": "unused"},
+            "sketch": {"proj_dim": PROJ_DIM, **SIZES},
+            "encoder": {"model": "all-minilm-l6-v2", "max_len": 64},
+            "fit": {"epochs": EPOCHS, "lr": 4e-4, "warmup_frac": 0.1, "hard_ratio": 0.25, "max_failures": 1, **fit},
+            "ray": {"num_cpus": 2},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +262,15 @@ def test_one_tokenizer_pass_gives_the_inputs_and_the_cut_texts(max_len):
 
     from pipeline.encoder import TextEncoder
 
-    texts = ["hello", "Q: Is the sentence plausible?\nA: no",
-             "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-             "How many clips did Natalia sell altogether in April and May?",
-             "short one", "word " * 40, "Ünïcödé tëxt with àccents and emoji 🙂 " * 3]
+    texts = [
+        "hello",
+        "Q: Is the sentence plausible?\nA: no",
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+        "How many clips did Natalia sell altogether in April and May?",
+        "short one",
+        "word " * 40,
+        "Ünïcödé tëxt with àccents and emoji 🙂 " * 3,
+    ]
     got, cut = TextEncoder(_minilm(), max_len=max_len).tokenize(texts)
     tok = AutoTokenizer.from_pretrained(_minilm())
     want = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")

@@ -18,15 +18,17 @@ from pipeline.errors import InputDataError
 
 REPO = Path(__file__).resolve().parents[1]
 ROLES = ("anchors", "pool", "corpus", "queries")
-STATEMENT = ("People who move here from other countries only want to live off welfare and never "
-             "bother to learn the language or work")
+STATEMENT = (
+    "People who move here from other countries only want to live off welfare and never "
+    "bother to learn the language or work"
+)
 UNRELATED = "Natalie bought three apples and two pears at the market, how many pieces of fruit did she buy"
 
 
 def _one_word_changed(text: str, i: int, word: str) -> str:
     words = text.split()
     assert words[i] != word
-    return " ".join(words[:i] + [word] + words[i + 1:])
+    return " ".join(words[:i] + [word] + words[i + 1 :])
 
 
 # --------------------------------------------------------------------------- neardup
@@ -71,14 +73,15 @@ def test_threshold_respected():
 def test_lsh_bands_give_high_recall_at_the_threshold():
     b, r = neardup.lsh_bands(neardup.THRESHOLD, neardup.NUM_PERM)
     assert b * r <= neardup.NUM_PERM
-    assert 1 - (1 - neardup.THRESHOLD ** r) ** b >= neardup.MIN_RECALL_AT_THRESHOLD
+    assert 1 - (1 - neardup.THRESHOLD**r) ** b >= neardup.MIN_RECALL_AT_THRESHOLD
     # The next wider band would miss more pairs at the threshold.
     r2 = r + 1
-    assert 1 - (1 - neardup.THRESHOLD ** r2) ** (neardup.NUM_PERM // r2) < neardup.MIN_RECALL_AT_THRESHOLD
+    assert 1 - (1 - neardup.THRESHOLD**r2) ** (neardup.NUM_PERM // r2) < neardup.MIN_RECALL_AT_THRESHOLD
 
 
-def _brute_force_pairs(texts_a: list[str], texts_b: list[str] | None = None,
-                       threshold: float = neardup.THRESHOLD) -> set[tuple[int, int]]:
+def _brute_force_pairs(
+    texts_a: list[str], texts_b: list[str] | None = None, threshold: float = neardup.THRESHOLD
+) -> set[tuple[int, int]]:
     """Exact Jaccard over all pairs (no sketching); sizes prune pairs that cannot reach the threshold."""
     sa = [neardup.shingles(t) for t in texts_a]
     sb = sa if texts_b is None else [neardup.shingles(t) for t in texts_b]
@@ -87,8 +90,12 @@ def _brute_force_pairs(texts_a: list[str], texts_b: list[str] | None = None,
         for j, b in enumerate(sb):
             if texts_b is None and j <= i:
                 continue
-            if a and b and min(len(a), len(b)) >= threshold * max(len(a), len(b)) \
-                    and neardup.jaccard(a, b) >= threshold:
+            if (
+                a
+                and b
+                and min(len(a), len(b)) >= threshold * max(len(a), len(b))
+                and neardup.jaccard(a, b) >= threshold
+            ):
                 out.add((i, j))
     return out
 
@@ -170,8 +177,10 @@ def test_group_task_groups_do_not_overlap(demo_corpora):
     groups = _audit(demo_corpora / "toxicity_groups")["groups"]
     distill, evaluation = set(groups["distillation"]), set(groups["evaluation"])
     assert distill and evaluation and not distill & evaluation
-    seen = {side: {r["group"] for role in rs for r in roles[role] if r["source"].startswith("toxigen/")}
-            for side, rs in (("distillation", ("anchors", "pool")), ("evaluation", ("corpus", "queries")))}
+    seen = {
+        side: {r["group"] for role in rs for r in roles[role] if r["source"].startswith("toxigen/")}
+        for side, rs in (("distillation", ("anchors", "pool")), ("evaluation", ("corpus", "queries")))
+    }
     assert seen["distillation"] <= distill and seen["evaluation"] <= evaluation
     assert not seen["distillation"] & seen["evaluation"]
 
@@ -224,16 +233,28 @@ def test_eval_leakage_counts_near_duplicates(tmp_path):
     from pipeline.stages.eval import _leakage
 
     sketch = tmp_path / "sketch"
-    distill = {"anchors": [STATEMENT, "Bi people are just confused and greedy"],
-               "pool": [UNRELATED, "Translate to French: the cat sits on the mat"]}
+    distill = {
+        "anchors": [STATEMENT, "Bi people are just confused and greedy"],
+        "pool": [UNRELATED, "Translate to French: the cat sits on the mat"],
+    }
     for role, texts in distill.items():
         (sketch / role).mkdir(parents=True)
-        pq.write_table(pa.table({"id": [f"{role}/{i}" for i in range(len(texts))], "text": texts}),
-                       sketch / role / "part-00000.parquet")
+        pq.write_table(
+            pa.table({"id": [f"{role}/{i}" for i in range(len(texts))], "text": texts}),
+            sketch / role / "part-00000.parquet",
+        )
     ctx = SimpleNamespace(upstream_dir=lambda stage: str(tmp_path / stage), job=SimpleNamespace(seed=0))
-    rows = pa.table({"id": ["c0", "c1", "c2", "pool/0"],
-                     "text": [_one_word_changed(STATEMENT, 9, "rarely"), "Something else entirely, about boats",
-                              UNRELATED.lower() + ".", "the cat sits"]})
+    rows = pa.table(
+        {
+            "id": ["c0", "c1", "c2", "pool/0"],
+            "text": [
+                _one_word_changed(STATEMENT, 9, "rarely"),
+                "Something else entirely, about boats",
+                UNRELATED.lower() + ".",
+                "the cat sits",
+            ],
+        }
+    )
     queries = pa.table({"id": ["q0"], "text": ["BI people are just confused and greedy "]})
     out = _leakage(ctx, rows, queries)
     assert out["corpus_near_dup"] == 2 and out["queries_near_dup"] == 1

@@ -24,17 +24,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline.config import TeacherConfig  # noqa: E402
 from pipeline.errors import ConfigError, StageError  # noqa: E402
 from pipeline.sketching import l2_normalize  # noqa: E402
-from pipeline.teacher import (TeacherSketcher, native_bf16, precision_check,  # noqa: E402
-                              resolve_autocast_dtype, token_budget_batches)
+from pipeline.teacher import (
+    TeacherSketcher,
+    native_bf16,
+    precision_check,  # noqa: E402
+    resolve_autocast_dtype,
+    token_budget_batches,
+)
 
 PRECISIONS = ["float32", "bfloat16"]
 
-PROMPTS = ["Q: what is two plus two?\nA:", "Tell me a story about a fox.", "hi", "",
-           "Translate to French: the cat sleeps on the mat, and the dog barks at the moon all night long.",
-           "Summarise: " + "the rain in spain " * 6, "Name a colour.", "Question: 48 clips in April, half in May?"]
-RESPONSES = [" four", " Once upon a time a quick brown fox jumped over a lazy dog.", " hello there",
-             " a response without a prompt", " le chat dort", " It rains in Spain.", " blue",
-             " 48 / 2 = 24 in May, 48 + 24 = 72 in all."]
+PROMPTS = [
+    "Q: what is two plus two?\nA:",
+    "Tell me a story about a fox.",
+    "hi",
+    "",
+    "Translate to French: the cat sleeps on the mat, and the dog barks at the moon all night long.",
+    "Summarise: " + "the rain in spain " * 6,
+    "Name a colour.",
+    "Question: 48 clips in April, half in May?",
+]
+RESPONSES = [
+    " four",
+    " Once upon a time a quick brown fox jumped over a lazy dog.",
+    " hello there",
+    " a response without a prompt",
+    " le chat dort",
+    " It rains in Spain.",
+    " blue",
+    " 48 / 2 = 24 in May, 48 + 24 = 72 in all.",
+]
 
 
 def randomise_lora_b(teacher: TeacherSketcher, seed: int = 1) -> None:
@@ -55,8 +74,12 @@ def teachers(tiny_teacher_dir: str) -> dict[str, TeacherSketcher]:
     """The same seeded tiny teacher in both precisions (random LoRA B, same seed)."""
     out = {}
     for dtype in PRECISIONS:
-        t = TeacherSketcher(TeacherConfig(model=tiny_teacher_dir, max_len=48, lora_rank=4, dtype=dtype),
-                            proj_dim=2048, proj_seed=42, lora_seed=0)
+        t = TeacherSketcher(
+            TeacherConfig(model=tiny_teacher_dir, max_len=48, lora_rank=4, dtype=dtype),
+            proj_dim=2048,
+            proj_seed=42,
+            lora_seed=0,
+        )
         randomise_lora_b(t)
         out[dtype] = t
     return out
@@ -89,7 +112,7 @@ def test_token_budget_batches_pack_sorted_rows_within_the_budget() -> None:
     for b in batches[:-1]:
         assert len(b) == 3 or (len(b) + 1) * lengths[b[0]] > 80
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    assert token_budget_batches(lengths, None, 4) == [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert token_budget_batches(lengths, None, 4) == [order[i : i + 4] for i in range(0, len(order), 4)]
     with pytest.raises(ConfigError, match="token_budget"):
         token_budget_batches(lengths, 0, 4)
     with pytest.raises(ConfigError, match="batch_size"):
@@ -179,16 +202,26 @@ def stage_runs(tmp_path_factory, fixture_corpora, tiny_teacher_dir, ray_local) -
     tox = fixture_corpora
     runs = {}
     for dtype in PRECISIONS:
-        for layout, sketch in {"a": {"batch_size": 64, "token_budget": 512, "rows_per_shard": 8, "num_actors": 1},
-                               "b": {"batch_size": 1, "rows_per_shard": 5, "num_actors": 2}}.items():
+        for layout, sketch in {
+            "a": {"batch_size": 64, "token_budget": 512, "rows_per_shard": 8, "num_actors": 1},
+            "b": {"batch_size": 1, "rows_per_shard": 5, "num_actors": 2},
+        }.items():
             data = {
-                "run_dir": str(base / f"{dtype}-{layout}"), "seed": 0,
+                "run_dir": str(base / f"{dtype}-{layout}"),
+                "seed": 0,
                 "anchors": {"path": str(tox / "anchors"), "id_column": "id", "encoder_text_column": "text"},
                 "pool": {"path": str(tox / "pool"), "id_column": "id", "encoder_text_column": "text"},
                 "corpus": {"path": str(tox / "corpus"), "id_column": "id", "encoder_text_column": "text"},
                 "teacher": {"model": tiny_teacher_dir, "max_len": 48, "dtype": dtype},
-                "sketch": {"proj_dim": 1024, "train_anchors": 6, "train_pool": 8, "eval_anchors": 2,
-                           "eval_pool": 4, "fidelity_samples": 4, **sketch},
+                "sketch": {
+                    "proj_dim": 1024,
+                    "train_anchors": 6,
+                    "train_pool": 8,
+                    "eval_anchors": 2,
+                    "eval_pool": 4,
+                    "fidelity_samples": 4,
+                    **sketch,
+                },
                 "ray": {"num_cpus": 2},
             }
             runs[f"{dtype}-{layout}"] = (data, run_stage(load_job(data=data), "sketch"))

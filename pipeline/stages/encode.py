@@ -31,8 +31,18 @@ import pyarrow.parquet as pq
 
 from pipeline import corpus, storage
 from pipeline.codes import bytes_per_row, numpy_dtype, quantization_fidelity, quantize
-from pipeline.codestore import (CODE_DTYPE, CODE_SCALE, ENCODED_UTC, ENCODER_FINGERPRINT, CodeSpec,
-                                CodeStore, Ledger, code_array, codes_from_arrow, utc_now)
+from pipeline.codestore import (
+    CODE_DTYPE,
+    CODE_SCALE,
+    ENCODED_UTC,
+    ENCODER_FINGERPRINT,
+    CodeSpec,
+    CodeStore,
+    Ledger,
+    code_array,
+    codes_from_arrow,
+    utc_now,
+)
 from pipeline.config import JobConfig, stable_hash
 from pipeline.errors import ArtifactMissingError
 from pipeline.schema import CODE, ID, PROMPT, REJECTS, RESPONSE, ROW, SOURCE, TEXT
@@ -65,8 +75,17 @@ class CodeEncoder:
     route them (one output schema per batch is what Ray Data needs).
     """
 
-    def __init__(self, model_dir: str, max_len: int, code_dtype: str, torch_threads: int,
-                 batch_size: int, use_gpu: bool = False, text_prefix: str = "", trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model_dir: str,
+        max_len: int,
+        code_dtype: str,
+        torch_threads: int,
+        batch_size: int,
+        use_gpu: bool = False,
+        text_prefix: str = "",
+        trust_remote_code: bool = False,
+    ):
         import torch
 
         from pipeline.encoder import TextEncoder
@@ -84,8 +103,12 @@ class CodeEncoder:
         idx = np.nonzero(good)[0]
         take = pa.array(idx)
         # The encoder's view of each row (response kept when an instruction row overflows max_len).
-        texts = text_views(batch.column(TEXT).take(take).to_pylist(), batch.column(PROMPT).take(take).to_pylist(),
-                           batch.column(RESPONSE).take(take).to_pylist(), prefix=self.prefix)
+        texts = text_views(
+            batch.column(TEXT).take(take).to_pylist(),
+            batch.column(PROMPT).take(take).to_pylist(),
+            batch.column(RESPONSE).take(take).to_pylist(),
+            prefix=self.prefix,
+        )
         dim = self.encoder.dim
         codes = np.zeros((n, dim), dtype=numpy_dtype(self.code_dtype))
         scales = np.ones(n, np.float32)
@@ -94,25 +117,38 @@ class CodeEncoder:
             emb, truncated[idx] = self.encoder.embed(texts, batch_size=self.batch_size, return_truncated=True)
             q = quantize(emb, self.code_dtype)
             codes[idx], scales[idx] = q.codes, q.scales
-        return pa.table({
-            ID: batch.column(ID), CODE: code_array(codes), CODE_SCALE: pa.array(scales),
-            SOURCE: batch.column(SOURCE), ROW: batch.column(ROW), TRUNCATED: pa.array(truncated),
-            corpus.REJECT_REASON: batch.column(corpus.REJECT_REASON),
-        })
+        return pa.table(
+            {
+                ID: batch.column(ID),
+                CODE: code_array(codes),
+                CODE_SCALE: pa.array(scales),
+                SOURCE: batch.column(SOURCE),
+                ROW: batch.column(ROW),
+                TRUNCATED: pa.array(truncated),
+                corpus.REJECT_REASON: batch.column(corpus.REJECT_REASON),
+            }
+        )
 
 
-def encode_stream(job: JobConfig, ds, model_dir: str, code_dtype: str, text_prefix: str = "",
-                  stage_key: str = "encode") -> Iterator[pa.Table]:
+def encode_stream(
+    job: JobConfig, ds, model_dir: str, code_dtype: str, text_prefix: str = "", stage_key: str = "encode"
+) -> Iterator[pa.Table]:
     """Map a dataset of canonical rows through CodeEncoder actors; yield the output batches."""
     from pipeline.ray_runtime import plan_actors
 
     plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, stage_key)
     out = ds.map_batches(
         CodeEncoder,
-        fn_constructor_kwargs={"model_dir": model_dir, "max_len": job.encoder.max_len,
-                               "code_dtype": code_dtype, "torch_threads": plan.torch_threads,
-                               "batch_size": job.encode.batch_size, "use_gpu": plan.use_gpu,
-                               "text_prefix": text_prefix, "trust_remote_code": job.encoder.trust_remote_code},
+        fn_constructor_kwargs={
+            "model_dir": model_dir,
+            "max_len": job.encoder.max_len,
+            "code_dtype": code_dtype,
+            "torch_threads": plan.torch_threads,
+            "batch_size": job.encode.batch_size,
+            "use_gpu": plan.use_gpu,
+            "text_prefix": text_prefix,
+            "trust_remote_code": job.encoder.trust_remote_code,
+        },
         batch_size=job.encode.batch_size * 4,  # the encoder sorts by length within a batch
         batch_format="pyarrow",
         **plan.map_batches_kwargs(),
@@ -125,8 +161,14 @@ def split_output(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
     """(good code rows, rejects in the REJECTS schema)."""
     bad = pc.is_valid(batch.column(corpus.REJECT_REASON))
     rej = batch.filter(bad)
-    rejects = pa.table({SOURCE: rej.column(SOURCE), ROW: rej.column(ROW), ID: rej.column(ID),
-                        "reason": rej.column(corpus.REJECT_REASON)})
+    rejects = pa.table(
+        {
+            SOURCE: rej.column(SOURCE),
+            ROW: rej.column(ROW),
+            ID: rej.column(ID),
+            "reason": rej.column(corpus.REJECT_REASON),
+        }
+    )
     return batch.filter(pc.invert(bad)).drop_columns([corpus.REJECT_REASON]), rejects
 
 
@@ -155,8 +197,10 @@ def code_spec(job: JobConfig, model_dir: str) -> CodeSpec:
     """What the codes are: the encoder (weights + max_len), the text view of the corpus, the dtype."""
     from pipeline.models import model_fingerprint
 
-    view = {k: getattr(job.corpus, k) for k in
-            ("id_column", "prompt_column", "response_column", "text_column", "encoder_text_column")}
+    view = {
+        k: getattr(job.corpus, k)
+        for k in ("id_column", "prompt_column", "response_column", "text_column", "encoder_text_column")
+    }
     return CodeSpec(
         encoder_fingerprint=f"{model_fingerprint(model_dir)}-len{job.encoder.max_len}-view{stable_hash(view)[:8]}",
         dim=encoder_dim(model_dir),
@@ -167,8 +211,11 @@ def code_spec(job: JobConfig, model_dir: str) -> CodeSpec:
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
     """The corpus files (path, size, mtime): a new or changed shard reruns the stage incrementally."""
     files = corpus.files_fingerprint(corpus.discover(job.corpus, "corpus"))
-    out: dict[str, Any] = {"corpus_files": len(files), "corpus_bytes": sum(f["size"] for f in files),
-                           "corpus_digest": stable_hash(files)}
+    out: dict[str, Any] = {
+        "corpus_files": len(files),
+        "corpus_bytes": sum(f["size"] for f in files),
+        "corpus_digest": stable_hash(files),
+    }
     if len(files) <= 50:  # keep manifests readable for big corpora: the digest identifies the rest
         out["files"] = files
     return out
@@ -256,14 +303,22 @@ def run(ctx) -> None:
 
         # Files that left the corpus or changed since they were encoded: their rows go.
         current = {f.path: f for f in files}
-        stale = [p for p, e in ledger.files.items()
-                 if p not in current or not ledger.is_done(p, current[p].size, current[p].mtime)]
+        stale = [
+            p
+            for p, e in ledger.files.items()
+            if p not in current or not ledger.is_done(p, current[p].size, current[p].mtime)
+        ]
         todo = [f for f in files if not ledger.is_done(f.path, f.size, f.mtime)]
         deleted = store.delete_sources(sorted(set(stale) | {f.path for f in todo}))
         ledger.forget(stale)
         rejects_store.forget([p for p in stale if p not in current])
-        log.info("encode: %d corpus files, %d already encoded, %d to encode, %d rows of stale files removed",
-                 len(files), len(files) - len(todo), len(todo), deleted)
+        log.info(
+            "encode: %d corpus files, %d already encoded, %d to encode, %d rows of stale files removed",
+            len(files),
+            len(files) - len(todo),
+            len(todo),
+            deleted,
+        )
 
         written = truncated = 0
         t0 = time.perf_counter()
@@ -283,8 +338,14 @@ def run(ctx) -> None:
         distinct = store.count_distinct_ids()
         ctx.record(
             rows={"encoded": written, "in_table": total, "rejected": all_rejects.num_rows},
-            lancedb={"uri": uri, "table": cfg.table, "version": store.version, "opened": opened,
-                     "rows_deleted": deleted, "distinct_ids": distinct},
+            lancedb={
+                "uri": uri,
+                "table": cfg.table,
+                "version": store.version,
+                "opened": opened,
+                "rows_deleted": deleted,
+                "distinct_ids": distinct,
+            },
             code_spec=spec.__dict__,
             encoder_fingerprint=spec.encoder_fingerprint,
             code_dtype=spec.code_dtype,
@@ -317,13 +378,18 @@ def _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store) -> tu
             return
         good = pa.concat_tables(buf)
         n = good.num_rows
-        rows = pa.table({
-            ID: good.column(ID), CODE: good.column(CODE), SOURCE: good.column(SOURCE), ROW: good.column(ROW),
-            ENCODER_FINGERPRINT: pa.array([spec.encoder_fingerprint] * n, pa.string()),
-            CODE_DTYPE: pa.array([spec.code_dtype] * n, pa.string()),
-            CODE_SCALE: good.column(CODE_SCALE),
-            ENCODED_UTC: pa.array([stamp] * n, pa.string()),
-        })
+        rows = pa.table(
+            {
+                ID: good.column(ID),
+                CODE: good.column(CODE),
+                SOURCE: good.column(SOURCE),
+                ROW: good.column(ROW),
+                ENCODER_FINGERPRINT: pa.array([spec.encoder_fingerprint] * n, pa.string()),
+                CODE_DTYPE: pa.array([spec.code_dtype] * n, pa.string()),
+                CODE_SCALE: good.column(CODE_SCALE),
+                ENCODED_UTC: pa.array([stamp] * n, pa.string()),
+            }
+        )
         store.upsert(rows)
         written += n
         buf, buffered = [], 0
@@ -374,8 +440,9 @@ def _maybe_index(job: JobConfig, store: CodeStore, spec: CodeSpec, written: int)
         info = {"type": kind, "refreshed": True}
     else:
         info = store.build_index(kind, spec.dim)
-    info["recall"] = store.index_recall(RECALL_K, RECALL_QUERIES, job.score.nprobes, job.score.refine_factor,
-                                        spec.code_dtype, seed=job.seed)
+    info["recall"] = store.index_recall(
+        RECALL_K, RECALL_QUERIES, job.score.nprobes, job.score.refine_factor, spec.code_dtype, seed=job.seed
+    )
     return info
 
 

@@ -35,7 +35,7 @@ from pipeline import corpus, metrics, sampling, storage
 from pipeline.artifacts import StageRun
 from pipeline.baselines import BaselineScores, bm25_scores, random_scores
 from pipeline.config import JobConfig
-from pipeline.errors import InputDataError
+from pipeline.errors import InputDataError, StageError
 from pipeline.ray_runtime import ensure_ray, plan_actors
 from pipeline.report import verdict, verdict_text
 from pipeline.schema import ID, LABEL, PROMPT, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT
@@ -44,8 +44,10 @@ log = logging.getLogger("influcoder")
 
 
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
-    return {"corpus": corpus.files_fingerprint(corpus.discover(job.corpus, "corpus")),
-            "queries": corpus.files_fingerprint(corpus.discover(job.score.queries, "score.queries"))}
+    return {
+        "corpus": corpus.files_fingerprint(corpus.discover(job.corpus, "corpus")),
+        "queries": corpus.files_fingerprint(corpus.discover(job.score.queries, "score.queries")),
+    }
 
 
 # --------------------------------------------------------------------------- inputs
@@ -94,8 +96,9 @@ def _sketch_split(ctx: StageRun, role: str) -> tuple[list[str], pa.Table, np.nda
 # --------------------------------------------------------------------------- methods
 
 
-def _embed_method(model_dir: str, job: JobConfig, pairs: list[tuple[list, list]],
-                  threads: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], float, float, int]:
+def _embed_method(
+    model_dir: str, job: JobConfig, pairs: list[tuple[list, list]], threads: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], float, float, int]:
     """Load one encoder and embed every (queries, rows) pair of encoder inputs with it.
 
     Returns the embeddings per pair, ms per row of the first pair's rows (timed after a warm-up,
@@ -126,8 +129,12 @@ def _views(table: pa.Table, prefix: str = "") -> list:
     from pipeline.textview import text_views
 
     has_pair = PROMPT in table.column_names and RESPONSE in table.column_names
-    return text_views(table.column(TEXT).to_pylist(), table.column(PROMPT).to_pylist() if has_pair else None,
-                      table.column(RESPONSE).to_pylist() if has_pair else None, prefix=prefix)
+    return text_views(
+        table.column(TEXT).to_pylist(),
+        table.column(PROMPT).to_pylist() if has_pair else None,
+        table.column(RESPONSE).to_pylist() if has_pair else None,
+        prefix=prefix,
+    )
 
 
 def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[np.ndarray, np.ndarray, float]:
@@ -142,22 +149,45 @@ def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[
     groups = {"queries": queries, "rows": rows}
     shards = []
     for role, table in groups.items():
-        recs = [{ID: r[ID], SPLIT: "eval", SOURCE: r[SOURCE], ROW: r[ROW], TEXT: r[TEXT],
-                 PROMPT: r[PROMPT], RESPONSE: r[RESPONSE]} for r in table.to_pylist()]
-        shards += [(f"{role}-{i // per:05d}", recs[i:i + per]) for i in range(0, len(recs), per)]
+        recs = [
+            {
+                ID: r[ID],
+                SPLIT: "eval",
+                SOURCE: r[SOURCE],
+                ROW: r[ROW],
+                TEXT: r[TEXT],
+                PROMPT: r[PROMPT],
+                RESPONSE: r[RESPONSE],
+            }
+            for r in table.to_pylist()
+        ]
+        shards += [(f"{role}-{i // per:05d}", recs[i : i + per]) for i in range(0, len(recs), per)]
     done = {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in storage.list_files(shard_dir, ".parquet")}
     pending = [s for s in shards if s[0] not in done]
     _, compute_s = _sketch_shards(job, plan, pending, shard_dir)
     mats = {}
     for role in groups:
-        parts = [pq.read_table(storage.local_path(storage.join(shard_dir, f"{name}.parquet")))
-                 for name, _ in shards if name.startswith(role + "-")]
+        parts = [
+            pq.read_table(storage.local_path(storage.join(shard_dir, f"{name}.parquet")))
+            for name, _ in shards
+            if name.startswith(role + "-")
+        ]
         t = pa.concat_tables(parts)
+        # Align by id, never by position: a shard's rows can come back from the actors in any order
+        # (Ray Data batches span shard blocks), so the file order is not the input order.
+        want = groups[role].column(ID).to_pylist()
+        pos = {rid: i for i, rid in enumerate(t.column(ID).to_pylist())}
+        missing = [rid for rid in want if rid not in pos]
+        if missing:
+            raise StageError(f"eval: the teacher's shards lack {len(missing)} rows (first: {missing[:3]}); rerun eval.")
+        t = t.take(pa.array([pos[rid] for rid in want]))
         sk = t.column(SKETCH)
         mat = np.zeros((t.num_rows, job.sketch.proj_dim), dtype=np.float32)
         valid = np.asarray(sk.is_valid())
         if valid.any():
-            mat[valid] = np.asarray(sk.filter(pa.array(valid)).combine_chunks().flatten()).reshape(-1, job.sketch.proj_dim)
+            mat[valid] = np.asarray(sk.filter(pa.array(valid)).combine_chunks().flatten()).reshape(
+                -1, job.sketch.proj_dim
+            )
         mats[role] = mat  # rejected rows keep a zero sketch: score 0, never silently dropped
     # The teacher's time per row accumulates across resumed runs, so a resumed eval still reports it.
     timing_path = storage.join(shard_dir, "timing.json")
@@ -174,8 +204,9 @@ def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[
 BOOTSTRAP_RESAMPLES = 1000
 
 
-def _application_metrics(per_query: np.ndarray, labels: np.ndarray | None, ids: list[str],
-                         recall_k: list[int], seed: int) -> tuple[dict[str, Any], np.ndarray | None]:
+def _application_metrics(
+    per_query: np.ndarray, labels: np.ndarray | None, ids: list[str], recall_k: list[int], seed: int
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """AUPRC of the mean-over-queries score, Recall@k and MRR per query, each with a bootstrap CI;
     also the AUPRC replicates (paired across methods: same seed, same resampled queries and rows)."""
     if labels is None or labels.sum() == 0:
@@ -189,15 +220,19 @@ def _application_metrics(per_query: np.ndarray, labels: np.ndarray | None, ids: 
         return metrics.auprc(labels[ir], per_query[np.ix_(iq, ir)].mean(axis=0))
 
     auprc_reps = metrics.bootstrap_replicates(auprc_of, per_query.shape, BOOTSTRAP_RESAMPLES, seed)
-    out: dict[str, Any] = {"auprc": metrics.auprc(labels, mean_scores), "auprc_ci": metrics.percentile_ci(auprc_reps),
-                           "average_precision": metrics.average_precision(labels, mean_scores)}
+    out: dict[str, Any] = {
+        "auprc": metrics.auprc(labels, mean_scores),
+        "auprc_ci": metrics.percentile_ci(auprc_reps),
+        "average_precision": metrics.average_precision(labels, mean_scores),
+    }
     per_query_values = {"mrr": metrics.reciprocal_ranks(ranked, [relevant] * len(ranked))}
     for k in recall_k:
         per_query_values[f"recall@{k}"] = metrics.recall_at_k_per_query(ranked, [relevant] * len(ranked), k)
     for name, values in per_query_values.items():
         out[name] = metrics._nanmean(values)
-        out[name + "_ci"] = metrics.bootstrap_ci(lambda iq, v=values: metrics._nanmean(v[iq]), [len(values)],
-                                                 BOOTSTRAP_RESAMPLES, seed)
+        out[name + "_ci"] = metrics.bootstrap_ci(
+            lambda iq, v=values: metrics._nanmean(v[iq]), [len(values)], BOOTSTRAP_RESAMPLES, seed
+        )
     n_pos = int(labels.sum())
     top = np.argsort(-mean_scores, kind="stable")[:n_pos]
     out["precision@n_pos"] = float(labels[top].mean())
@@ -247,8 +282,13 @@ def run(ctx: StageRun) -> None:
         labels = pa.compute.fill_null(rows.column(LABEL), 0).to_numpy().astype(int)
     row_texts = rows.column(TEXT).to_pylist()
     q_texts = queries.column(TEXT).to_pylist()
-    log.info("eval: %d corpus rows (%s positives), %d queries, methods %s", len(ids),
-             int(labels.sum()) if labels is not None else "no", len(q_texts), methods)
+    log.info(
+        "eval: %d corpus rows (%s positives), %d queries, methods %s",
+        len(ids),
+        int(labels.sum()) if labels is not None else "no",
+        len(q_texts),
+        methods,
+    )
     threads = max(1, os.cpu_count() or 1)
     fit_dir = storage.join(ctx.upstream_dir("fit"), "encoder")
     a_ids, a_rows, a_sk = _sketch_split(ctx, "anchors")
@@ -263,12 +303,22 @@ def run(ctx: StageRun) -> None:
     setup_influcoder = float(ctx.upstream["sketch"].get("seconds", 0)) + float(ctx.upstream["fit"].get("seconds", 0))
     prefix = job.encoder.anchor_prefix
     # (method, model, query inputs, row inputs, held-out anchor inputs, held-out pool inputs)
-    encoders = [("influcoder", fit_dir, _views(queries, prefix), _views(rows), _views(a_rows, prefix), _views(p_rows)),
-                # As its users run it: plain texts, no prefix (what SentenceTransformer.encode embeds).
-                ("untrained_encoder", resolve_encoder(job.encoder.model), q_texts, row_texts, a_texts, p_texts)]
+    encoders = [
+        ("influcoder", fit_dir, _views(queries, prefix), _views(rows), _views(a_rows, prefix), _views(p_rows)),
+        # As its users run it: plain texts, no prefix (what SentenceTransformer.encode embeds).
+        ("untrained_encoder", resolve_encoder(job.encoder.model), q_texts, row_texts, a_texts, p_texts),
+    ]
     if prefix and "untrained_encoder" in methods:
-        encoders.append(("untrained_encoder_prefixed", resolve_encoder(job.encoder.model),
-                         [prefix + t for t in q_texts], row_texts, [prefix + t for t in a_texts], p_texts))
+        encoders.append(
+            (
+                "untrained_encoder_prefixed",
+                resolve_encoder(job.encoder.model),
+                [prefix + t for t in q_texts],
+                row_texts,
+                [prefix + t for t in a_texts],
+                p_texts,
+            )
+        )
     for name, model_dir, q_in, r_in, a_in, p_in in encoders:
         if name not in methods and name != "untrained_encoder_prefixed":
             continue
@@ -277,17 +327,25 @@ def run(ctx: StageRun) -> None:
         per_query[name] = q @ r.T
         heldout_pred[name] = qa @ pr.T
         code_bytes = (ctx.upstream.get("encode") or {}).get("bytes_per_row") or dim * 2
-        results[name] = {"heldout": _fidelity(qa @ pr.T, heldout_gt, seed), "ms_per_sample": ms,
-                         "setup_s": load_s + (setup_influcoder if name == "influcoder" else 0.0),
-                         "bytes_per_sample": float(code_bytes), "seconds": time.perf_counter() - t0}
+        results[name] = {
+            "heldout": _fidelity(qa @ pr.T, heldout_gt, seed),
+            "ms_per_sample": ms,
+            "setup_s": load_s + (setup_influcoder if name == "influcoder" else 0.0),
+            "bytes_per_sample": float(code_bytes),
+            "seconds": time.perf_counter() - t0,
+        }
     if "gradient" in methods:
         t0 = time.perf_counter()
         gq, gr, ms = _gradient_method(ctx, rows, queries)
         per_query["gradient"] = gq @ gr.T
-        results["gradient"] = {"heldout": _fidelity(heldout_gt, heldout_gt, seed), "ms_per_sample": ms, "setup_s": 0.0,
-                               "bytes_per_sample": float(job.sketch.proj_dim * 4),
-                               "seconds": time.perf_counter() - t0,
-                               "note": "the teacher itself: held-out fidelity is 1 by construction"}
+        results["gradient"] = {
+            "heldout": _fidelity(heldout_gt, heldout_gt, seed),
+            "ms_per_sample": ms,
+            "setup_s": 0.0,
+            "bytes_per_sample": float(job.sketch.proj_dim * 4),
+            "seconds": time.perf_counter() - t0,
+            "note": "the teacher itself: held-out fidelity is 1 by construction",
+        }
     baselines: dict[str, BaselineScores] = {}
     if "bm25" in methods:
         baselines["bm25"] = bm25_scores(q_texts, row_texts)
@@ -295,12 +353,18 @@ def run(ctx: StageRun) -> None:
         results["bm25"] = {"heldout": _fidelity(heldout_bm25, heldout_gt, seed)}
     if "random" in methods:
         baselines["random"] = random_scores(len(q_texts), len(row_texts), job.seed)
-        results["random"] = {"heldout": _fidelity(random_scores(len(a_ids), len(p_ids), job.seed + 1).scores,
-                                                  heldout_gt, seed)}
+        results["random"] = {
+            "heldout": _fidelity(random_scores(len(a_ids), len(p_ids), job.seed + 1).scores, heldout_gt, seed)
+        }
     for name, b in baselines.items():
         per_query[name] = b.scores
-        results[name].update({"setup_s": b.setup_s, "ms_per_sample": 1000 * b.seconds / max(len(ids), 1),
-                              "bytes_per_sample": b.bytes_per_sample})
+        results[name].update(
+            {
+                "setup_s": b.setup_s,
+                "ms_per_sample": 1000 * b.seconds / max(len(ids), 1),
+                "bytes_per_sample": b.bytes_per_sample,
+            }
+        )
 
     curves = {}
     auprc_reps: dict[str, np.ndarray] = {}
@@ -317,8 +381,9 @@ def run(ctx: StageRun) -> None:
             curves[name] = {"precision": precision.round(5).tolist(), "recall": recall.round(5).tolist()}
 
     if "cascade" in methods:  # the teacher re-rank cascade: its own section at the end of this file
-        _cascade_method(ctx, rows, queries, ids, labels, per_query, heldout_pred, heldout_gt, p_ids, results,
-                        curves, auprc_reps)
+        _cascade_method(
+            ctx, rows, queries, ids, labels, per_query, heldout_pred, heldout_gt, p_ids, results, curves, auprc_reps
+        )
     consistency = _check_against_score_stage(ctx, ids, per_query.get("influcoder"))
     if "gradient" in results and "influcoder" in results:
         ms_i, ms_g = results["influcoder"]["ms_per_sample"], results["gradient"]["ms_per_sample"]
@@ -327,15 +392,21 @@ def run(ctx: StageRun) -> None:
         speed = {}
     if "influcoder" in auprc_reps:  # paired: every method's replicates resampled the same queries and rows
         results["influcoder"]["vs"] = {
-            name: {"auprc_diff": results["influcoder"]["auprc"] - results[name]["auprc"],
-                   "auprc_diff_ci": metrics.paired_difference(auprc_reps["influcoder"], reps)}
-            for name, reps in auprc_reps.items() if name != "influcoder"}
+            name: {
+                "auprc_diff": results["influcoder"]["auprc"] - results[name]["auprc"],
+                "auprc_diff_ci": metrics.paired_difference(auprc_reps["influcoder"], reps),
+            }
+            for name, reps in auprc_reps.items()
+            if name != "influcoder"
+        }
     out = {
         "methods": results,
         "verdict": verdict(results),
         "speed": speed,
-        "rows": len(ids), "positives": int(labels.sum()) if labels is not None else None,
-        "queries": len(q_texts), "heldout": {"anchors": len(a_ids), "pool": len(p_ids)},
+        "rows": len(ids),
+        "positives": int(labels.sum()) if labels is not None else None,
+        "queries": len(q_texts),
+        "heldout": {"anchors": len(a_ids), "pool": len(p_ids)},
         "leakage": _leakage(ctx, rows, queries),
         "consistency_with_score_stage": consistency,
         "seed": job.seed,
@@ -344,8 +415,11 @@ def run(ctx: StageRun) -> None:
     storage.write_json_atomic(storage.join(ctx.out_dir, "pr_curves.json"), curves)
     write_report(job, out, curves, ctx.out_dir, ctx.upstream)
     report = storage.join(job.run_dir, "eval", "report", "report.md")  # where it lands on commit
-    ctx.record(rows={"corpus": len(ids), "queries": len(q_texts)}, report=report,
-               headline=f"report: {storage.redact(report)}\n" + _headline(out))
+    ctx.record(
+        rows={"corpus": len(ids), "queries": len(q_texts)},
+        report=report,
+        headline=f"report: {storage.redact(report)}\n" + _headline(out),
+    )
 
 
 def _check_against_score_stage(ctx: StageRun, ids: list[str], influ: np.ndarray | None) -> dict[str, Any]:
@@ -370,9 +444,11 @@ def _headline(out: dict[str, Any]) -> str:
     lines = [f"{'method':<27} {'AUPRC [95% CI]':<22} {'held-out agg. rho [95% CI]':<27} {'ms/sample':>9} {'bytes':>7}"]
     for name, r in out["methods"].items():
         h = r["heldout"]
-        lines.append(f"{name:<27} {_ci(r.get('auprc'), r.get('auprc_ci'), '.3f'):<22} "
-                     f"{_ci(h['spearman_aggregated'], h.get('spearman_aggregated_ci'), '+.3f'):<27} "
-                     f"{r.get('ms_per_sample', float('nan')):>9.3f} {r.get('bytes_per_sample', 0):>7.0f}")
+        lines.append(
+            f"{name:<27} {_ci(r.get('auprc'), r.get('auprc_ci'), '.3f'):<22} "
+            f"{_ci(h['spearman_aggregated'], h.get('spearman_aggregated_ci'), '+.3f'):<27} "
+            f"{r.get('ms_per_sample', float('nan')):>9.3f} {r.get('bytes_per_sample', 0):>7.0f}"
+        )
     lines += verdict_text(out.get("verdict", {}))
     ratio = out["speed"].get("influcoder_vs_gradient_ms_ratio")
     if ratio:
@@ -415,8 +491,7 @@ def _cascade_k(ctx: StageRun, n: int) -> int:
     return cascade.resolve_k(min(top, scored) / scored, n) if top < scored else n
 
 
-def _cascade_teacher(ctx: StageRun, rows: pa.Table, queries: pa.Table,
-                     need: np.ndarray) -> tuple[np.ndarray, float]:
+def _cascade_teacher(ctx: StageRun, rows: pa.Table, queries: pa.Table, need: np.ndarray) -> tuple[np.ndarray, float]:
     """Teacher cosines [Q, N] for the `need` rows (NaN elsewhere and where rejected) when the gradient
     method did not run, and the teacher's ms per row (accumulated across resumed runs)."""
     from pipeline import cascade
@@ -424,8 +499,9 @@ def _cascade_teacher(ctx: StageRun, rows: pa.Table, queries: pa.Table,
 
     shard_dir = storage.join(ctx.work_dir, "cascade_shards")
     row_recs = rows.to_pylist()
-    sk, info = teacher_sketch_groups(ctx.job, {"queries": queries.to_pylist(),
-                                               "rows": [row_recs[i] for i in need]}, shard_dir)
+    sk, info = teacher_sketch_groups(
+        ctx.job, {"queries": queries.to_pylist(), "rows": [row_recs[i] for i in need]}, shard_dir
+    )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     teach = np.full((queries.num_rows, rows.num_rows), np.nan)
     if len(need):
@@ -445,10 +521,20 @@ def _cascade_fidelity(agg: np.ndarray, per_q: np.ndarray, gt: np.ndarray, seed: 
     return out
 
 
-def _cascade_method(ctx: StageRun, rows: pa.Table, queries: pa.Table, ids: list[str], labels: np.ndarray | None,
-                    per_query: dict[str, np.ndarray], heldout_pred: dict[str, np.ndarray], heldout_gt: np.ndarray,
-                    pool_ids: list[str], results: dict[str, dict[str, Any]], curves: dict[str, Any],
-                    auprc_reps: dict[str, np.ndarray]) -> None:
+def _cascade_method(
+    ctx: StageRun,
+    rows: pa.Table,
+    queries: pa.Table,
+    ids: list[str],
+    labels: np.ndarray | None,
+    per_query: dict[str, np.ndarray],
+    heldout_pred: dict[str, np.ndarray],
+    heldout_gt: np.ndarray,
+    pool_ids: list[str],
+    results: dict[str, dict[str, Any]],
+    curves: dict[str, Any],
+    auprc_reps: dict[str, np.ndarray],
+) -> None:
     """Evaluate the cascade (see the section comment); fills results/curves/auprc_reps["cascade"]."""
     from pipeline import cascade
 
@@ -470,8 +556,10 @@ def _cascade_method(ctx: StageRun, rows: pa.Table, queries: pa.Table, ids: list[
         teach, teacher_ms = _cascade_teacher(ctx, rows, queries, need)
     q_ok = ~np.isnan(teach).all(axis=1)
     if not q_ok.any():
-        raise InputDataError(f"eval: the teacher rejected every query in {storage.redact(job.score.queries.path)}; "
-                             f"raise teacher.max_len.")
+        raise InputDataError(
+            f"eval: the teacher rejected every query in {storage.redact(job.score.queries.path)}; "
+            f"raise teacher.max_len."
+        )
     agg = cascade.cascade_scores(ids, enc.mean(axis=0), teach[q_ok].mean(axis=0), k)
     per_q = cascade.per_query_cascade_scores(ids, enc, teach, k)
 
@@ -493,15 +581,21 @@ def _cascade_method(ctx: StageRun, rows: pa.Table, queries: pa.Table, ids: list[
     h_per_q = cascade.per_query_cascade_scores(pool_ids, hp, heldout_gt, k_h)
     res["heldout"] = _cascade_fidelity(h_agg, h_per_q, heldout_gt, seed)
     influ = results["influcoder"]
-    res.update({
-        "k": k, "of_rows": n, "heldout_k": k_h, "teacher_rows_per_query_union": int(len(need)),
-        "teacher_ms_per_row": teacher_ms,
-        "ms_per_sample": influ["ms_per_sample"] + k / n * teacher_ms,
-        "setup_s": influ["setup_s"], "bytes_per_sample": influ["bytes_per_sample"],
-        "seconds": time.perf_counter() - t0,
-        "consistency_with_score_stage": _cascade_consistency(ctx, ids, agg, k),
-        "note": "influcoder's top-K re-ranked by the teacher (aggregate for AUPRC, per query for Recall@k/MRR)",
-    })
+    res.update(
+        {
+            "k": k,
+            "of_rows": n,
+            "heldout_k": k_h,
+            "teacher_rows_per_query_union": int(len(need)),
+            "teacher_ms_per_row": teacher_ms,
+            "ms_per_sample": influ["ms_per_sample"] + k / n * teacher_ms,
+            "setup_s": influ["setup_s"],
+            "bytes_per_sample": influ["bytes_per_sample"],
+            "seconds": time.perf_counter() - t0,
+            "consistency_with_score_stage": _cascade_consistency(ctx, ids, agg, k),
+            "note": "influcoder's top-K re-ranked by the teacher (aggregate for AUPRC, per query for Recall@k/MRR)",
+        }
+    )
     results["cascade"] = res
 
 
@@ -518,5 +612,8 @@ def _cascade_consistency(ctx: StageRun, ids: list[str], agg: np.ndarray, k: int)
         return {"checked": False, "reason": "eval rows are a sample of the scored rows"}
     mine = [ids[i] for i in np.argsort(-agg, kind="stable")[:k]]
     theirs = t.filter(t.column("reranked")).sort_by("rank").column(ID).to_pylist()
-    return {"checked": True, "block_overlap": len(set(mine) & set(theirs)) / max(len(theirs), 1),
-            "same_order": mine == theirs}
+    return {
+        "checked": True,
+        "block_overlap": len(set(mine) & set(theirs)) / max(len(theirs), 1),
+        "same_order": mine == theirs,
+    }

@@ -37,13 +37,14 @@ NORM_TOL = 1e-3  # sketches are float32 unit vectors; anything further off was n
 @dataclass
 class SplitRows:
     ids: list[str]
-    texts: list[str]             # the plain text (what a user's off-the-shelf encoder would embed)
-    views: list[EncoderInput]    # what the student embeds (anchor prefix, response-keeping pairs)
-    sketches: np.ndarray         # float32 [n, proj_dim], unit rows
+    texts: list[str]  # the plain text (what a user's off-the-shelf encoder would embed)
+    views: list[EncoderInput]  # what the student embeds (anchor prefix, response-keeping pairs)
+    sketches: np.ndarray  # float32 [n, proj_dim], unit rows
 
     def take(self, idx: np.ndarray) -> "SplitRows":
-        return SplitRows([self.ids[i] for i in idx], [self.texts[i] for i in idx], [self.views[i] for i in idx],
-                         self.sketches[idx])
+        return SplitRows(
+            [self.ids[i] for i in idx], [self.texts[i] for i in idx], [self.views[i] for i in idx], self.sketches[idx]
+        )
 
 
 @dataclass
@@ -54,15 +55,19 @@ class FitData:
     train_pool: SplitRows
     eval_anchors: SplitRows
     eval_pool: SplitRows
-    targets: np.ndarray       # train anchors x train pool cosines (distillation targets)
+    targets: np.ndarray  # train anchors x train pool cosines (distillation targets)
     ground_truth: np.ndarray  # eval anchors x eval pool cosines (held-out)
     val_anchors: Optional[SplitRows] = None
     val_pool: Optional[SplitRows] = None
     val_truth: Optional[np.ndarray] = None  # validation anchors x validation pool cosines
 
     def sizes(self) -> dict[str, int]:
-        out = {"train_anchors": len(self.train_anchors.ids), "train_pool": len(self.train_pool.ids),
-               "eval_anchors": len(self.eval_anchors.ids), "eval_pool": len(self.eval_pool.ids)}
+        out = {
+            "train_anchors": len(self.train_anchors.ids),
+            "train_pool": len(self.train_pool.ids),
+            "eval_anchors": len(self.eval_anchors.ids),
+            "eval_pool": len(self.eval_pool.ids),
+        }
         if self.val_anchors is not None:
             out.update(val_anchors=len(self.val_anchors.ids), val_pool=len(self.val_pool.ids))
         return out
@@ -72,16 +77,20 @@ def _read_side(sketch_dir: str, side: str) -> pa.Table:
     folder = storage.join(sketch_dir, side)
     files = storage.list_files(folder, ".parquet")
     if not files:
-        raise ArtifactMissingError(f"fit: no Parquet files under {storage.redact(folder)}; rerun the sketch "
-                                   f"stage (`influcoder sketch JOB.yaml --overwrite`).")
+        raise ArtifactMissingError(
+            f"fit: no Parquet files under {storage.redact(folder)}; rerun the sketch "
+            f"stage (`influcoder sketch JOB.yaml --overwrite`)."
+        )
     tables = []
     for path in files:
         fs, p = storage.filesystem(path)
         names = pq.read_schema(p, filesystem=fs).names
         missing = [c for c in (ID, SPLIT, SKETCH, TEXT) if c not in names]
         if missing:
-            raise InputDataError(f"fit: {storage.redact(path)} lacks column(s) {missing} (has {names}); the sketch "
-                              f"artifact must carry id, split, sketch and text. Rerun the sketch stage.")
+            raise InputDataError(
+                f"fit: {storage.redact(path)} lacks column(s) {missing} (has {names}); the sketch "
+                f"artifact must carry id, split, sketch and text. Rerun the sketch stage."
+            )
         # prompt/response are optional (older artifacts): without them the encoder sees the plain text.
         view_cols = [c for c in (PROMPT, RESPONSE) if c in names]
         tables.append(pq.read_table(p, filesystem=fs, columns=[ID, SPLIT, SKETCH, TEXT, *view_cols]))
@@ -97,8 +106,12 @@ def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRow
     if any(t is None for t in texts):
         raise InputDataError(f"fit: {side} rows with a null `text` in the {split} split; fix the sketch artifact.")
     has_pair = PROMPT in rows.column_names and RESPONSE in rows.column_names
-    views = text_views(texts, rows[PROMPT].to_pylist() if has_pair else None,
-                       rows[RESPONSE].to_pylist() if has_pair else None, prefix=prefix)
+    views = text_views(
+        texts,
+        rows[PROMPT].to_pylist() if has_pair else None,
+        rows[RESPONSE].to_pylist() if has_pair else None,
+        prefix=prefix,
+    )
     col = rows[SKETCH].combine_chunks()
     if len(ids):
         width = col.type.list_size
@@ -108,8 +121,10 @@ def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRow
     norms = np.linalg.norm(sketches, axis=1)
     if len(ids) and np.abs(norms - 1.0).max() > NORM_TOL:
         bad = int(np.argmax(np.abs(norms - 1.0)))
-        raise InputDataError(f"fit: {side} sketch of id {ids[bad]!r} has L2 norm {norms[bad]:.4f}; the contract "
-                          f"requires unit-norm sketches. Rerun the sketch stage.")
+        raise InputDataError(
+            f"fit: {side} sketch of id {ids[bad]!r} has L2 norm {norms[bad]:.4f}; the contract "
+            f"requires unit-norm sketches. Rerun the sketch stage."
+        )
     return SplitRows(ids=ids, texts=texts, views=views, sketches=sketches)
 
 
@@ -121,8 +136,10 @@ def carve_validation(rows: SplitRows, frac: float, seed: int, minimum: int) -> t
         return rows, None
     n_val = max(math.ceil(frac * len(rows.ids)), minimum)
     if len(rows.ids) - n_val < minimum:
-        raise InputDataError(f"fit: fit.val_frac={frac} leaves {len(rows.ids) - n_val} of {len(rows.ids)} train rows "
-                             f"to fit on; raise the sketch's train sizes or lower fit.val_frac.")
+        raise InputDataError(
+            f"fit: fit.val_frac={frac} leaves {len(rows.ids) - n_val} of {len(rows.ids)} train rows "
+            f"to fit on; raise the sketch's train sizes or lower fit.val_frac."
+        )
     keys = np.array([order_key(seed, i) for i in rows.ids], dtype=np.uint64)
     val = np.zeros(len(rows.ids), bool)
     val[np.argsort(keys, kind="stable")[:n_val]] = True
@@ -149,18 +166,21 @@ def load_fit_data(sketch_dir: str, anchor_prefix: str, val_frac: float = 0.0, va
     for (side, split), rows in parts.items():
         minimum = 2 if side == "pool" else 1  # Spearman over the pool needs two items
         if len(rows.ids) < minimum:
-            raise InputDataError(f"fit: the {split} split has {len(rows.ids)} {side} rows, at least {minimum} needed; "
-                                 f"raise sketch.{split}_{side if side == 'pool' else 'anchors'}.")
+            raise InputDataError(
+                f"fit: the {split} split has {len(rows.ids)} {side} rows, at least {minimum} needed; "
+                f"raise sketch.{split}_{side if side == 'pool' else 'anchors'}."
+            )
     # Validation needs two rows a side (Spearman over the pool), fitting at least as many.
     train_a, val_a = carve_validation(parts["anchors", "train"], val_frac, val_seed, minimum=2)
     train_p, val_p = carve_validation(parts["pool", "train"], val_frac, val_seed, minimum=2)
     return FitData(
-        train_anchors=train_a, train_pool=train_p,
-        eval_anchors=parts["anchors", "eval"], eval_pool=parts["pool", "eval"],
+        train_anchors=train_a,
+        train_pool=train_p,
+        eval_anchors=parts["anchors", "eval"],
+        eval_pool=parts["pool", "eval"],
         targets=cosine_targets(train_a.sketches, train_p.sketches),
         ground_truth=cosine_targets(parts["anchors", "eval"].sketches, parts["pool", "eval"].sketches),
-        val_anchors=val_a, val_pool=val_p,
+        val_anchors=val_a,
+        val_pool=val_p,
         val_truth=None if val_a is None else cosine_targets(val_a.sketches, val_p.sketches),
     )
-
-

@@ -42,8 +42,17 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline.distill import (CandidateSampler, block_loss, candidate_rng, check_finite, derive_seed,
-                                  epoch_blocks, lr_lambda, steps_per_epoch, worker_block_ids)
+    from pipeline.distill import (
+        CandidateSampler,
+        block_loss,
+        candidate_rng,
+        check_finite,
+        derive_seed,
+        epoch_blocks,
+        lr_lambda,
+        steps_per_epoch,
+        worker_block_ids,
+    )
     from pipeline.encoder import TextEncoder
 
     data: FitData = ray.get(config["data_ref"])
@@ -55,8 +64,9 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    enc = TextEncoder(config["model_dir"], max_len=config["max_len"],
-                      trust_remote_code=config["trust_remote_code"], device=device)
+    enc = TextEncoder(
+        config["model_dir"], max_len=config["max_len"], trust_remote_code=config["trust_remote_code"], device=device
+    )
     _freeze_unused(enc)
     if fit.dropout is not None:
         set_dropout(enc, fit.dropout)
@@ -70,8 +80,13 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, fit.warmup_frac))
     sampler = CandidateSampler(data.targets, m=fit.block_candidates, hard_ratio=fit.hard_ratio)
 
-    history: dict[str, Any] = {"untrained": None, "epochs": [], "resumed_from_epochs": [],
-                               "best_epoch": None, "best_score": None}
+    history: dict[str, Any] = {
+        "untrained": None,
+        "epochs": [],
+        "resumed_from_epochs": [],
+        "best_epoch": None,
+        "best_score": None,
+    }
     best_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -107,7 +122,7 @@ def train_loop(config: dict[str, Any]) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 z = model(texts)
             z = z.float()
-            scores = z[: len(a_idx)] @ z[len(a_idx):].T
+            scores = z[: len(a_idx)] @ z[len(a_idx) :].T
             target = torch.as_tensor(data.targets[np.ix_(a_idx, c_idx)], device=device)
             loss = block_loss(scores, target, fit.alpha, fit.tau)
             check_finite(float(loss.detach()), epoch, int(block_id))
@@ -125,9 +140,15 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
         t1 = time.perf_counter()
         scores = evaluate_splits(enc, data, fit.embed_batch_size, heldout=fit.heldout_every_epoch)
-        record = {"epoch": epoch, "loss": epoch_loss, **scores,
-                  "steps": steps, "lr_last": float(scheduler.get_last_lr()[0]),
-                  "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3)}
+        record = {
+            "epoch": epoch,
+            "loss": epoch_loss,
+            **scores,
+            "steps": steps,
+            "lr_last": float(scheduler.get_last_lr()[0]),
+            "train_s": round(train_s, 3),
+            "eval_s": round(time.perf_counter() - t1, 3),
+        }
         history["epochs"].append(record)
         if fit.restore_best and (history["best_score"] is None or record[select_key] > history["best_score"]):
             history["best_epoch"], history["best_score"] = epoch, record[select_key]
@@ -152,8 +173,7 @@ def _freeze_unused(enc) -> None:
             p.requires_grad_(False)
     enc.zero_grad(set_to_none=True)
     if unused:
-        log.info("fit: %d parameter tensors do not reach the embedding and stay frozen: %s",
-                 len(unused), unused[:4])
+        log.info("fit: %d parameter tensors do not reach the embedding and stay frozen: %s", len(unused), unused[:4])
 
 
 def set_dropout(enc, p: float) -> None:
@@ -184,8 +204,13 @@ def evaluate_splits(enc, data: FitData, batch_size: int, heldout: bool = True) -
         pred = encoder_scores(enc, anchors, pool, batch_size)
         assert pred.shape == truth.shape  # that split's anchors x pool, nothing else
         mean, std = spearman_per_anchor(pred, truth)
-        out.update({f"{prefix}spearman_per_anchor": mean, f"{prefix}spearman_per_anchor_std": std,
-                    f"{prefix}spearman_aggregated": spearman_aggregated(pred, truth)})
+        out.update(
+            {
+                f"{prefix}spearman_per_anchor": mean,
+                f"{prefix}spearman_per_anchor_std": std,
+                f"{prefix}spearman_aggregated": spearman_aggregated(pred, truth),
+            }
+        )
     return out
 
 
@@ -212,8 +237,9 @@ def _save_checkpoint(ckpt_dir: str, enc, optimizer, scheduler, history: dict, be
     save_file(_cpu_state(enc), os.path.join(ckpt_dir, WEIGHTS))
     if best_state is not None:
         save_file(best_state, os.path.join(ckpt_dir, BEST_WEIGHTS))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(ckpt_dir, TRAIN_STATE))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(ckpt_dir, TRAIN_STATE)
+    )
     with open(os.path.join(ckpt_dir, HISTORY), "w") as f:
         json.dump(history, f)
 

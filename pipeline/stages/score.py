@@ -43,15 +43,39 @@ from pipeline.codes import MultiTopK, exact_scores, ranking_order
 from pipeline.codestore import CODE_SCALE, CodeStore, codes_from_arrow
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputDataError
-from pipeline.ranking import RunSpiller, merge_runs
-from pipeline.schema import (CODE, ID, PROMPT, QUERY_ID, RANK, RERANKED, RESPONSE, ROW, SCORE, SCORE_MAX,
-                             SCORES, SCORES_CASCADE, SKETCH, SOURCE, SPLIT, TEACHER_SCORE, TEXT, TOPK)
+from pipeline.ranking import RunSpiller, merge_runs, rows_for_fraction
+from pipeline.schema import (
+    CODE,
+    ID,
+    PROMPT,
+    QUERY_ID,
+    RANK,
+    RERANKED,
+    RESPONSE,
+    ROW,
+    SCORE,
+    SCORE_MAX,
+    SCORES,
+    SCORES_CASCADE,
+    SKETCH,
+    SOURCE,
+    SPLIT,
+    TEACHER_SCORE,
+    TEXT,
+    TOPK,
+)
 from pipeline.stages.encode import encode_stream, fit_encoder_dir, split_output
 
 log = logging.getLogger("influcoder")
 
-SELECTED = pa.schema([pa.field(ID, pa.string()), pa.field(SCORE, pa.float32()), pa.field(RANK, pa.int64()),
-                      pa.field("action", pa.string())])
+SELECTED = pa.schema(
+    [
+        pa.field(ID, pa.string()),
+        pa.field(SCORE, pa.float32()),
+        pa.field(RANK, pa.int64()),
+        pa.field("action", pa.string()),
+    ]
+)
 ANN_QUERY_BATCH = 256
 
 
@@ -75,8 +99,16 @@ def embed_queries(ctx, job: JobConfig, model_dir: str) -> tuple[np.ndarray, list
 
     files = corpus.discover(job.score.queries, "score.queries")
     table = corpus.read_local(job.score.queries, files)
-    out = list(encode_stream(job, ray.data.from_arrow(table), model_dir, "float32",
-                             text_prefix=job.encoder.anchor_prefix, stage_key="encode"))
+    out = list(
+        encode_stream(
+            job,
+            ray.data.from_arrow(table),
+            model_dir,
+            "float32",
+            text_prefix=job.encoder.anchor_prefix,
+            stage_key="encode",
+        )
+    )
     good, rejects = split_output(pa.concat_tables(out)) if out else (None, None)
     if rejects is not None:
         ctx.write_rejects(rejects, table.num_rows, job.encode.max_reject_frac, "score: queries")
@@ -138,18 +170,30 @@ def run(ctx) -> None:
         log.warning("score: scanned %d rows but the table version has %d", scored, n_total)
     ctx.record(
         rows={"scored": scored, "queries": len(query_ids), "topk": topk_table.num_rows},
-        lancedb={"table": job.encode.table, "version": version, "code_dtype": spec.code_dtype,
-                 "encoder_fingerprint": spec.encoder_fingerprint},
-        topk={"k": cfg.top_k, "method": "ann" if use_ann else "exact",
-              **({"ann_requested_without_index": True} if cfg.ann and not use_ann else {}),
-              **({"nprobes": cfg.nprobes, "refine_factor": cfg.refine_factor} if use_ann else {})},
+        lancedb={
+            "table": job.encode.table,
+            "version": version,
+            "code_dtype": spec.code_dtype,
+            "encoder_fingerprint": spec.encoder_fingerprint,
+        },
+        topk={
+            "k": cfg.top_k,
+            "method": "ann" if use_ann else "exact",
+            **({"ann_requested_without_index": True} if cfg.ann and not use_ann else {}),
+            **({"nprobes": cfg.nprobes, "refine_factor": cfg.refine_factor} if use_ann else {}),
+        },
         selection=selection,
         fidelity_gate=gate,
         **({"cascade": cascade_rec} if cascade_rec else {}),
-        timing={"score_s": round(score_s, 3), "rank_s": round(rank_s, 3), "topk_s": round(topk_s, 3),
-                "rows_per_s": round(scored / score_s, 1) if score_s > 0 else None,
-                "code_bytes_read": int(bytes_read), "scan_batches": num_batches,
-                "gb_per_s": round(bytes_read / score_s / 1e9, 3) if score_s > 0 else None},
+        timing={
+            "score_s": round(score_s, 3),
+            "rank_s": round(rank_s, 3),
+            "topk_s": round(topk_s, 3),
+            "rows_per_s": round(scored / score_s, 1) if score_s > 0 else None,
+            "code_bytes_read": int(bytes_read),
+            "scan_batches": num_batches,
+            "gb_per_s": round(bytes_read / score_s / 1e9, 3) if score_s > 0 else None,
+        },
     )
 
 
@@ -158,8 +202,13 @@ def scan_columns(code_dtype: str) -> list[str]:
     return [ID, CODE, CODE_SCALE] if code_dtype == "int8" else [ID, CODE]
 
 
-def score_batches(batches: Iterable[pa.RecordBatch], queries: np.ndarray, code_dtype: str,
-                  topk: Optional[MultiTopK], sink: Callable[[pa.Table], None]) -> tuple[int, int, int]:
+def score_batches(
+    batches: Iterable[pa.RecordBatch],
+    queries: np.ndarray,
+    code_dtype: str,
+    topk: Optional[MultiTopK],
+    sink: Callable[[pa.Table], None],
+) -> tuple[int, int, int]:
     """Score a stream of (id, code[, code_scale]) batches (`scan_columns`) against the queries.
 
     Per batch, `sink` gets a table (id, score = mean cosine over queries, score_max) and `topk`
@@ -184,7 +233,7 @@ def _write_ranked(ctx, cfg, chunks: Iterable[pa.Table], n: int, schema: pa.Schem
     """Stream the ranked chunks (rank order) into scores.parquet and the curation selection into
     selected_ids.parquet; the selection reads `rank`, so it follows the cascade's ranks when it ran."""
     select = cfg.select_top_frac is not None or cfg.select_threshold is not None
-    top_n = math.ceil(cfg.select_top_frac * n) if cfg.select_top_frac is not None else None
+    top_n = rows_for_fraction(cfg.select_top_frac, n) if cfg.select_top_frac is not None else None
     scores_w = _writer(storage.join(ctx.out_dir, "scores.parquet"), schema)
     sel_w = _writer(storage.join(ctx.out_dir, "selected_ids.parquet"), SELECTED) if select else None
     selected = 0
@@ -203,8 +252,17 @@ def _write_ranked(ctx, cfg, chunks: Iterable[pa.Table], n: int, schema: pa.Schem
                 mask = pc.and_(mask, pc.greater_equal(chunk.column(SCORE), cfg.select_threshold))
             sel = chunk.filter(mask)
             if sel.num_rows:
-                sel_w.write_table(pa.table({ID: sel.column(ID), SCORE: sel.column(SCORE), RANK: sel.column(RANK),
-                                            "action": pa.array([cfg.select_action] * sel.num_rows)}, schema=SELECTED))
+                sel_w.write_table(
+                    pa.table(
+                        {
+                            ID: sel.column(ID),
+                            SCORE: sel.column(SCORE),
+                            RANK: sel.column(RANK),
+                            "action": pa.array([cfg.select_action] * sel.num_rows),
+                        },
+                        schema=SELECTED,
+                    )
+                )
                 selected += sel.num_rows
     finally:
         scores_w.close()
@@ -212,8 +270,12 @@ def _write_ranked(ctx, cfg, chunks: Iterable[pa.Table], n: int, schema: pa.Schem
             sel_w.close()
     if not select:
         return {"rows": 0, "reason": "neither score.select_top_frac nor score.select_threshold is set"}
-    return {"rows": selected, "action": cfg.select_action, "top_frac": cfg.select_top_frac,
-            "threshold": cfg.select_threshold}
+    return {
+        "rows": selected,
+        "action": cfg.select_action,
+        "top_frac": cfg.select_top_frac,
+        "threshold": cfg.select_threshold,
+    }
 
 
 def _exact_topk(topk: MultiTopK, query_ids: list[str]) -> pa.Table:
@@ -223,25 +285,44 @@ def _exact_topk(topk: MultiTopK, query_ids: list[str]) -> pa.Table:
         ids += list(top_ids)
         scores.append(top_scores)
         ranks.append(np.arange(1, len(top_ids) + 1))
-    return pa.table({QUERY_ID: qid, ID: pa.array(ids, pa.string()),
-                     SCORE: pa.array(np.concatenate(scores) if scores else [], pa.float32()),
-                     RANK: pa.array(np.concatenate(ranks) if ranks else [], pa.int64())}, schema=TOPK)
+    return pa.table(
+        {
+            QUERY_ID: qid,
+            ID: pa.array(ids, pa.string()),
+            SCORE: pa.array(np.concatenate(scores) if scores else [], pa.float32()),
+            RANK: pa.array(np.concatenate(ranks) if ranks else [], pa.int64()),
+        },
+        schema=TOPK,
+    )
 
 
 def _ann_topk(store: CodeStore, queries: np.ndarray, query_ids: list[str], cfg) -> pa.Table:
     parts = []
     for start in range(0, len(query_ids), ANN_QUERY_BATCH):
-        res = store.search(queries[start:start + ANN_QUERY_BATCH], cfg.top_k, exact=False,
-                           nprobes=cfg.nprobes, refine_factor=cfg.refine_factor)
+        res = store.search(
+            queries[start : start + ANN_QUERY_BATCH],
+            cfg.top_k,
+            exact=False,
+            nprobes=cfg.nprobes,
+            refine_factor=cfg.refine_factor,
+        )
         qi = res.column("query_index").to_numpy() + start
         ids = res.column(ID).to_numpy(zero_copy_only=False)
         sc = res.column("score").to_numpy()
         for q in np.unique(qi):
             m = qi == q
             order = ranking_order(ids[m], sc[m])  # ties by id, as in exact top-k
-            parts.append(pa.table({QUERY_ID: [query_ids[q]] * int(m.sum()), ID: pa.array(ids[m][order], pa.string()),
-                                   SCORE: pa.array(sc[m][order], pa.float32()),
-                                   RANK: pa.array(np.arange(1, int(m.sum()) + 1), pa.int64())}, schema=TOPK))
+            parts.append(
+                pa.table(
+                    {
+                        QUERY_ID: [query_ids[q]] * int(m.sum()),
+                        ID: pa.array(ids[m][order], pa.string()),
+                        SCORE: pa.array(sc[m][order], pa.float32()),
+                        RANK: pa.array(np.arange(1, int(m.sum()) + 1), pa.int64()),
+                    },
+                    schema=TOPK,
+                )
+            )
     return pa.concat_tables(parts) if parts else TOPK.empty_table()
 
 
@@ -264,38 +345,57 @@ def fidelity_gate(fit_metrics_path: str) -> dict[str, Any]:
     exported = (m.get("exported") or {}).get("spearman_aggregated")
     if exported is None:
         sel = m.get("selected_epoch")
-        entry = m.get("untrained") if sel == 0 else next(
-            (e for e in m.get("epochs") or [] if e.get("epoch") == sel), None)
+        entry = (
+            m.get("untrained") if sel == 0 else next((e for e in m.get("epochs") or [] if e.get("epoch") == sel), None)
+        )
         exported = (entry or {}).get("spearman_aggregated")
         source = f"epochs[epoch={sel}]"
     ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (exported, untrained))
     if not ok:
-        log.warning("score: fit/metrics.json has no finite held-out spearman_aggregated for the exported (%r) "
-                    "or the untrained (%r) encoder; fidelity gate not checked", exported, untrained)
-        return {"passed": None, "exported": exported, "untrained": untrained, "source": source,
-                "reason": "missing or non-finite spearman_aggregated in fit/metrics.json"}
+        log.warning(
+            "score: fit/metrics.json has no finite held-out spearman_aggregated for the exported (%r) "
+            "or the untrained (%r) encoder; fidelity gate not checked",
+            exported,
+            untrained,
+        )
+        return {
+            "passed": None,
+            "exported": exported,
+            "untrained": untrained,
+            "source": source,
+            "reason": "missing or non-finite spearman_aggregated in fit/metrics.json",
+        }
     # "Clears" is strict: an exported encoder only as faithful as where it started adds nothing.
     passed = bool(exported > untrained)
     if not passed:
-        log.warning("score: FIDELITY GATE: the fitted encoder's held-out aggregated Spearman %+.3f does not clear "
-                    "the plain starting encoder's %+.3f (fit/metrics.json); its ranking is likely no more faithful "
-                    "to the teacher than the encoder before distillation. Consider score.rerank_top or refitting.",
-                    exported, untrained)
+        log.warning(
+            "score: FIDELITY GATE: the fitted encoder's held-out aggregated Spearman %+.3f does not clear "
+            "the plain starting encoder's %+.3f (fit/metrics.json); its ranking is likely no more faithful "
+            "to the teacher than the encoder before distillation. Consider score.rerank_top or refitting.",
+            exported,
+            untrained,
+        )
     return {"passed": passed, "exported": float(exported), "untrained": float(untrained), "source": source}
 
 
 # --------------------------------------------------------------------------- cascade
 
 
-def _cascade(ctx, chunks: Iterator[pa.Table], n: int,
-             query_ids: list[str]) -> tuple[Iterator[pa.Table], dict[str, Any]]:
+def _cascade(
+    ctx, chunks: Iterator[pa.Table], n: int, query_ids: list[str]
+) -> tuple[Iterator[pa.Table], dict[str, Any]]:
     """Hold back the first K rows of the ranked stream, re-rank them by the teacher, and return the
     stream with the re-ranked block first (rows past K pass through unchanged) plus the manifest record."""
     job: JobConfig = ctx.job
     k = cascade.resolve_k(job.score.rerank_top, n)
     if k == 0:  # an empty table: nothing to re-rank
-        return (_not_reranked(c) for c in chunks), {"rerank_top": job.score.rerank_top, "k": 0, "rows": 0,
-                                                    "of_rows": n, "teacher_s": 0.0}
+        return (_not_reranked(c) for c in chunks), {
+            "rerank_top": job.score.rerank_top,
+            "k": 0,
+            "rows": 0,
+            "of_rows": n,
+            "teacher_s": 0.0,
+        }
     held: list[pa.Table] = []
     got = 0
     rest_head: Optional[pa.Table] = None
@@ -320,7 +420,8 @@ def _cascade(ctx, chunks: Iterator[pa.Table], n: int,
         raise InputDataError(
             f"score.rerank_top: {len(missing)} of the {k} rows to re-rank are not in the corpus input "
             f"{storage.redact(job.corpus.path)} (first: {missing[:3]}); the corpus changed since the encode stage. "
-            f"Rerun `influcoder encode JOB.yaml` (or `influcoder run JOB.yaml`).")
+            f"Rerun `influcoder encode JOB.yaml` (or `influcoder run JOB.yaml`)."
+        )
     queries = _query_records(job, query_ids)
     shard_dir = storage.join(ctx.work_dir, "cascade_shards")
     sk, info = teacher_sketch_groups(job, {"queries": queries, "rows": [rows[i] for i in block_ids]}, shard_dir)
@@ -328,19 +429,23 @@ def _cascade(ctx, chunks: Iterator[pa.Table], n: int,
     if not q_ok.any():
         raise InputDataError(
             f"score.rerank_top: the teacher rejected every query in {storage.redact(job.score.queries.path)} "
-            f"(no response tokens within teacher.max_len={job.teacher.max_len}); raise teacher.max_len.")
+            f"(no response tokens within teacher.max_len={job.teacher.max_len}); raise teacher.max_len."
+        )
     _, teacher_mean = cascade.teacher_scores(r_mat, r_ok, q_mat, q_ok)
     perm = cascade.rerank(block_ids, teacher_mean)
     teacher_s = time.perf_counter() - t0
 
     t = teacher_mean[perm]
-    reranked = pa.table({
-        ID: block.column(ID).take(pa.array(perm)), SCORE: block.column(SCORE).take(pa.array(perm)),
-        SCORE_MAX: block.column(SCORE_MAX).take(pa.array(perm)),
-        RANK: pa.array(np.arange(1, len(perm) + 1), pa.int64()),
-        TEACHER_SCORE: pa.array(t.astype(np.float32), pa.float32(), mask=np.isnan(t)),
-        RERANKED: pa.array(np.ones(len(perm), bool)),
-    })
+    reranked = pa.table(
+        {
+            ID: block.column(ID).take(pa.array(perm)),
+            SCORE: block.column(SCORE).take(pa.array(perm)),
+            SCORE_MAX: block.column(SCORE_MAX).take(pa.array(perm)),
+            RANK: pa.array(np.arange(1, len(perm) + 1), pa.int64()),
+            TEACHER_SCORE: pa.array(t.astype(np.float32), pa.float32(), mask=np.isnan(t)),
+            RERANKED: pa.array(np.ones(len(perm), bool)),
+        }
+    )
 
     def stream() -> Iterator[pa.Table]:
         yield reranked
@@ -351,22 +456,37 @@ def _cascade(ctx, chunks: Iterator[pa.Table], n: int,
 
     moved = int(np.sum(perm != np.arange(len(perm))))
     record = {
-        "rerank_top": job.score.rerank_top, "k": k, "rows": len(block_ids), "of_rows": n,
-        "teacher_rejected_rows": int((~r_ok).sum()), "teacher_queries": int(q_ok.sum()),
-        "teacher_rejected_queries": int((~q_ok).sum()), "rows_moved": moved,
-        "teacher_s": round(teacher_s, 3), "teacher_compute_s": round(info["compute_s"], 3),
+        "rerank_top": job.score.rerank_top,
+        "k": k,
+        "rows": len(block_ids),
+        "of_rows": n,
+        "teacher_rejected_rows": int((~r_ok).sum()),
+        "teacher_queries": int(q_ok.sum()),
+        "teacher_rejected_queries": int((~q_ok).sum()),
+        "rows_moved": moved,
+        "teacher_s": round(teacher_s, 3),
+        "teacher_compute_s": round(info["compute_s"], 3),
         "teacher_ms_per_row": round(1000 * info["compute_s"] / info["computed_rows"], 3)
-        if info["computed_rows"] else None,
+        if info["computed_rows"]
+        else None,
         "shards": {"total": info["shards"], "resumed": info["resumed_shards"]},
     }
-    log.info("score: cascade re-ranked the top %d of %d rows with the teacher in %.1f s (%d moved, %d rejected "
-             "by the teacher)", k, n, teacher_s, moved, record["teacher_rejected_rows"])
+    log.info(
+        "score: cascade re-ranked the top %d of %d rows with the teacher in %.1f s (%d moved, %d rejected "
+        "by the teacher)",
+        k,
+        n,
+        teacher_s,
+        moved,
+        record["teacher_rejected_rows"],
+    )
     return stream(), record
 
 
 def _not_reranked(chunk: pa.Table) -> pa.Table:
     return chunk.append_column(TEACHER_SCORE, pa.nulls(chunk.num_rows, pa.float32())).append_column(
-        RERANKED, pa.array(np.zeros(chunk.num_rows, bool)))
+        RERANKED, pa.array(np.zeros(chunk.num_rows, bool))
+    )
 
 
 def _corpus_records(job: JobConfig, ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -401,8 +521,9 @@ def _query_records(job: JobConfig, query_ids: list[str]) -> list[dict[str, Any]]
     return [by_id[q] for q in query_ids]
 
 
-def teacher_sketch_groups(job: JobConfig, groups: dict[str, list[dict[str, Any]]], shard_dir: str
-                          ) -> tuple[dict[str, tuple[list[str], np.ndarray, np.ndarray]], dict[str, Any]]:
+def teacher_sketch_groups(
+    job: JobConfig, groups: dict[str, list[dict[str, Any]]], shard_dir: str
+) -> tuple[dict[str, tuple[list[str], np.ndarray, np.ndarray]], dict[str, Any]]:
     """Teacher sketches of named groups of canonical rows, in resumable shards (the sketch stage's actors).
 
     Shard `<group>-<nnnnn>.parquet` holds `sketch.rows_per_shard` rows; a shard file that holds exactly
@@ -417,9 +538,19 @@ def teacher_sketch_groups(job: JobConfig, groups: dict[str, list[dict[str, Any]]
     per = job.sketch.rows_per_shard
     shards: list[tuple[str, list[dict[str, Any]]]] = []
     for name, recs in groups.items():
-        recs = [{ID: r[ID], SPLIT: "cascade", SOURCE: r.get(SOURCE), ROW: r.get(ROW), TEXT: r.get(TEXT),
-                 PROMPT: r.get(PROMPT), RESPONSE: r.get(RESPONSE)} for r in recs]
-        shards += [(f"{name}-{i // per:05d}", recs[i:i + per]) for i in range(0, len(recs), per)]
+        recs = [
+            {
+                ID: r[ID],
+                SPLIT: "cascade",
+                SOURCE: r.get(SOURCE),
+                ROW: r.get(ROW),
+                TEXT: r.get(TEXT),
+                PROMPT: r.get(PROMPT),
+                RESPONSE: r.get(RESPONSE),
+            }
+            for r in recs
+        ]
+        shards += [(f"{name}-{i // per:05d}", recs[i : i + per]) for i in range(0, len(recs), per)]
 
     def path(name: str) -> str:
         return storage.join(shard_dir, f"{name}.parquet")
@@ -434,8 +565,13 @@ def teacher_sketch_groups(job: JobConfig, groups: dict[str, list[dict[str, Any]]
         pending.append((name, recs))
     plan = plan_actors(job.sketch.use_gpu, job.sketch.num_actors, "sketch")
     if pending:
-        log.info("score: cascade teacher on %d rows in %d shards (%d resumed), %s",
-                 sum(len(r) for _, r in pending), len(pending), len(shards) - len(pending), plan)
+        log.info(
+            "score: cascade teacher on %d rows in %d shards (%d resumed), %s",
+            sum(len(r) for _, r in pending),
+            len(pending),
+            len(shards) - len(pending),
+            plan,
+        )
     _, compute_s = _sketch_shards(job, plan, pending, shard_dir)
 
     d = job.sketch.proj_dim
@@ -458,8 +594,15 @@ def teacher_sketch_groups(job: JobConfig, groups: dict[str, list[dict[str, Any]]
             ids += [r[ID] for r in recs]
             mats.append(mat)
             oks.append(ok)
-        out[group] = (ids, np.concatenate(mats) if mats else np.zeros((0, d), np.float32),
-                      np.concatenate(oks) if oks else np.zeros(0, bool))
+        out[group] = (
+            ids,
+            np.concatenate(mats) if mats else np.zeros((0, d), np.float32),
+            np.concatenate(oks) if oks else np.zeros(0, bool),
+        )
     computed = sum(len(r) for _, r in pending)
-    return out, {"compute_s": float(compute_s), "computed_rows": computed, "shards": len(shards),
-                 "resumed_shards": len(shards) - len(pending)}
+    return out, {
+        "compute_s": float(compute_s),
+        "computed_rows": computed,
+        "shards": len(shards),
+        "resumed_shards": len(shards) - len(pending),
+    }
