@@ -30,9 +30,12 @@ EXEC_ONLY = {"hash": False}  # metadata marker: does not change results
 DEFAULT_ANCHOR_PREFIX = "Instruct: Given a sample, find the passages closest to that sample.\nQuery: "
 
 
-class _FieldError(Exception):
+class _FieldError(ConfigError):
+    """A field out of range. A ConfigError itself, so that a dataclass built directly (e.g. by
+    `prepare`) still exits 2 with the key named; `_build` re-raises it with the dotted prefix."""
+
     def __init__(self, key: str, value: Any, allowed: str):
-        super().__init__(key)
+        super().__init__(f"`{key}`: got {value!r}, expected {allowed}.")
         self.key, self.value, self.allowed = key, value, allowed
 
 

@@ -99,3 +99,25 @@ def test_reference_table_covers_every_contract_key():
         "corpus.label_column",
     ]:
         assert k in keys, k
+
+
+def test_a_dataclass_built_directly_raises_a_config_error_naming_the_field():
+    """`prepare` builds a DatasetConfig itself: a bad value must still be a usage error (exit 2)."""
+    from pipeline.config import DatasetConfig
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="`path`: got ''"):
+        DatasetConfig(path="")
+
+
+def test_prepare_with_an_empty_input_path_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "prepare", "--input", "", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "path" in out.stderr and "Traceback" not in out.stderr
