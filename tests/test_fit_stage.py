@@ -142,7 +142,7 @@ def resumed_fit(ray_local, sketched_run, tmp_path_factory):
     from pipeline.stages import fit
 
     run_dir = _copy_run(sketched_run, tmp_path_factory.mktemp("resume") / "run")
-    # The classic recipe (no validation split, the last epoch exported); the default one is tested below.
+    # The default recipe (no validation split, the last epoch exported); the validated one is tested below.
     job = _job(run_dir, num_workers=1, val_frac=0.0, restore_best=False)
     manifest = artifacts.run_stage(job, "fit", runner=functools.partial(fit.run, fail_once_at_epoch=2))
     return job, manifest
@@ -210,9 +210,9 @@ def _minilm() -> str:
 def test_two_workers_reach_the_same_quality_band_and_restore_best(resumed_fit, sketched_run, tmp_path):
     job1, _ = resumed_fit
     run_dir = _copy_run(sketched_run, tmp_path / "run")
-    # Also exercises the default recipe: the exported candidate (epoch 0 included, then weight
+    # Also exercises the validated recipe: the exported candidate (epoch 0 included, then weight
     # interpolations) is the best one on the validation split, never chosen on the held-out split.
-    job2 = _job(run_dir, num_workers=2, restore_best=True, select_best_on="per_anchor")
+    job2 = _job(run_dir, num_workers=2, restore_best=True, val_frac=0.25, dropout=0.0, select_best_on="per_anchor")
     artifacts.run_stage(job2, "fit")
     one = json.loads((Path(job1.run_dir) / "fit" / "metrics.json").read_text())
     two = json.loads((run_dir / "fit" / "metrics.json").read_text())
