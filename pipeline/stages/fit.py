@@ -223,11 +223,16 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
             "workers": metrics["workers"],
         },
     )
+    how = (
+        f"chosen on validation, weight {choice['weight']:.2f} toward it from the start"
+        if fit.restore_best
+        else "the last epoch"
+    )
     log.info(
-        "fit: exported epoch %d (weight %.2f toward it from the start, chosen on validation); held-out "
-        "spearman aggregated %.3f %s, per-anchor %.3f (starting encoder %.3f / %.3f)",
+        "fit: exported epoch %d (%s); held-out spearman aggregated %.3f %s, per-anchor %.3f "
+        "(starting encoder %.3f / %.3f)",
         selected,
-        choice["weight"],
+        how,
         exported["spearman_aggregated"],
         _ci_text(exported["spearman_aggregated_ci"]),
         exported["spearman_per_anchor"],
