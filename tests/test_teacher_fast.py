@@ -21,6 +21,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tiny_models import randomise_lora_b  # noqa: E402
+
 from pipeline.config import TeacherConfig  # noqa: E402
 from pipeline.errors import ConfigError, StageError  # noqa: E402
 from pipeline.sketching import l2_normalize  # noqa: E402
@@ -54,15 +56,6 @@ RESPONSES = [
     " blue",
     " 48 / 2 = 24 in May, 48 + 24 = 72 in all.",
 ]
-
-
-def randomise_lora_b(teacher: TeacherSketcher, seed: int = 1) -> None:
-    """Fresh PEFT LoRA has B = 0, so dL/dA = 0; a random B makes both factors' gradients non-trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in teacher.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
 def row_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:

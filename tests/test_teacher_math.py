@@ -15,6 +15,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tiny_models import LLAMA, randomise_lora_b  # noqa: E402
+
 from pipeline.config import TeacherConfig  # noqa: E402
 from pipeline.gradients import collate, hf_loss, per_sample_loss, reference_per_sample_grads  # noqa: E402
 from pipeline.sketching import CountSketch, l2_normalize  # noqa: E402
@@ -67,17 +69,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     fast.save_pretrained(out)
     torch.manual_seed(0)
     cfg = LlamaConfig(
+        **{**LLAMA, "max_position_embeddings": 256, "tie_word_embeddings": False},
         vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
     )
     LlamaForCausalLM(cfg).save_pretrained(out)
     return str(out)
@@ -88,15 +84,6 @@ def make_teacher(
 ) -> TeacherSketcher:
     cfg = TeacherConfig(model=model_dir, max_len=max_len, lora_rank=rank, dtype="float32")
     return TeacherSketcher(cfg, proj_dim=proj_dim, proj_seed=proj_seed, lora_seed=lora_seed)
-
-
-def randomise_lora_b(teacher: TeacherSketcher, seed: int = 1) -> None:
-    """Fresh PEFT LoRA has B = 0, so dL/dA = 0; a random B makes the A gradients non-trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in teacher.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

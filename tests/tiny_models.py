@@ -96,3 +96,14 @@ def build_tiny_encoder(out: Path, seed: int = 0) -> Path:
     max_len = json.loads((src / "sentence_bert_config.json").read_text())["max_seq_length"]
     TextEncoder(str(out), max_len=max_len).save(str(out))  # adds the sentence-transformers files
     return out
+
+
+def randomise_lora_b(teacher, seed: int = 1) -> None:
+    """Fresh PEFT LoRA has B = 0, so dL/dA = 0; a random B makes both factors' gradients non-trivial."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in teacher.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
