@@ -46,6 +46,20 @@ def text_views(
     return out
 
 
+def table_views(table, prefix: str = "") -> list[EncoderInput]:
+    """`text_views` of a canonical or sketch table (pyarrow); its prompt/response columns are optional
+    (older sketch artifacts lack them: their rows are then embedded as plain texts)."""
+    from pipeline.schema import PROMPT, RESPONSE, TEXT
+
+    has_pair = PROMPT in table.column_names and RESPONSE in table.column_names
+    return text_views(
+        table.column(TEXT).to_pylist(),
+        table.column(PROMPT).to_pylist() if has_pair else None,
+        table.column(RESPONSE).to_pylist() if has_pair else None,
+        prefix=prefix,
+    )
+
+
 def view_text(item: EncoderInput) -> str:
     """The untruncated text of a view (for logs, length sorting and reports)."""
     return item if isinstance(item, str) else f"{item.prefix}{item.prompt}\n{item.response}"

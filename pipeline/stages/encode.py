@@ -45,7 +45,7 @@ from pipeline.codestore import (
 )
 from pipeline.config import JobConfig, stable_hash
 from pipeline.errors import ArtifactMissingError
-from pipeline.schema import CODE, ID, PROMPT, REJECTS, RESPONSE, ROW, SOURCE, TEXT
+from pipeline.schema import CODE, ID, REJECTS, ROW, SOURCE
 
 log = logging.getLogger("influcoder")
 
@@ -96,19 +96,13 @@ class CodeEncoder:
         self.code_dtype, self.batch_size, self.prefix = code_dtype, batch_size, text_prefix
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.textview import text_views
+        from pipeline.textview import table_views
 
         n = batch.num_rows
         good = pc.is_null(batch.column(corpus.REJECT_REASON)).to_numpy(zero_copy_only=False)
         idx = np.nonzero(good)[0]
-        take = pa.array(idx)
         # The encoder's view of each row (response kept when an instruction row overflows max_len).
-        texts = text_views(
-            batch.column(TEXT).take(take).to_pylist(),
-            batch.column(PROMPT).take(take).to_pylist(),
-            batch.column(RESPONSE).take(take).to_pylist(),
-            prefix=self.prefix,
-        )
+        texts = table_views(batch.take(pa.array(idx)), prefix=self.prefix)
         dim = self.encoder.dim
         codes = np.zeros((n, dim), dtype=numpy_dtype(self.code_dtype))
         scales = np.ones(n, np.float32)

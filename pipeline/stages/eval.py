@@ -38,6 +38,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import InputDataError, StageError
 from pipeline.ray_runtime import ensure_ray, plan_actors
 from pipeline.report import verdict, verdict_text
+from pipeline.textview import table_views
 from pipeline.schema import ID, LABEL, PROMPT, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT
 
 log = logging.getLogger("influcoder")
@@ -122,19 +123,6 @@ def _embed_method(
             ms = 1000 * (time.perf_counter() - t0) / max(len(row_inputs), 1)
         out.append((q, rows))
     return out, ms, load_s, enc.dim
-
-
-def _views(table: pa.Table, prefix: str = "") -> list:
-    """What the fitted encoder embeds for each row of a canonical (or sketch) table."""
-    from pipeline.textview import text_views
-
-    has_pair = PROMPT in table.column_names and RESPONSE in table.column_names
-    return text_views(
-        table.column(TEXT).to_pylist(),
-        table.column(PROMPT).to_pylist() if has_pair else None,
-        table.column(RESPONSE).to_pylist() if has_pair else None,
-        prefix=prefix,
-    )
 
 
 def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[np.ndarray, np.ndarray, float]:
@@ -304,7 +292,14 @@ def run(ctx: StageRun) -> None:
     prefix = job.encoder.anchor_prefix
     # (method, model, query inputs, row inputs, held-out anchor inputs, held-out pool inputs)
     encoders = [
-        ("influcoder", fit_dir, _views(queries, prefix), _views(rows), _views(a_rows, prefix), _views(p_rows)),
+        (
+            "influcoder",
+            fit_dir,
+            table_views(queries, prefix),
+            table_views(rows),
+            table_views(a_rows, prefix),
+            table_views(p_rows),
+        ),
         # As its users run it: plain texts, no prefix (what SentenceTransformer.encode embeds).
         ("untrained_encoder", resolve_encoder(job.encoder.model), q_texts, row_texts, a_texts, p_texts),
     ]

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.distill import cosine_targets
-from pipeline.textview import EncoderInput, text_views
+from pipeline.textview import EncoderInput, table_views
 from pipeline.errors import ArtifactMissingError, InputDataError
 from pipeline.sampling import order_key
 from pipeline.schema import ID, PROMPT, RESPONSE, SKETCH, SPLIT, TEXT
@@ -105,13 +105,7 @@ def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRow
     texts = rows[TEXT].to_pylist()
     if any(t is None for t in texts):
         raise InputDataError(f"fit: {side} rows with a null `text` in the {split} split; fix the sketch artifact.")
-    has_pair = PROMPT in rows.column_names and RESPONSE in rows.column_names
-    views = text_views(
-        texts,
-        rows[PROMPT].to_pylist() if has_pair else None,
-        rows[RESPONSE].to_pylist() if has_pair else None,
-        prefix=prefix,
-    )
+    views = table_views(rows, prefix=prefix)
     col = rows[SKETCH].combine_chunks()
     if len(ids):
         width = col.type.list_size
