@@ -47,7 +47,7 @@ from pipeline.gradients import reference_per_sample_grads  # noqa: E402
 from pipeline.sketching import l2_normalize  # noqa: E402
 from pipeline.teacher import TeacherSketcher, native_bf16, token_budget_batches  # noqa: E402
 
-from common import best_of, read_jsonl  # noqa: E402  (bench/ is the script's directory)
+from common import matmul_gflops, read_jsonl  # noqa: E402  (bench/ is the script's directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +60,6 @@ def load_samples(data_dir: Path, n: int, seed: int = 0) -> tuple[list[str], list
     prompts = [r["prompt"] for r in t0] + [f"Question: {r['question']}\nAnswer:" for r in gsm]
     responses = [" " + r["completion"].strip() for r in t0] + [" " + r["answer"] for r in gsm]
     return prompts, responses
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up
-    return 2 * n**3 / best_of(lambda: a @ b, reps) / 1e9
 
 
 def authors_reference(teacher: TeacherSketcher, prompts: list[str], responses: list[str]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (timing, reading the shared datasets)."""
+"""Helpers shared by the benchmark scripts (timing, the machine's matmul peak, reading the shared datasets)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def read_jsonl(path: Path, limit: int) -> list[dict]:
             if len(rows) >= limit:
                 break
     return rows
+
+
+def matmul_gflops(dtype, n: int = 2048, reps: int = 5) -> float:
+    """This machine's matmul rate in `dtype` (a torch dtype): GFLOP/s of the best of `reps` n x n
+    products, the peak a benchmark's FLOP rate is divided by (take the best of its start and end)."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    return 2 * n**3 / best_of(lambda: a @ b, reps) / 1e9

@@ -19,6 +19,8 @@ def main() -> int:
     py = sys.executable
     runs = [
         [py, "bench/bench_sketch.py", "--quick"],
+        # Our encoder path (fp32 and encode.dtype=auto) vs SentenceTransformer.encode, same T0 rows.
+        [py, "bench/bench_encode_vs_st.py", "--rows", "2000"],
         # The issue-4 scale run: 1,000,000 rows (and 100,000 for the cost-per-row ratio). About 75 min
         # on a 2-core CPU; BENCH_SCALE=100000 (make bench BENCH_SCALE=100000) for a shorter pass.
         [

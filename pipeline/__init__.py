@@ -6,3 +6,12 @@ modules; ``pipeline.stages`` holds the thin Ray adapters.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`pipeline.run` (pipeline/api.py), imported on first use: `import pipeline` stays light (no Ray)."""
+    if name == "run":
+        from pipeline.api import run
+
+        return run
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -7,6 +7,7 @@ Each returns a [n_queries, n_rows] score matrix plus its measured costs.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ class BaselineScores:
 def bm25_scores(queries: list[str], rows: list[str]) -> BaselineScores:
     import bm25s
 
+    # bm25s sets its logger to DEBUG on import ("Building index from IDs objects" per index): keep it
+    # to warnings unless influcoder itself logs at debug (-v).
+    if not logging.getLogger("influcoder").isEnabledFor(logging.DEBUG):
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     tokens = bm25s.tokenize(rows, stopwords="en", show_progress=False)
     index = bm25s.BM25()

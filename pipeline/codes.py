@@ -24,6 +24,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from pipeline.metrics import spearman
+
 CODE_DTYPES = ("float16", "int8", "float32")
 _NP_DTYPES = {"float16": np.float16, "int8": np.int8, "float32": np.float32}
 INT8_MAX = 127
@@ -252,27 +254,6 @@ def _take(ids, rows: np.ndarray) -> np.ndarray:
     if isinstance(ids, np.ndarray):
         return ids[rows]
     return np.asarray(ids.take(rows).to_pylist(), dtype=object)  # pyarrow: convert candidates only
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties), no scipy needed."""
-    ra, rb = _avg_ranks(np.asarray(a, np.float64)), _avg_ranks(np.asarray(b, np.float64))
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
-
-
-def _avg_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    sx = x[order]
-    # Each run of equal values gets the mean of its ordinal ranks (vectorised).
-    new_group = np.concatenate([[True], sx[1:] != sx[:-1]])
-    starts = np.flatnonzero(new_group)
-    counts = np.diff(np.concatenate([starts, [len(x)]]))
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = (starts + (counts - 1) / 2.0)[np.cumsum(new_group) - 1]
-    return ranks
 
 
 def quantization_fidelity(emb: np.ndarray, code_dtype: str, num_queries: int = 16) -> dict:

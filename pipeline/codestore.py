@@ -22,7 +22,6 @@ the table (see `Ledger`); it is reset whenever the table is replaced.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pipeline.codes import numpy_dtype
 from pipeline.errors import ArtifactMissingError, InputDataError
 from pipeline.schema import CODE, ID, ROW, SOURCE
 
-log = logging.getLogger("influcoder")
+log = logging.getLogger("influcoder.codestore")
 
 ENCODER_FINGERPRINT = "encoder_fingerprint"
 CODE_DTYPE = "code_dtype"
@@ -109,10 +108,6 @@ def codes_from_arrow(col: pa.Array | pa.ChunkedArray, code_dtype: str) -> np.nda
 STORAGE_VERSION = "legacy"
 ROWS_PER_GROUP = 8192  # rows per Lance row group after compaction = rows per scanned batch
 SCAN_READAHEAD = 4  # batches decoded ahead of the scorer (Lance's threads overlap with the matmul)
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class CodeStore:
@@ -240,6 +235,21 @@ class CodeStore:
         ):
             if batch.num_rows:
                 yield batch
+
+    def sources_of(self, ids: pa.Array, dataset=None) -> dict[str, list[str]]:
+        """Input file (`source`) -> the given ids whose rows came from it. Streams (id, source) and keeps
+        only the wanted rows, so memory follows `ids` (a selection, some top-k hits), not the table."""
+        import pyarrow.compute as pc
+
+        out: dict[str, list[str]] = {}
+        if len(ids) == 0:
+            return out
+        for batch in self.iter_batches([ID, SOURCE], 65536, dataset=dataset):
+            t = pa.Table.from_batches([batch])
+            t = t.filter(pc.is_in(t.column(ID), value_set=ids))
+            for i, src in zip(t.column(ID).to_pylist(), t.column(SOURCE).to_pylist()):
+                out.setdefault(src, []).append(i)
+        return out
 
     def count_distinct_ids(self, max_rows: int = 2_000_000) -> Optional[int]:
         """Exact number of distinct ids; None (not checked) above `max_rows` to keep memory bounded."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,9 +66,10 @@ class DatasetConfig:
     """Where a dataset lives and which columns hold what (same mapping for every dataset section)."""
 
     path: str
-    """File, directory, glob or URI (s3://, gs://, file://) of Parquet or JSONL files."""
-    format: Literal["auto", "parquet", "jsonl"] = "auto"
-    """File format; `auto` decides from the file extension (.parquet/.pq, .jsonl/.json)."""
+    """File, directory, glob or URI (s3://, gs://, file://) of Parquet, JSONL or Arrow files; a folder written
+    by Hugging Face `datasets.save_to_disk` (a Dataset, or a DatasetDict: every split) reads as is."""
+    format: Literal["auto", "parquet", "jsonl", "arrow"] = "auto"
+    """File format; `auto` decides from the file extension (.parquet/.pq, .jsonl/.json, .arrow)."""
     id_column: Optional[str] = None
     """Column with unique row ids. When absent, ids are derived from the source file and row number."""
     prompt_column: Optional[str] = "prompt"
@@ -74,7 +77,7 @@ class DatasetConfig:
     response_column: Optional[str] = "response"
     """Column with the response (the loss span of the teacher)."""
     text_column: Optional[str] = None
-    """Use a single text column instead of prompt/response; the loss then spans the whole text."""
+    """Use a single text column instead of prompt/response (not beside them); the loss then spans the whole text."""
     encoder_text_column: Optional[str] = None
     """Optional column with the text the encoder sees (default: prompt + newline + response)."""
     label_column: Optional[str] = None
@@ -88,6 +91,38 @@ class DatasetConfig:
             self.response_column,
             "a column name, or set text_column",
         )
+        # text_column replaces prompt/response: mapping both would drop the response without a word.
+        # Only names other than the defaults can be told apart from "not set" here.
+        given = {
+            k: getattr(self, k)
+            for k, default in (("prompt_column", "prompt"), ("response_column", "response"))
+            if getattr(self, k) not in (None, default)
+        }
+        _require(
+            self.text_column is None or not given,
+            "text_column",
+            self.text_column,
+            "no text_column when "
+            + " and ".join(f"{k} ({v!r})" for k, v in given.items())
+            + (" are" if len(given) > 1 else " is")
+            + " set in the same section: text_column replaces them (the whole text becomes the loss span). "
+            "Drop text_column to keep the prompt/response split, or drop "
+            + " and ".join(given)
+            + f" to use the single column {self.text_column!r}",
+        )
+
+    def location(self) -> str:
+        """The dataset's path normalised for comparison: `data/x`, `./data/x/` and `file:///abs/data/x`
+        name the same files, so sections can be compared by where they read, not by spelling."""
+        from pipeline import storage
+
+        if storage.is_uri(self.path):
+            scheme, rest = self.path.split("://", 1)
+            return f"{scheme.lower()}://{posixpath.normpath(rest)}"
+        return os.path.realpath(os.path.expanduser(storage.local_path(self.path)))
+
+    def same_location(self, other: "DatasetConfig") -> bool:
+        return self.location() == other.location()
 
 
 @dataclass(frozen=True)
@@ -232,8 +267,11 @@ class FitConfig:
     """Weights w tried between the starting encoder and the best epoch, (1 - w) * start + w * best
     (weight-space ensembling: keeps what the encoder knew while adding what the teacher taught);
     chosen on validation with w = 0 and w = 1 always candidates. [] disables."""
-    num_workers: Optional[int] = field(default=None, metadata=EXEC_ONLY)
-    """Ray Train workers; default one per GPU, else 1 on small CPU clusters."""
+    num_workers: Optional[int] = None
+    """Ray Train workers; default one per GPU, else 1 on small CPU clusters. It changes results, so it is
+    part of fit's config hash: each worker takes one anchor block per optimiser step (DDP averages them),
+    so n workers make ceil(blocks / n) steps per epoch on n-block batches. With the default (null) the
+    count follows the cluster: set it to make a fit reproducible across clusters."""
     use_gpu: Optional[bool] = field(default=None, metadata=EXEC_ONLY)
     """Default: train on GPUs when the cluster has them; true on a GPU-less cluster fails fast."""
     max_failures: int = field(default=2, metadata=EXEC_ONLY)
@@ -276,7 +314,18 @@ class EncodeConfig:
     """Corpus codes in LanceDB (issue: encode)."""
 
     batch_size: int = field(default=64, metadata=EXEC_ONLY)
-    """Texts per encoder forward pass."""
+    """Most texts per encoder forward pass."""
+    token_budget: int = field(default=8192, metadata=EXEC_ONLY)
+    """Most padded tokens (texts x longest text) per encoder forward pass. Each actor sorts a window of
+    16 x batch_size rows by token count and packs them to it, so a pass pads only to its own longest
+    row. Results do not depend on it (tested at atol 1e-5 in float32)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Encoder compute precision. `auto`: bf16 autocast where the hardware has native bf16 (GPUs with
+    compute capability >= 8, CPUs with AVX512-BF16 or AMX), float32 elsewhere. Every run that would use
+    bf16 first embeds a seeded sample of the corpus (256 rows, 8 rows as queries) in both precisions and
+    keeps bf16 only if each query's Spearman of scores vs float32 is >= 0.999 and the mean top-10 overlap
+    is >= 0.9; a miss falls back to float32 (logged). The encode manifest records the precision used
+    and the agreement; the score stage embeds its queries in the same precision as the codes."""
     code_dtype: Literal["float16", "int8", "float32"] = "float16"
     """Stored code precision; int8 is scalar-quantised with its fidelity loss measured."""
     lancedb_uri: Optional[str] = None
@@ -295,7 +344,7 @@ class EncodeConfig:
     """Default: use GPUs when the cluster has them; true on a GPU-less cluster fails fast."""
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "index_min_rows", "num_actors")
+        _positive(self, "batch_size", "token_budget", "index_min_rows", "num_actors")
         _require(bool(self.table), "table", self.table, "a non-empty table name")
         _fraction(self, "max_reject_frac")
 
@@ -342,12 +391,29 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class FilterConfig:
+    """The curated corpus: the corpus minus the rows score selected to drop, or only the rows it selected
+    to keep (`score.select_action`), written as Parquet under `run_dir/filter/` (issue 15)."""
+
+    keep_rejected: bool = False
+    """Keep the rows the corpus reader rejected (empty or null text, bad id or label; see
+    `encode/rejects.parquet`). Off by default: those rows were never encoded or scored, so there is no
+    evidence either way about them, and a row with no usable text rarely belongs in a training set. The
+    manifest counts them per file either way. JSONL lines that are not JSON objects have no columns to
+    write and are always left out (counted as `unwritable`)."""
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    """Parquet compression of the filtered files (every reader, `datasets` included, reads all four)."""
+
+
+# The eval methods (the one list: the default, the validation and the report's order).
+EVAL_METHODS = ("influcoder", "gradient", "untrained_encoder", "bm25", "random", "cascade")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Fidelity and application metrics against baselines (issue: eval)."""
 
-    methods: list[str] = field(
-        default_factory=lambda: ["influcoder", "gradient", "untrained_encoder", "bm25", "random", "cascade"]
-    )
+    methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS))
     """Methods compared on the same rows and queries (influcoder, gradient, untrained_encoder, bm25, random,
     cascade). cascade (the encoder's top rows re-ranked by the teacher, see score.rerank_top) is evaluated
     only when score.rerank_top is set, and needs influcoder."""
@@ -360,7 +426,7 @@ class EvalConfig:
     """Rows used to time ms per scored sample (after a warm-up)."""
 
     def __post_init__(self) -> None:
-        known = {"influcoder", "gradient", "untrained_encoder", "bm25", "random", "cascade"}
+        known = set(EVAL_METHODS)
         for m in self.methods:
             _require(m in known, "methods", self.methods, f"a list drawn from {sorted(known)}")
         # The cascade re-ranks influcoder's ranking: without it there is nothing to re-rank.
@@ -383,8 +449,10 @@ class RayConfig:
     """None: start an in-process local Ray; `auto` or `ray://host:port`: join a cluster."""
     num_cpus: Optional[int] = field(default=None, metadata=EXEC_ONLY)
     """CPUs of the local Ray (default: all); ignored when joining a cluster."""
-    include_dashboard: bool = field(default=False, metadata=EXEC_ONLY)
-    """Start the dashboard (bound to 127.0.0.1) with the local Ray."""
+    include_dashboard: bool = field(default=True, metadata=EXEC_ONLY)
+    """Start the dashboard (bound to 127.0.0.1) with the local Ray. It also serves Ray's State API,
+    which Ray Train's placement-group cleaner polls every second during `fit`: without it, each poll
+    fails and logs a warning."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_cpus")
@@ -411,6 +479,7 @@ class JobConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -429,7 +498,7 @@ class JobConfig:
         return self.encode.lancedb_uri or join(self.run_dir, "lancedb")
 
 
-STAGES = ("sketch", "fit", "encode", "score", "eval")
+STAGES = ("sketch", "fit", "encode", "score", "filter", "eval")
 
 # Which parts of the job each stage's output depends on (upstream stages enter through their
 # manifests' hashes, see artifacts.py).
@@ -438,6 +507,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "fit": ("seed", "encoder", "fit"),
     "encode": ("corpus", "encode"),
     "score": ("score",),
+    "filter": ("corpus", "filter"),
     "eval": ("corpus", "score", "teacher", "eval", "seed"),
 }
 STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
@@ -445,6 +515,7 @@ STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
     "fit": ("sketch",),
     "encode": ("fit",),
     "score": ("encode",),
+    "filter": ("encode", "score"),
     "eval": ("sketch", "fit", "encode", "score"),
 }
 
@@ -617,6 +688,48 @@ def stage_inputs(job: JobConfig, stage: str) -> dict[str, Any]:
 
 def stage_config_hash(job: JobConfig, stage: str) -> str:
     return stable_hash(stage_inputs(job, stage))
+
+
+def _user_section(job: JobConfig, name: str) -> str:
+    """The job key a user writes for an entry of STAGE_INPUTS: `pool_dataset` is the `pool` section, or
+    the `corpus` it defaults to; every other entry is already a job key."""
+    if name == "pool_dataset":
+        return "pool" if job.pool is not None else "corpus"
+    return name
+
+
+def _flatten(data: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: data}
+
+
+def _show(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+_UNSET = object()
+
+
+def key_changes(job: JobConfig, recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every dotted job key (e.g. `fit.epochs: 3 -> 5`) whose value differs between
+    two `stage_inputs` views (what a manifest recorded, what the job says now)."""
+    old, new = {}, {}
+    for src, dst in ((recorded, old), (current, new)):
+        for name, value in src.items():
+            dst.update(_flatten(value, _user_section(job, name)))
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if a != b:
+            a_s = "(not recorded)" if a is _UNSET else _show(a)
+            b_s = "(removed)" if b is _UNSET else _show(b)
+            out.append(f"{key}: {a_s} -> {b_s}")
+    return out
 
 
 def describe_fields(

@@ -15,13 +15,15 @@ END = "<!-- END JOB REFERENCE -->"
 
 
 def _table(rows) -> list[str]:
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    from pipeline.report import markdown_table
+
+    cells = []
     for key, tp, default, doc in rows:
         default = default.replace("|", "\\|").replace("\n", "\\n")
         if len(default) > 40:
             default = default[:37] + "…"
-        lines.append(f"| `{key}` | {tp} | `{default}` | {doc.replace('|', '/')} |")
-    return lines
+        cells.append([f"`{key}`", tp, f"`{default}`", doc.replace("|", "/")])
+    return markdown_table(["key", "type", "default", "meaning"], cells)
 
 
 def reference_markdown() -> str:

@@ -6,21 +6,43 @@ Face model plus the sentence-transformers module files (Transformer -> mean Pool
 so `AutoModel.from_pretrained` and `SentenceTransformer` both load it.
 
 What the encoder sees of a row (its view, `pipeline.textview`) follows what the teacher's loss sees.
+
+Speed without changing what is computed beyond a measured tolerance (`embed`):
+- Token-budget batching: a call's texts are tokenised once, sorted by token count and packed to
+  `token_budget` padded tokens per pass (`pipeline.batching`, shared with the teacher); the output
+  is in input order and equals one-at-a-time embedding (tested at atol 1e-5 in float32).
+- bf16 autocast where the hardware has it natively (`encode.dtype=auto`, `hardware.native_bf16`).
+  `choose_precision` is the gate: on a sample of the corpus it compares the bf16 scores of rows
+  against queries with float32's (per-query Spearman >= MIN_SPEARMAN, top-10 overlap >=
+  MIN_TOPK_OVERLAP) and falls back to float32 on a miss.
+- SDPA attention where the architecture has it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from pipeline.batching import token_budget_batches
+from pipeline.hardware import autocast_dtype, encoder_autocast_bf16, precision_name
 from pipeline.models import model_fingerprint
 from pipeline.textview import EncoderInput, PairView, text_views, tokenize_views, view_text  # noqa: F401
+
+log = logging.getLogger("influcoder.encode")
+
+MIN_SPEARMAN = 0.999
+"""Least per-query Spearman (over the sampled rows' scores) between embeddings in the fast precision
+and in float32 for the fast precision to be used (`precision_agreement`); a miss means float32."""
+MIN_TOPK_OVERLAP = 0.9
+"""Least mean top-10 overlap (over the sampled queries) between the two precisions' rankings."""
+AGREEMENT_TOPK = 10
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -30,28 +52,55 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 class TextEncoder(torch.nn.Module):
-    """Wraps an AutoModel + tokenizer; `forward` returns normalised embeddings with grad."""
+    """Wraps an AutoModel + tokenizer; `forward` returns normalised embeddings with grad.
+
+    `dtype` (`auto`, `float32`, `bfloat16`; `hardware.autocast_dtype`) is the precision `embed` runs
+    in; None keeps fit's rule (bf16 autocast on GPUs with native bf16, float32 elsewhere). Weights
+    stay float32 either way; bf16 is autocast (matmuls and attention in bf16, layer norms, pooling
+    and the normalisation in float32). The attention kernel is SDPA where the architecture has it.
+    """
 
     def __init__(
-        self, model_dir: str, max_len: int = 256, trust_remote_code: bool = False, device: str | torch.device = "cpu"
+        self,
+        model_dir: str,
+        max_len: int = 256,
+        trust_remote_code: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: Optional[str] = None,
     ):
         super().__init__()
         self.model_dir = model_dir
         self.max_len = max_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        self.model = AutoModel.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
+        try:
+            self.model = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
+        except (ValueError, ImportError) as e:  # an architecture without an SDPA path: its own default
+            log.info("encoder %s has no SDPA attention (%s); using its default kernel", model_dir, e)
+            self.model = AutoModel.from_pretrained(model_dir, **kwargs)
         self.device_ = torch.device(device)
         self.model.to(self.device_)
+        self.autocast_dtype = (
+            (torch.bfloat16 if encoder_autocast_bf16(self.device_) else None)
+            if dtype is None
+            else autocast_dtype(dtype, self.device_, "encode.dtype")
+        )
 
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def precision(self) -> str:
+        """The precision `embed` runs in: `bfloat16` (autocast) or `float32`."""
+        return precision_name(self.autocast_dtype)
+
     def fingerprint(self) -> str:
         return model_fingerprint(self.model_dir)
 
-    def tokenize(self, texts: Sequence[EncoderInput]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-        """Model inputs (padded, cut at max_len) and, per text, whether it was longer than max_len.
+    def features(self, texts: Sequence[EncoderInput]) -> tuple[dict[str, list[list[int]]], np.ndarray]:
+        """Unpadded model inputs per text (lists of ids, cut at max_len) and, per text, whether it
+        was longer than max_len: what `tokenize` pads and `embed` packs by length.
 
         Plain strings take one batched tokenizer call that cuts their tails. A fast tokenizer
         tokenises the whole text before cutting it, and `return_overflowing_tokens` says which
@@ -61,20 +110,28 @@ class TextEncoder(torch.nn.Module):
         """
         if any(not isinstance(t, str) for t in texts):
             ids, cut = tokenize_views(self.tokenizer, texts, self.max_len)
-            enc = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-            return {k: v.to(self.device_) for k, v in enc.items()}, cut
+            return {"input_ids": ids}, cut
         texts = list(texts)
-        kwargs = dict(padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        kwargs = dict(truncation=True, max_length=self.max_len)
         if not self.tokenizer.is_fast:  # slow tokenizers have no overflow mapping: count separately
             lengths = self.tokenizer(texts, truncation=False, return_length=True, verbose=False)["length"]
-            enc = self.tokenizer(texts, **kwargs)
-            return {k: v.to(self.device_) for k, v in enc.items()}, np.asarray(lengths) > self.max_len
+            return dict(self.tokenizer(texts, **kwargs)), np.asarray(lengths, dtype=np.int64) > self.max_len
         enc = self.tokenizer(texts, return_overflowing_tokens=True, stride=0, **kwargs)
-        owner = enc.pop("overflow_to_sample_mapping")
+        owner = np.asarray(enc.pop("overflow_to_sample_mapping"), dtype=np.int64)
         enc.pop("overflowing_tokens", None)
-        rows_per_text = torch.bincount(owner, minlength=len(texts))
-        first_row = torch.cumsum(rows_per_text, 0) - rows_per_text  # a text's rows are contiguous
-        return ({k: v[first_row].to(self.device_) for k, v in enc.items()}, (rows_per_text > 1).numpy())
+        rows_per_text = np.bincount(owner, minlength=len(texts))
+        first_row = np.cumsum(rows_per_text) - rows_per_text  # a text's rows are contiguous
+        return {k: [v[i] for i in first_row] for k, v in enc.items()}, rows_per_text > 1
+
+    def pad(self, features: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
+        """Pad unpadded `features` to their longest row, as tensors on the encoder's device."""
+        enc = self.tokenizer.pad(dict(features), padding=True, return_tensors="pt")
+        return {k: v.to(self.device_) for k, v in enc.items()}
+
+    def tokenize(self, texts: Sequence[EncoderInput]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """Model inputs (padded, cut at max_len) and, per text, whether it was longer than max_len."""
+        features, cut = self.features(texts)
+        return self.pad(features), cut
 
     def forward(self, texts: Sequence[EncoderInput]) -> torch.Tensor:
         return self._forward_tokens(self.tokenize(texts)[0])
@@ -85,30 +142,84 @@ class TextEncoder(torch.nn.Module):
             attention_mask=enc["attention_mask"],
             **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}),
         )
-        pooled = mean_pool(out.last_hidden_state, enc["attention_mask"])
-        return F.normalize(pooled.float(), dim=-1)
+        # Pool and normalise in float32: bf16 autocast leaves the hidden states in bf16.
+        pooled = mean_pool(out.last_hidden_state.float(), enc["attention_mask"])
+        return F.normalize(pooled, dim=-1)
 
     @torch.inference_mode()
-    def embed(self, texts: Sequence[EncoderInput], batch_size: int = 64, return_truncated: bool = False):
-        """float32 [n, dim] unit-norm embeddings; batches sorted by length to limit padding.
+    def embed(
+        self,
+        texts: Sequence[EncoderInput],
+        batch_size: int = 64,
+        return_truncated: bool = False,
+        token_budget: Optional[int] = None,
+        precision: Optional[str] = None,
+    ):
+        """float32 [n, dim] unit-norm embeddings, in input order.
 
+        The texts are tokenised once, sorted by token count and packed by `token_budget_batches`:
+        at most `batch_size` rows and `token_budget` padded tokens (rows x longest row) per forward
+        pass, so a pass pads only to its own longest row (None: `batch_size` rows per pass).
+        `precision` (`float32`/`bfloat16`) overrides the encoder's own for this call.
         With `return_truncated`, also a bool [n] array: which texts were longer than max_len.
         """
+        dtype = self.autocast_dtype if precision is None else autocast_dtype(precision, self.device_, "precision")
         was_training = self.model.training
         self.model.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(view_text(texts[i])))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         truncated = np.zeros(len(texts), bool)
-        autocast = self.device_.type == "cuda" and torch.cuda.is_bf16_supported()
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc, cut = self.tokenize([texts[i] for i in idx])
-            with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=autocast):
-                emb = self._forward_tokens(enc)
-            out[idx] = emb.float().cpu().numpy()
-            truncated[idx] = cut
+        if len(texts):
+            features, truncated = self.features(texts)
+            lengths = [len(ids) for ids in features["input_ids"]]
+            groups = token_budget_batches(lengths, token_budget, batch_size, section="encode")
+            # One autocast region for all passes: it caches the bf16 copies of the weights, which
+            # are then cast once per call instead of once per pass.
+            with torch.autocast(self.device_.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                for idx in groups:
+                    enc = self.pad({k: [v[i] for i in idx] for k, v in features.items()})
+                    out[idx] = self._forward_tokens(enc).cpu().numpy()
         self.model.train(was_training)
-        return (out, truncated) if return_truncated else out
+        return (out, np.asarray(truncated, bool)) if return_truncated else out
+
+    def choose_precision(
+        self,
+        rows: Sequence[EncoderInput],
+        queries: Sequence[EncoderInput],
+        batch_size: int = 64,
+        token_budget: Optional[int] = None,
+        min_spearman: float = MIN_SPEARMAN,
+        min_overlap: float = MIN_TOPK_OVERLAP,
+    ) -> dict[str, Any]:
+        """Keep the encoder's fast precision only if it ranks `rows` for `queries` like float32.
+
+        Nothing is measured when the encoder already runs in float32. Otherwise both precisions
+        embed the sample and `precision_agreement` compares the scores; a miss switches this encoder
+        to float32. Returns the record for the manifest: the precision used, the one asked for, the
+        agreement and whether it passed.
+        """
+        wanted = self.precision
+        record: dict[str, Any] = {"wanted": wanted, "device": str(self.device_)}
+        if self.autocast_dtype is None:
+            return {**record, "dtype": "float32", "agreement": None, "reason": "float32 is the reference"}
+        reference = self.embed(rows, batch_size, token_budget=token_budget, precision="float32")
+        ref_q = self.embed(queries, batch_size, token_budget=token_budget, precision="float32")
+        fast = self.embed(rows, batch_size, token_budget=token_budget)
+        fast_q = self.embed(queries, batch_size, token_budget=token_budget)
+        agreement = precision_agreement(ref_q @ reference.T, fast_q @ fast.T)
+        passed = agreement["spearman_min"] is not None and (
+            agreement["spearman_min"] >= min_spearman and agreement["topk_overlap_mean"] >= min_overlap
+        )
+        agreement.update(min_spearman=min_spearman, min_topk_overlap=min_overlap, passed=bool(passed))
+        if not passed:
+            self.autocast_dtype = None
+            if agreement["spearman_min"] is None:  # nothing to rank: float32 is the safe choice
+                record["reason"] = (
+                    f"the precision sample ({len(rows)} rows, {len(queries)} queries) is too small to "
+                    f"measure {wanted}'s agreement with float32"
+                )
+            else:
+                record["reason"] = f"{wanted} ranks the sample unlike float32"
+        return {**record, "dtype": self.precision, "agreement": agreement, "fell_back": not passed}
 
     def save(self, out_dir: str) -> None:
         """Export a folder that AutoModel and SentenceTransformer both load (safetensors only)."""
@@ -147,3 +258,39 @@ class TextEncoder(torch.nn.Module):
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
                 os.remove(path)
+
+
+def precision_agreement(reference: np.ndarray, fast: np.ndarray, k: int = AGREEMENT_TOPK) -> dict[str, Any]:
+    """How the fast precision's scores [queries, rows] rank the rows against float32's.
+
+    Per query: Spearman of the two score vectors and the overlap of their top-k rows (k capped at
+    the number of rows). Returns min/mean of both and the largest |score difference|; the
+    Spearman entries are None when there are fewer than 3 rows to rank.
+    """
+    from pipeline.metrics import spearman_rows
+
+    reference, fast = np.asarray(reference, np.float64), np.asarray(fast, np.float64)
+    nq, n = reference.shape
+    out: dict[str, Any] = {"rows": int(n), "queries": int(nq), "k": int(min(k, n))}
+    if nq == 0 or n < 3:
+        return {
+            **out,
+            "spearman_min": None,
+            "spearman_mean": None,
+            "topk_overlap_min": None,
+            "topk_overlap_mean": None,
+            "max_abs_score_diff": None,
+        }
+    rho = spearman_rows(fast, reference)
+    kk = out["k"]
+    top_ref = np.argsort(-reference, axis=1, kind="stable")[:, :kk]
+    top_fast = np.argsort(-fast, axis=1, kind="stable")[:, :kk]
+    overlap = np.array([len(set(a) & set(b)) / kk for a, b in zip(top_ref.tolist(), top_fast.tolist())])
+    return {
+        **out,
+        "spearman_min": float(rho.min()),
+        "spearman_mean": float(rho.mean()),
+        "topk_overlap_min": float(overlap.min()),
+        "topk_overlap_mean": float(overlap.mean()),
+        "max_abs_score_diff": float(np.abs(reference - fast).max()),
+    }

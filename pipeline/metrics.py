@@ -25,7 +25,7 @@ def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pred, gt
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """scipy's Spearman rho; NaN (a constant input) is returned as NaN for the caller to handle."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConstantInputWarning: handled by the NaN convention
@@ -40,7 +40,7 @@ def spearman_per_anchor(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]
     current method's convention) instead of being skipped, so degenerate students are not flattered.
     """
     pred, gt = _check_pair(pred, gt)
-    rhos = np.array([_spearman(p, g) for p, g in zip(pred, gt)], dtype=np.float64)
+    rhos = np.array([spearman(p, g) for p, g in zip(pred, gt)], dtype=np.float64)
     rhos = np.nan_to_num(rhos, nan=0.0)
     return float(rhos.mean()), float(rhos.std())
 
@@ -51,7 +51,7 @@ def spearman_aggregated(pred: np.ndarray, gt: np.ndarray) -> float:
     This is the ranking used to filter a corpus (mean over anchors, METHOD.md 1e). NaN -> 0.
     """
     pred, gt = _check_pair(pred, gt)
-    rho = _spearman(pred.mean(axis=0), gt.mean(axis=0))
+    rho = spearman(pred.mean(axis=0), gt.mean(axis=0))
     return 0.0 if math.isnan(rho) else rho
 
 
@@ -197,7 +197,7 @@ def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, se
     mean, std = spearman_per_anchor(pred, gt)
 
     def aggregated(ia: np.ndarray, ip: np.ndarray) -> float:
-        rho = _spearman(pred[np.ix_(ia, ip)].mean(axis=0), gt[np.ix_(ia, ip)].mean(axis=0))
+        rho = spearman(pred[np.ix_(ia, ip)].mean(axis=0), gt[np.ix_(ia, ip)].mean(axis=0))
         return float("nan") if math.isnan(rho) else rho
 
     def per_anchor(ia: np.ndarray, ip: np.ndarray) -> float:

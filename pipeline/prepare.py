@@ -7,7 +7,8 @@ Two uses:
   group-disjoint twin of `jobs/demo_groups.yaml` (`toxicity_groups/`), each with a near-duplicate
   audit (`prepare_audit.json`: what was dropped, per role pair, and what is left).
 - `--input FILE_OR_DIR --out DIR [column flags]`: any JSONL/Parquet source, mapped and validated
-  with the same reader as the pipeline; bad rows go to `DIR/rejects.parquet` with their reason.
+  with the same reader as the pipeline; bad rows go to `DIR/_rejects.parquet` with their reason. It
+  refuses (exit 2) output that cannot serve a job: no rows, every label null, unmappable labels.
 
 Output files: `part-00000.parquet`, ... with columns id, prompt, response, text, source, label
 (+ group for ToxiGen). Rows are assigned to splits by a keyed hash of their id, so a split never
@@ -20,16 +21,17 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import neardup
-from pipeline.errors import InputDataError
+from pipeline.errors import ConfigError, InputDataError
 from pipeline.sampling import order_key
 
 log = logging.getLogger("influcoder")
@@ -481,13 +483,219 @@ def prepare_demo(data: str, out: str, rows_per_file: int = 10000) -> dict[str, i
     return counts
 
 
-def prepare_generic(input_path: str, out: str, mapping: dict[str, Any], rows_per_file: int = 10000) -> dict[str, int]:
-    """Any JSONL/Parquet source → canonical Parquet parts (+ rejects.parquet with reasons)."""
+# --------------------------------------------------------------------------- any source (--input)
+
+# The flag of each mapping key: prepare's errors name what the user typed, not the job key.
+FLAGS = {
+    "path": "--input",
+    "id_column": "--id-column",
+    "prompt_column": "--prompt-column",
+    "response_column": "--response-column",
+    "text_column": "--text-column",
+    "encoder_text_column": "--encoder-text-column",
+    "label_column": "--label-column",
+}
+REJECTS_NAME = "_rejects.parquet"  # leading underscore: readers skip it, so `out` stays a clean dataset
+_TRUE, _FALSE = ("1", "true"), ("0", "false")
+_POSITIVE_WORDS = {"yes", "y", "positive", "pos", "target", "relevant", "hate", "toxic", "unsafe", "bad"}
+
+
+def _as_flags(message: str) -> str:
+    """Rewrite the shared reader's job keys (`input.label_column`) into prepare's flags (`--label-column`)."""
+    for key, flag in FLAGS.items():
+        message = re.sub(rf"`?input\.{key}`?", flag, message)
+    return re.sub(r"^input: ", "", message)
+
+
+def _check_flags(input_path: str, mapping: dict[str, Any]) -> None:
+    if not input_path or not input_path.strip():
+        raise ConfigError("--input: got an empty path; give a JSONL/Parquet file, directory, glob or URI.")
+    both = [k for k in ("prompt_column", "response_column") if mapping.get(k)]
+    if mapping.get("text_column") and both:
+        given = " and ".join(f"{FLAGS[k]} {mapping[k]}" for k in both)
+        raise ConfigError(
+            f"--text-column {mapping['text_column']} and {given} are both given: --text-column replaces the "
+            f"prompt/response pair (the whole text becomes the loss span), so the response would be dropped. "
+            f"Drop --text-column to keep the pair, or drop {' and '.join(FLAGS[k] for k in both)} to use the "
+            f"single text column."
+        )
+    if mapping.get("positive_label") is not None and not mapping.get("label_column"):
+        raise ConfigError("--positive-label needs --label-column (the column whose values it maps).")
+
+
+def _iter_raw(file: Any, col: str) -> Iterator[tuple[int, Any, bool]]:
+    """(row, raw value, key present) of one column, numbered like the reader numbers rows (`corpus.iter_file`:
+    Parquet row index, JSONL 0-based line number); unparseable JSONL lines are skipped (the reader rejects them)."""
+    from pipeline import storage
+
+    fs, path = storage.filesystem(file.path)
+    if file.format == "parquet":
+        partitions = dict(file.partitions)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if col in partitions:
+                values, present = [partitions[col]] * pf.metadata.num_rows, True
+            elif col in pf.schema_arrow.names:
+                values, present = pf.read(columns=[col]).column(col).to_pylist(), True
+            else:
+                values, present = [None] * pf.metadata.num_rows, False
+        for row, v in enumerate(values):
+            yield row, v, present
+        return
+    from pipeline.corpus import iter_lines
+
+    for row, line in enumerate(iter_lines(fs, path)):
+        yield from _raw_value(line, row, col)
+
+
+def _raw_value(line: bytes, row: int, col: str) -> Iterator[tuple[int, Any, bool]]:
+    try:
+        record = json.loads(line.decode("utf-8")) if line.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if isinstance(record, dict):
+        yield row, record.get(col), col in record
+
+
+def _label_mapper(values: Counter, col: str, positive: str | None) -> Callable[[Any], int | None]:
+    """How raw label values become the output's integer labels (1 = a row to find), or refuse with the
+    values seen and how to map them. `values` counts the non-null raw values (by repr)."""
+    if positive is not None:
+        want = positive.strip().lower()
+        if want not in {str(v).strip().lower() for v in values.elements()}:
+            raise InputDataError(
+                f"--positive-label {positive!r}: no row of --label-column `{col}` holds it; its values are "
+                f"{_top(values)}."
+            )
+        return lambda v: None if v is None else int(str(v).strip().lower() == want)
+
+    def plain(v: Any) -> int | None:
+        if v is None:
+            return None
+        if isinstance(v, bool):
+            return int(v)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+            return int(v.strip().lower() in _TRUE)
+        raise ValueError(v)
+
+    bad = Counter()
+    for v, n in values.items():
+        try:
+            plain(v)
+        except (ValueError, TypeError):
+            bad[v] = n
+    if bad:
+        # The example is a likely positive: a word that usually means one, else the rarest value.
+        likely = [v for v in bad if str(v).strip().lower() in _POSITIVE_WORDS]
+        example = likely[0] if likely else min(bad, key=lambda v: bad[v])
+        raise InputDataError(
+            f"--label-column `{col}` holds values that are not integers, booleans or 0/1/true/false strings: "
+            f"{_top(bad)}. Say which value marks a row to find, e.g. --positive-label {example} (that value "
+            f"becomes 1, every other value 0, missing stays unlabelled)."
+        )
+    return plain
+
+
+def _top(counts: Counter, n: int = 6) -> str:
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{v!r} ({c})" for v, c in items[:n])
+    return shown + (f", and {len(items) - n} more" if len(items) > n else "")
+
+
+def _raw_labels(files: list, col: str) -> tuple[dict[tuple[str, int], Any], Counter, list[str]]:
+    """(source, row) -> raw label, the counts of non-null values, and the columns seen when no file has `col`."""
+    raw: dict[tuple[str, int], Any] = {}
+    values: Counter = Counter()
+    found = False
+    for f in files:
+        for row, v, present in _iter_raw(f, col):
+            found = found or present
+            if v is not None:
+                raw[(f.path, row)] = v
+                values[v if isinstance(v, (str, int, float, bool)) else repr(v)] += 1
+    return raw, values, ([] if found else _columns_of(files))
+
+
+def _columns_of(files: list) -> list[str]:
+    """The columns of the first file (Parquet schema, keys of the first JSONL records), for messages."""
+    from pipeline import storage
+
+    f = files[0]
+    fs, path = storage.filesystem(f.path)
+    if f.format == "parquet":
+        with fs.open_input_file(path) as fh:
+            return list(pq.ParquetFile(fh).schema_arrow.names) + [k for k, _ in f.partitions]
+    keys: set[str] = set()
+    for _, record in zip(range(200), _records(fs, path)):
+        keys.update(record)
+    return sorted(keys) + [k for k, _ in f.partitions]
+
+
+def _records(fs: Any, path: str) -> Iterator[dict[str, Any]]:
+    with fs.open_input_stream(path) as f:
+        for line in f.read(1 << 20).split(b"\n"):
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+def _reasons(rejects: pa.Table | None) -> dict[str, int]:
+    counts: Counter = Counter()
+    if rejects is not None:
+        counts.update(r.split(":")[0] for r in rejects.column("reason").to_pylist())
+    return dict(counts.most_common())
+
+
+def _reason_examples(rejects: pa.Table) -> str:
+    first: dict[str, str] = {}
+    for r in rejects.to_pylist():
+        first.setdefault(r["reason"].split(":")[0], f"{r['source']} row {r['row']}: {r['reason']}")
+    counts = _reasons(rejects)
+    return "; ".join(f"{n} {key} (e.g. {first[key]})" for key, n in counts.items())
+
+
+def prepare_generic(
+    input_path: str,
+    out: str,
+    mapping: dict[str, Any],
+    rows_per_file: int = 10000,
+) -> dict[str, Any]:
+    """Any JSONL/Parquet source → canonical Parquet parts (+ `_rejects.parquet` with reasons).
+
+    Refuses (InputDataError, exit 2) what cannot serve a job: no row left, a label column whose every
+    value is null, labels that are neither integers, booleans nor 0/1/true/false strings (unless
+    `positive_label` says which value is a positive). Errors name the command's flags."""
     from pipeline import corpus
     from pipeline.config import DatasetConfig
+    from pipeline.errors import UsageError
 
-    cfg = DatasetConfig(path=input_path, **{k: v for k, v in mapping.items() if v is not None})
-    files = corpus.discover(cfg, "input")
+    mapping = dict(mapping)
+    positive = mapping.pop("positive_label", None)
+    _check_flags(input_path, {**mapping, "positive_label": positive})
+    label_col = mapping.pop("label_column", None)
+    try:
+        # Labels are mapped here (string labels are common in raw data); the reader would reject them.
+        cfg = DatasetConfig(path=input_path, **{k: v for k, v in mapping.items() if v is not None})
+        files = corpus.discover(cfg, "input")
+    except UsageError as e:
+        raise type(e)(_as_flags(str(e))) from None
+    label_of: Callable[[Any], int | None] | None = None
+    raw: dict[tuple[str, int], Any] = {}
+    if label_col:
+        raw, values, columns = _raw_labels(files, label_col)
+        if columns:
+            raise InputDataError(
+                f"--label-column `{label_col}` is not a column of {input_path}; it has columns {columns}."
+                f"{corpus._close(label_col, columns)} Set --label-column to one of them."
+            )
+        label_of = _label_mapper(values, label_col, positive)
     good_rows: list[dict[str, Any]] = []
     reject_tables = []
     seen: set[str] = set()
@@ -509,10 +717,48 @@ def prepare_generic(input_path: str, out: str, mapping: dict[str, Any], rows_per
                     )
                     continue
                 seen.add(r["id"])
+                if label_of is not None:
+                    r["label"] = label_of(raw.get((r["source"], r["row"])))
                 good_rows.append(r)
-    n = write_parts(good_rows, out, rows_per_file)
     rejects = pa.concat_tables(reject_tables) if reject_tables else None
     n_bad = rejects.num_rows if rejects is not None else 0
+    if not good_rows:
+        why = f"every one of its {n_bad} rows was rejected: {_reason_examples(rejects)}" if n_bad else "it has no rows"
+        raise InputDataError(
+            f"prepare: nothing to write from {input_path}: {why}. Fix the rows or the column flags; nothing was "
+            f"written to {out}."
+        )
+    if label_col and all(r["label"] is None for r in good_rows):
+        raise InputDataError(
+            f"--label-column `{label_col}`: every one of the {len(good_rows)} rows has a null label, so eval could "
+            f"not find a row to find; fill the column (1 = a row to find) or drop --label-column. Nothing was "
+            f"written to {out}."
+        )
+    n = write_parts(good_rows, out, rows_per_file)
+    rejects_path = os.path.join(out, REJECTS_NAME)
     if n_bad:
-        pq.write_table(rejects, os.path.join(out, "_rejects.parquet"))
-    return {"rows": n, "rejected": n_bad}
+        pq.write_table(rejects, rejects_path)
+    labels = Counter(r["label"] for r in good_rows) if label_col else None
+    return {
+        "rows": n,
+        "rejected": n_bad,
+        "rejects_by_reason": _reasons(rejects),
+        "rejects_path": rejects_path if n_bad else None,
+        "labels": {str(k): v for k, v in sorted(labels.items(), key=lambda kv: str(kv[0]))} if labels else None,
+        "encoder_text": bool(mapping.get("encoder_text_column")),
+    }
+
+
+def job_snippet(out: str, result: dict[str, Any]) -> str:
+    """The job keys that read prepare's output: paste under `corpus:` (or anchors, pool, score.queries).
+    prompt_column `prompt` and response_column `response` are the defaults, so they are not repeated."""
+    lines = [
+        "corpus:   # or anchors / pool / score: {queries: ...}",
+        f"  path: {os.path.abspath(out)}",
+        "  id_column: id",
+    ]
+    if result.get("encoder_text"):
+        lines.append("  encoder_text_column: text")
+    if result.get("labels"):
+        lines.append("  label_column: label")
+    return "\n".join(lines)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 from pipeline.config import RayConfig
 from pipeline.errors import ResourceError
 
-log = logging.getLogger("influcoder")
+log = logging.getLogger("influcoder.ray")
 
 # Environment every worker needs: nothing may reach a model hub at run time.
 WORKER_ENV = {
@@ -24,6 +25,9 @@ WORKER_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # transformers draws a "Loading weights" bar per model load in every actor; through Ray's log
+    # forwarding each one lands on the user's console.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -44,8 +48,12 @@ def ensure_ray(cfg: RayConfig) -> None:
     if os.environ.get("INFLUCODER_CACHE"):
         env["env_vars"]["INFLUCODER_CACHE"] = os.environ["INFLUCODER_CACHE"]
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Worker output (Ray Train's per-report lines, library warnings from every actor) reaches the
+    # console only with -v; errors still arrive as the exceptions they raise. The files stay in
+    # Ray's session log directory either way.
+    verbose = logging.getLogger("influcoder").isEnabledFor(logging.DEBUG)
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=verbose)
     else:
         # address="local": always a new in-process Ray. Without it, ray.init() joins any cluster that
         # `ray start` runs on this machine (and then rejects num_cpus).
@@ -55,11 +63,33 @@ def ensure_ray(cfg: RayConfig) -> None:
             include_dashboard=cfg.include_dashboard,
             dashboard_host="127.0.0.1",
             runtime_env=env,
-            log_to_driver=True,
+            log_to_driver=verbose,
         )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    quiet_ray_data(verbose)
     log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's own progress output off: each stage reports rows done itself (pipeline.progress).
+
+    Without a terminal Ray Data logs a multi-line block per dataset every 10 s, which reads `0/?`
+    while a stateful actor pool loads its model, and announces every execution plan at INFO.
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.enable_operator_progress_bars = verbose
+    if hasattr(ctx, "enable_rich_progress_bars"):
+        ctx.enable_rich_progress_bars = False
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # ... and its warning that the bars it draws are off, which is what we asked for.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # `ActorPlan.map_batches_kwargs` bounds actor restarts (`max_restarts`, `max_task_retries`);
+    # Ray 2.60 has no named parameter for them yet, so they travel as the `ray_remote_args` it warns
+    # about. Ray Data's own default is unbounded restarts, which would loop on a poisoned batch.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
 
 ACTOR_MAX_RESTARTS = 4
@@ -106,8 +136,16 @@ def largest_node_cpus() -> float:
     return max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
 
 
-def plan_actors(use_gpu: bool | None, num_actors: int | None, key: str) -> ActorPlan:
-    """Size an actor pool. `key` names the config section (e.g. `sketch`) for error messages."""
+def plan_actors(use_gpu: bool | None, num_actors: int | None, key: str, *, training: bool = False) -> ActorPlan:
+    """Size an actor pool (Ray Data's stateful actors) or, with `training`, a Ray Train worker group.
+
+    `key` names the config section (e.g. `sketch`) for error messages. A GPU or CPU request the
+    cluster cannot meet would stay pending forever, so it fails fast with `ResourceError`.
+    Actor pools leave one CPU to Ray Data's read tasks; a training group reads nothing, and on CPUs
+    runs one worker by default (DDP between processes of one small machine only adds overhead).
+    """
+    count_key = f"{key}.num_workers" if training else f"{key}.num_actors"
+    what = "workers" if training else "actors"
     cpus, gpus = cluster_cpus_gpus()
     if use_gpu and gpus < 1:
         raise ResourceError(
@@ -119,15 +157,26 @@ def plan_actors(use_gpu: bool | None, num_actors: int | None, key: str) -> Actor
     if use_gpu:
         n = num_actors or int(gpus)
         if n > gpus:
-            raise ResourceError(f"`{key}.num_actors`={n} asks for more GPU actors than the cluster's {gpus:g} GPUs.")
-        return ActorPlan(num_actors=n, num_cpus=1.0, num_gpus=1.0, torch_threads=max(1, int(cpus // max(n, 1)) - 1))
+            raise ResourceError(
+                f"`{count_key}`={n} asks for more GPU {what} than the cluster's {gpus:g} GPUs; lower {count_key}."
+            )
+        threads = 1 if training else max(1, int(cpus // max(n, 1)) - 1)
+        return ActorPlan(num_actors=n, num_cpus=1.0, num_gpus=1.0, torch_threads=threads)
+    # On a multi-node cluster the total can exceed any single node: an actor sized from the total
+    # (e.g. 3 CPUs on two 2-CPU nodes) stays pending forever.
+    node_cpus = largest_node_cpus() or cpus
+    if training:
+        n = num_actors or 1
+        if n > cpus:
+            raise ResourceError(
+                f"`{count_key}`={n} CPU workers need {n} CPUs, but the cluster has {cpus:g}; lower {count_key}."
+            )
+        per_worker = max(1, min(int(cpus // n), int(node_cpus)))  # a worker must fit on one node
+        return ActorPlan(num_actors=n, num_cpus=float(per_worker), num_gpus=0.0, torch_threads=per_worker)
     if cpus < 2:
         raise ResourceError(f"the Ray cluster has {cpus:g} CPU; `{key}` needs at least 2 (one for reads).")
     # Leave one CPU for Ray Data's read tasks (an actor pool that takes every CPU deadlocks).
     available = cpus - 1.0
-    # On a multi-node cluster the total can exceed any single node: an actor sized from the total
-    # (e.g. 3 CPUs on two 2-CPU nodes) stays pending forever.
-    node_cpus = largest_node_cpus() or cpus
     threads = max(1, min(8, int(available), int(node_cpus)))
     n = num_actors or max(1, int(available // threads))
     per_actor = min(float(threads), available / n)

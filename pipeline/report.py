@@ -9,16 +9,11 @@ import os
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import JobConfig
+from pipeline.config import EVAL_METHODS, JobConfig
 
+# Every eval method, each followed by the variants eval reports beside it.
 METHOD_ORDER = [
-    "influcoder",
-    "cascade",
-    "gradient",
-    "untrained_encoder",
-    "untrained_encoder_prefixed",
-    "bm25",
-    "random",
+    m for name in EVAL_METHODS for m in (name, *(["untrained_encoder_prefixed"] if name == "untrained_encoder" else []))
 ]
 COLORS = {
     "influcoder": "tab:blue",
@@ -29,6 +24,13 @@ COLORS = {
     "bm25": "tab:green",
     "random": "black",
 }
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines (cells as given; `|` inside a cell is the caller's to escape)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
 
 
 def _fmt(v: Any, spec: str = ".3f", ci: Any = None) -> str:
@@ -77,6 +79,37 @@ def verdict_text(verdict: dict[str, Any]) -> list[str]:
     return lines
 
 
+def draw_spearman_by_epoch(ax, fit_metrics: dict[str, Any]) -> None:
+    """Spearman vs the teacher by epoch (epoch 0 = the starting encoder) from fit/metrics.json:
+    held-out (solid) and validation (dotted) when measured every epoch, else the starting encoder's
+    held-out level as a dashed line; the exported encoder's held-out figure as a star."""
+    epochs = fit_metrics["epochs"]
+    untrained = fit_metrics["untrained"]
+    xs = [0] + [e["epoch"] for e in epochs]
+    for key, label, color in (("spearman_aggregated", "aggregated", "C0"), ("spearman_per_anchor", "per-anchor", "C1")):
+        for prefix, style, split in (("", "-", "held-out"), ("val_", ":", "validation")):
+            if prefix + key not in untrained:
+                continue
+            if all(prefix + key in e for e in epochs):
+                ys = [untrained[prefix + key]] + [e[prefix + key] for e in epochs]
+                ax.plot(xs, ys, marker="o", linestyle=style, color=color, label=f"{label} ({split})")
+            elif not prefix:  # held-out measured only for the export (fit.heldout_every_epoch=false)
+                ax.axhline(untrained[key], color=color, linestyle="--", label=f"{label} (held-out, start)")
+    exported = fit_metrics.get("exported")
+    if exported:
+        ax.scatter(
+            [fit_metrics["selected_epoch"]],
+            [exported["spearman_aggregated"]],
+            marker="*",
+            s=150,
+            color="black",
+            zorder=5,
+            label="exported (aggregated, held-out)",
+        )
+    ax.set(xlabel="epoch (0 = starting encoder)", ylabel="Spearman vs gradient ground truth")
+    ax.legend(fontsize=8)
+
+
 def _plots(
     out_dir: str, metrics: dict[str, Any], curves: dict[str, Any], fit_metrics: dict[str, Any] | None
 ) -> list[str]:
@@ -102,29 +135,9 @@ def _plots(
         fig.savefig(os.path.join(out_dir, "pr_curves.png"), dpi=120)
         plt.close(fig)
         made.append("pr_curves.png")
-    epochs = (fit_metrics or {}).get("epochs") or []
-    if epochs and all("spearman_aggregated" in e for e in epochs):  # held-out measured every epoch
+    if (fit_metrics or {}).get("epochs"):
         fig, ax = plt.subplots(figsize=(5.5, 4.0))
-        xs = [0] + [e["epoch"] for e in epochs]
-        for key, label in (("spearman_aggregated", "aggregated"), ("spearman_per_anchor", "per-anchor")):
-            for prefix, style, split in (("", "-", "held-out"), ("val_", ":", "validation")):
-                if prefix + key in fit_metrics["untrained"]:
-                    ys = [fit_metrics["untrained"][prefix + key]] + [e[prefix + key] for e in epochs]
-                    ax.plot(xs, ys, marker="o", linestyle=style, label=f"{label} ({split})")
-        exported = fit_metrics.get("exported")
-        if exported:
-            ax.scatter(
-                [fit_metrics["selected_epoch"]],
-                [exported["spearman_aggregated"]],
-                marker="*",
-                s=150,
-                color="black",
-                zorder=5,
-                label="exported (aggregated, held-out)",
-            )
-        ax.set_xlabel("epoch (0 = starting encoder)")
-        ax.set_ylabel("Spearman vs gradient ground truth")
-        ax.legend()
+        draw_spearman_by_epoch(ax, fit_metrics)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "spearman_by_epoch.png"), dpi=120)
         plt.close(fig)
@@ -168,25 +181,27 @@ def write_report(
         + f"; {metrics['queries']} queries from `{storage.redact(job.score.queries.path)}`.",
         "",
     ]
-    lines += [
-        "## Comparison",
-        "",
-        "| method | AUPRC | " + " | ".join(recall_keys) + " | MRR | held-out agg. ρ | held-out per-anchor ρ "
-        "| corpus agg. ρ vs gradient | setup s | ms/sample | bytes/sample |",
-        "|---" * (9 + len(recall_keys)) + "|",
-    ]
+    header = ["method", "AUPRC", *recall_keys, "MRR", "held-out agg. ρ", "held-out per-anchor ρ"]
+    header += ["corpus agg. ρ vs gradient", "setup s", "ms/sample", "bytes/sample"]
+    table = []
     for name in [m for m in METHOD_ORDER if m in metrics["methods"]]:
         r = metrics["methods"][name]
         h = r["heldout"]
         cg = (r.get("corpus_vs_gradient") or {}).get("spearman_aggregated", 1.0 if name == "gradient" else None)
-        lines.append(
-            f"| {name} | {_fmt(r.get('auprc'), ci=r.get('auprc_ci'))} | "
-            + " | ".join(_fmt(r.get(k), ci=r.get(k + "_ci")) for k in recall_keys)
-            + f" | {_fmt(r.get('mrr'), ci=r.get('mrr_ci'))} | {_fmt(h['spearman_aggregated'], '+.3f', h.get('spearman_aggregated_ci'))}"
-            f" | {_fmt(h['spearman_per_anchor'], '+.3f', h.get('spearman_per_anchor_ci'))}"
-            f" | {_fmt(cg, '+.3f')} | {_fmt(r.get('setup_s'), '.1f')} | {_fmt(r.get('ms_per_sample'), '.3f')}"
-            f" | {_fmt(r.get('bytes_per_sample'), '.0f')} |"
+        table.append(
+            [name, _fmt(r.get("auprc"), ci=r.get("auprc_ci"))]
+            + [_fmt(r.get(k), ci=r.get(k + "_ci")) for k in recall_keys]
+            + [
+                _fmt(r.get("mrr"), ci=r.get("mrr_ci")),
+                _fmt(h["spearman_aggregated"], "+.3f", h.get("spearman_aggregated_ci")),
+                _fmt(h["spearman_per_anchor"], "+.3f", h.get("spearman_per_anchor_ci")),
+                _fmt(cg, "+.3f"),
+                _fmt(r.get("setup_s"), ".1f"),
+                _fmt(r.get("ms_per_sample"), ".3f"),
+                _fmt(r.get("bytes_per_sample"), ".0f"),
+            ]
         )
+    lines += ["## Comparison", "", *markdown_table(header, table)]
     ratio = metrics.get("speed", {}).get("influcoder_vs_gradient_ms_ratio")
     lines += [
         "",
@@ -230,6 +245,10 @@ def write_report(
         ]
     for png in plots:
         lines += [f"![{png}]({png})", ""]
+    from pipeline import evidence
+
+    # Why rows were flagged: each query's top hits with their text (what `influcoder show` prints).
+    lines += evidence.to_markdown(evidence.for_job(job))
     lines += [
         "## Settings",
         "",

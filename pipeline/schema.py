@@ -13,6 +13,7 @@ Canonical rows (what `corpus.read_dataset` yields after column mapping):
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ID = "id"
 PROMPT = "prompt"
@@ -54,8 +55,23 @@ REJECTS = pa.schema(
 )
 
 
+def split_by_reason(table: pa.Table, reason_column: str) -> tuple[pa.Table, pa.Table]:
+    """(rows whose `reason_column` is null, without that column; the others as REJECTS rows).
+
+    Every stage routes its bad rows through here (corpus reads, encoder and teacher actors), so a
+    rejects.parquet always has the REJECTS columns and types."""
+    bad = pc.is_valid(table.column(reason_column))
+    good = table.filter(pc.invert(bad)).drop_columns([reason_column])
+    b = table.filter(bad)
+    rejects = pa.table(
+        [b.column(SOURCE), b.column(ROW), b.column(ID), b.column(reason_column)], names=REJECTS.names
+    ).cast(REJECTS)
+    return good, rejects
+
+
 def sketch_schema(proj_dim: int) -> pa.Schema:
-    """`sketch/anchors/*.parquet` and `sketch/pool/*.parquet` (contract)."""
+    """`sketch/anchors/*.parquet` and `sketch/pool/*.parquet`: the columns the contract names, all
+    that a sketch artifact must have (`fit` reads these, and the texts below when present)."""
     return pa.schema(
         [
             pa.field(ID, pa.string(), nullable=False),
@@ -63,6 +79,16 @@ def sketch_schema(proj_dim: int) -> pa.Schema:
             pa.field(SKETCH, pa.list_(pa.float32(), proj_dim), nullable=False),
         ]
     )
+
+
+# The row's texts, which the sketch stage adds to its artifact so that `fit` need not re-read the
+# inputs: `text` (the plain text) and the encoder's instruction view (`prompt`, `response`).
+SKETCH_TEXTS = pa.schema([pa.field(TEXT, pa.string()), pa.field(PROMPT, pa.string()), pa.field(RESPONSE, pa.string())])
+
+
+def sketch_artifact_schema(proj_dim: int) -> pa.Schema:
+    """What the sketch stage writes: the contract's columns plus SKETCH_TEXTS."""
+    return pa.schema([*sketch_schema(proj_dim), *SKETCH_TEXTS])
 
 
 SCORES = pa.schema(

@@ -21,6 +21,7 @@ Pure torch/transformers/peft; no Ray here.
 from __future__ import annotations
 
 import logging
+import warnings
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -39,9 +40,11 @@ from pipeline.gradients import (
     per_sample_loss,
     reference_per_sample_grads,
 )
+from pipeline.batching import token_budget_batches
+from pipeline.hardware import autocast_dtype, native_bf16
 from pipeline.sketching import CountSketch, l2_normalize
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("influcoder.teacher")
 
 __all__ = [
     "Example",
@@ -152,21 +155,6 @@ class SketchResult:
     """float32 ``[n_ok]``: L2 norm of each row's exact gradient before sketching."""
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware (not by emulation).
-
-    CUDA: compute capability >= 8 (Ampere and later). CPU: AVX512-BF16 or AMX tiles (oneDNN's
-    bf16 kernels); elsewhere PyTorch emulates bf16 on the CPU, slower than fp32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(bool(getattr(cpu, name)()) for name in probes if hasattr(cpu, name))
-    return False
-
-
 def resolve_autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for ``teacher.dtype`` on ``device`` (None = plain fp32).
 
@@ -174,37 +162,7 @@ def resolve_autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.d
     >= 8, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere (METHOD.md 1a ``hardware_profile``).
     Weights, per-sample gradients and sketches stay fp32 either way.
     """
-    if dtype == "float32":
-        return None
-    if dtype == "bfloat16":
-        return torch.bfloat16
-    if dtype == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
-    raise ConfigError(f"teacher.dtype={dtype!r}; expected 'auto', 'float32' or 'bfloat16'")
-
-
-def token_budget_batches(lengths: Sequence[int], token_budget: Optional[int], max_rows: int) -> list[list[int]]:
-    """Indices of ``lengths`` cut into batches of similar length (longest first, ties by index).
-
-    A batch grows while ``rows x its longest row <= token_budget`` (its padded size; sorting makes
-    the first row the longest) and ``rows <= max_rows``. A row longer than the budget gets a batch
-    of its own. ``token_budget=None`` cuts by ``max_rows`` only.
-    """
-    if max_rows < 1:
-        raise ConfigError(f"sketch.batch_size={max_rows}; expected an integer >= 1")
-    if token_budget is not None and token_budget < 1:
-        raise ConfigError(f"sketch.token_budget={token_budget}; expected an integer >= 1")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    out: list[list[int]] = []
-    for i in order:
-        if out:
-            cur = out[-1]
-            fits = token_budget is None or (len(cur) + 1) * lengths[cur[0]] <= token_budget
-            if fits and len(cur) < max_rows:
-                cur.append(i)
-                continue
-        out.append([i])
-    return out
+    return autocast_dtype(dtype, device, "teacher.dtype")
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -272,7 +230,11 @@ class TeacherSketcher:
         # (on the CPU, before any move to the device) so every machine gets the same adapter.
         torch.manual_seed(self.lora_seed)
         try:
-            model = get_peft_model(base, lora_cfg)
+            with warnings.catch_warnings():
+                # PEFT reads `is_gradient_checkpointing`, which transformers 5 deprecates: a warning
+                # about the two libraries, printed by every actor, that the user cannot act on.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                model = get_peft_model(base, lora_cfg)
         except ValueError as e:
             raise ConfigError(f"teacher.target_modules={teacher_cfg.target_modules!r}: {e}") from None
         for name, param in model.named_parameters():
@@ -456,7 +418,7 @@ def fidelity_report(exact_grads: np.ndarray, sketches: np.ndarray) -> dict[str, 
         ``samples``, ``mean_abs_err`` and ``max_abs_err`` of the n(n-1)/2 upper-triangle cosines,
         and their ``spearman`` rank correlation (NaN with fewer than 3 pairs' variation).
     """
-    from pipeline.metrics import _spearman
+    from pipeline.metrics import spearman
 
     g = np.asarray(exact_grads, dtype=np.float64)
     s = np.asarray(sketches, dtype=np.float64)
@@ -474,7 +436,7 @@ def fidelity_report(exact_grads: np.ndarray, sketches: np.ndarray) -> dict[str, 
     exact_cos = (ug @ ug.T)[iu]
     sketch_cos = (us @ us.T)[iu]
     err = np.abs(exact_cos - sketch_cos)
-    rho = _spearman(exact_cos, sketch_cos) if len(err) >= 2 else float("nan")
+    rho = spearman(exact_cos, sketch_cos) if len(err) >= 2 else float("nan")
     return {
         "samples": int(g.shape[0]),
         "mean_abs_err": float(err.mean()),

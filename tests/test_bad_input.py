@@ -41,7 +41,7 @@ ROW_KINDS = {
     "null_id": ("null_id", "both"),
     "wrong_type": ("non_string_value", "jsonl"),
     "prompt_wrong_type": ("non_string_value", "jsonl"),
-    "missing_key": ("null_value", "jsonl"),
+    "missing_key": ("missing_column", "jsonl"),
     "bad_id": ("bad_id", "jsonl"),
     "int_id": (None, "jsonl"),
     "bad_json": ("bad_json", "jsonl"),
@@ -147,7 +147,7 @@ def _write_corpus(root: Path, spec) -> tuple[list[dict], list[tuple[str, str]]]:
                     and isinstance(rec, dict)
                     and k not in ("null_id", "bad_id", "prompt_wrong_type")
                 ):
-                    reason = "null_value"  # the response is absent: checked after the id and the prompt
+                    reason = "missing_column"  # the response key is absent: checked after the id and the prompt
                 if k == "not_object":
                     reason = "bad_json"
                 expected.append(

@@ -334,7 +334,7 @@ def test_cascade_teacher_shards_resume(tmp_path, shared_data, ray_local):
     """A shard file with the expected ids is reused as is (a crash does not redo it); one with other
     ids (another shard size, another block) is recomputed."""
     from pipeline.schema import ID, SKETCH
-    from pipeline.stages.score import teacher_sketch_groups
+    from pipeline.stages.shared_teacher import teacher_sketch_groups
 
     data = _cascade_job(tmp_path, shared_data, n_rows=6, n_queries=1)
     job = load_job(data=data)
@@ -358,9 +358,10 @@ def test_cascade_teacher_shards_resume(tmp_path, shared_data, ray_local):
         return pa.table({ID: ids, SKETCH: pa.FixedSizeListArray.from_arrays(flat, d)})
 
     # rows-00000 "finished" earlier (a marker sketch), rows-00001 left over from another block.
-    pq.write_table(shard(["row0", "row1", "row2", "row3"], 0.5), shard_dir / "rows-00000.parquet")
-    pq.write_table(shard(["other"], 0.25), shard_dir / "rows-00001.parquet")
-    out, info = teacher_sketch_groups(job, {"rows": recs}, str(shard_dir))
+    assert job.sketch.rows_per_shard == 4
+    pq.write_table(shard(["row0", "row1", "row2", "row3"], 0.5), shard_dir / "rows-r4-00000.parquet")
+    pq.write_table(shard(["other"], 0.25), shard_dir / "rows-r4-00001.parquet")
+    out, info = teacher_sketch_groups(job, {"rows": recs}, str(shard_dir), stage="score")
     assert info["shards"] == 2 and info["resumed_shards"] == 1 and info["computed_rows"] == 2
     ids, mat, ok = out["rows"]
     assert ids == [r["id"] for r in recs] and ok.all()
@@ -445,6 +446,7 @@ def test_eval_cascade_metrics_follow_the_cascade_rankings(tmp_path):
     assert r["heldout"]["spearman_aggregated"] is not None and r["consistency_with_score_stage"]["checked"] is False
 
 
+@pytest.mark.slow  # a whole stage or job run
 @pytest.mark.timeout(600)
 def test_whole_job_with_the_cascade(tiny_job, ray_local):
     """Every stage with score.rerank_top on the fixture corpora (tiny models): scores.parquet carries the

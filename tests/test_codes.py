@@ -16,8 +16,8 @@ from pipeline.codes import (
     quantize,
     ranking_order,
     score_block,
-    spearman,
 )
+from pipeline.metrics import spearman
 from pipeline.ranking import RunSpiller, merge_runs
 
 

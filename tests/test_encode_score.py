@@ -116,6 +116,7 @@ def numpy_scores(job, table: pa.Table) -> tuple[np.ndarray, list[str], np.ndarra
     return codes @ qemb.T, [r["qid"] for r in q], np.array(table.column("id").to_pylist())
 
 
+@pytest.mark.slow  # a whole stage or job run
 @pytest.mark.timeout(400)
 def test_encode_incremental_then_score(tmp_path, tiny_encoder_dir, ray_local):
     data = make_job(tmp_path, tiny_encoder_dir, shards=3, rows_per_shard=60, index="ivf_hnsw_sq")

@@ -41,10 +41,10 @@ def _canonical(prefix: str, n: int) -> pa.Table:
 
 def test_teacher_sketches_follow_the_row_ids(tmp_path, monkeypatch):
     from pipeline.stages import eval as eval_stage
-    from pipeline.stages import sketch
+    from pipeline.stages import shared_teacher
 
-    monkeypatch.setattr(sketch, "_sketch_shards", _fake_shards)
-    monkeypatch.setattr(eval_stage, "plan_actors", lambda *a, **k: None)
+    monkeypatch.setattr(shared_teacher, "sketch_shards", _fake_shards)
+    monkeypatch.setattr(shared_teacher, "plan_actors", lambda *a, **k: None)
     job = load_job(
         data={
             "run_dir": str(tmp_path),
@@ -63,7 +63,8 @@ def test_teacher_sketches_follow_the_row_ids(tmp_path, monkeypatch):
         work_dir=str(tmp_path / "work"),
     )
     rows, queries = _canonical("row", 12), _canonical("q", 3)
-    q_mat, r_mat, ms = eval_stage._gradient_method(ctx, rows, queries)
+    q_mat, r_mat, record = eval_stage._gradient_method(ctx, rows, queries)
+    ms = record["ms_per_sample"]
     for table, mat in ((rows, r_mat), (queries, q_mat)):
         want = np.stack([_sketch_of(i) for i in table.column(ID).to_pylist()])
         np.testing.assert_array_equal(mat, want)

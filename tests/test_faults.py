@@ -137,7 +137,12 @@ def _shard_files(run_dir: Path) -> list[Path]:
 def _start(job_path: Path, env: dict, log_path: Path, stage: str = "sketch") -> subprocess.Popen:
     log = open(log_path, "w")
     return subprocess.Popen(
-        [*INFLUCODER, stage, str(job_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        # -v: the per-shard "done" lines these tests count are debug lines.
+        [*INFLUCODER, "-v", stage, str(job_path)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 

@@ -104,7 +104,7 @@ def test_spearman_with_ci_brackets_the_point_and_narrows_with_more_data():
     assert widths[1] < widths[0] / 2
     # The vectorised per-row Spearman equals scipy's.
     gt, pred = rng.normal(size=(4, 30)), rng.normal(size=(4, 30))
-    assert metrics.spearman_rows(pred, gt) == pytest.approx([metrics._spearman(p, g) for p, g in zip(pred, gt)])
+    assert metrics.spearman_rows(pred, gt) == pytest.approx([metrics.spearman(p, g) for p, g in zip(pred, gt)])
 
 
 # --------------------------------------------------------------------------- validation split

@@ -13,7 +13,6 @@ Fit on the tiny encoder runs in the fast tier inside test_e2e.py.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -144,8 +143,37 @@ def resumed_fit(ray_local, sketched_run, tmp_path_factory):
     run_dir = _copy_run(sketched_run, tmp_path_factory.mktemp("resume") / "run")
     # The default recipe (no validation split, the last epoch exported); the validated one is tested below.
     job = _job(run_dir, num_workers=1, val_frac=0.0, restore_best=False)
-    manifest = artifacts.run_stage(job, "fit", runner=functools.partial(fit.run, fail_once_at_epoch=2))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit.fit_worker, "train_loop", failing_once_in_epoch(2, fit.fit_worker.train_loop))
+        manifest = artifacts.run_stage(job, "fit")
     return job, manifest
+
+
+def failing_once_in_epoch(epoch: int, train_loop):
+    """A Ray Train loop that runs `train_loop`, but whose first attempt (no checkpoint yet) raises at
+    the first block of `epoch`: the fault is injected here, in the test, through the per-block loss
+    check the loop imports from pipeline.distill. Nested, so Ray pickles it by value."""
+
+    def loop(config):
+        import ray.train
+
+        import pipeline.distill as distill
+
+        check = distill.check_finite
+        if ray.train.get_checkpoint() is None:
+
+            def failing_check(loss, at_epoch, block_id):
+                if at_epoch == epoch:
+                    raise RuntimeError(f"injected failure in epoch {epoch} (test)")
+                check(loss, at_epoch, block_id)
+
+            distill.check_finite = failing_check
+        try:
+            train_loop(config)
+        finally:
+            distill.check_finite = check
+
+    return loop
 
 
 @pytest.mark.slow
@@ -235,6 +263,7 @@ def test_two_workers_reach_the_same_quality_band_and_restore_best(resumed_fit, s
     assert two["epochs"][-1]["spearman_per_anchor"] > two["untrained"]["spearman_per_anchor"]
 
 
+@pytest.mark.slow  # a whole stage or job run
 def test_gpu_request_on_cpu_cluster_fails_fast(ray_local, sketched_run, tmp_path):
     from pipeline.errors import ResourceError
 
@@ -245,6 +274,7 @@ def test_gpu_request_on_cpu_cluster_fails_fast(ray_local, sketched_run, tmp_path
         artifacts.run_stage(_job(run_dir, use_gpu=True), "fit")
 
 
+@pytest.mark.slow  # a whole stage or job run
 def test_too_many_candidates_is_a_config_error(ray_local, sketched_run, tmp_path):
     from pipeline.errors import ConfigError
 

@@ -258,7 +258,8 @@ def test_eval_leakage_counts_near_duplicates(tmp_path):
     queries = pa.table({"id": ["q0"], "text": ["BI people are just confused and greedy "]})
     out = _leakage(ctx, rows, queries)
     assert out["corpus_near_dup"] == 2 and out["queries_near_dup"] == 1
-    assert out["corpus_id_overlap"] == 1 and out["corpus_text_overlap"] == 0 and out["queries_text_overlap"] == 1
+    # Texts compare as neardup.normalise makes them: UNRELATED lower-cased with a full stop is the same text.
+    assert out["corpus_id_overlap"] == 1 and out["corpus_text_overlap"] == 1 and out["queries_text_overlap"] == 1
 
 
 @pytest.mark.parametrize("task", ["toxicity", "toxicity_groups"])

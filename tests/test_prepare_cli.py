@@ -86,7 +86,7 @@ def test_help_lists_every_subcommand():
         [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     listed = {line.split()[0] for line in out.splitlines() if re.match(r"    \S", line)}  # not wrapped lines
-    assert listed == set(_subcommands()) == {"prepare", "run", *STAGES, "status"}
+    assert listed == set(_subcommands()) == {"prepare", "run", *STAGES, "status", "show"}
     flat = " ".join(out.split())  # argparse wraps long help lines
     for stage in STAGES:
         assert " ".join(STAGE_HELP[stage].split()) in flat, stage
@@ -106,10 +106,12 @@ OPTIONS = {
         "--text-column",
         "--encoder-text-column",
         "--label-column",
+        "--positive-label",
     },
     "run": JOB_OPTIONS | {"--from", "--to"},
     **{stage: JOB_OPTIONS for stage in STAGES},
-    "status": {"run_dir", "--json"},
+    "status": {"run_dir", "--set", "--json"},
+    "show": {"run_dir", "--query", "--k"},
 }
 
 

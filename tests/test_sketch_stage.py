@@ -48,6 +48,7 @@ def sketched(tmp_path_factory, fixture_corpora, tiny_teacher_dir, ray_local):
     return data, manifest
 
 
+@pytest.mark.slow  # a whole stage or job run
 def test_contract_schema_and_splits(sketched):
     data, manifest = sketched
     run = data["run_dir"]
@@ -67,6 +68,7 @@ def test_contract_schema_and_splits(sketched):
     assert m["rejects"]["rows"] == 0
 
 
+@pytest.mark.slow  # a whole stage or job run
 def test_batch_size_and_shard_layout_do_not_change_sketches(sketched, tmp_path):
     data, _ = sketched
     other = json.loads(json.dumps(data))
@@ -96,6 +98,7 @@ def test_eval_split_is_prefix_stable_and_order_free():
     assert old_in_more == [r["id"] for r in small][: len(old_in_more)]
 
 
+@pytest.mark.slow  # a whole stage or job run
 def test_gpu_request_on_cpu_cluster_fails_fast(sketched, tmp_path):
     from pipeline.errors import ResourceError
 

@@ -221,6 +221,7 @@ def stage_runs(tmp_path_factory, fixture_corpora, tiny_teacher_dir, ray_local) -
     return runs
 
 
+@pytest.mark.slow  # a whole stage or job run
 @pytest.mark.parametrize("dtype", PRECISIONS)
 def test_stage_is_invariant_to_shards_batches_and_workers(stage_runs, dtype: str) -> None:
     a = _stage_sketches(stage_runs[f"{dtype}-a"][0]["run_dir"])
@@ -230,6 +231,7 @@ def test_stage_is_invariant_to_shards_batches_and_workers(stage_runs, dtype: str
     assert min(cos) >= 0.9999, min(cos)
 
 
+@pytest.mark.slow  # a whole stage or job run
 @pytest.mark.parametrize("dtype", PRECISIONS)
 def test_stage_records_precision_and_passes_the_gate(stage_runs, dtype: str) -> None:
     data, _ = stage_runs[f"{dtype}-a"]
@@ -242,6 +244,7 @@ def test_stage_records_precision_and_passes_the_gate(stage_runs, dtype: str) -> 
     assert m["fidelity"]["precision_gate"] == gate
 
 
+@pytest.mark.slow  # a whole stage or job run
 def test_stage_fails_when_the_gate_misses(stage_runs, tmp_path) -> None:
     """bf16 never reproduces fp32 exactly, so a pass mark of 1.0 must fail, naming rows and the fix."""
     from pipeline.artifacts import run_stage

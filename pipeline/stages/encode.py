@@ -24,13 +24,12 @@ import os
 import time
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import corpus, storage
-from pipeline.codes import bytes_per_row, numpy_dtype, quantization_fidelity, quantize
+from pipeline.codes import bytes_per_row, quantization_fidelity
 from pipeline.codestore import (
     CODE_DTYPE,
     CODE_SCALE,
@@ -39,15 +38,16 @@ from pipeline.codestore import (
     CodeSpec,
     CodeStore,
     Ledger,
-    code_array,
     codes_from_arrow,
-    utc_now,
 )
+from pipeline.artifacts import utc_now
 from pipeline.config import JobConfig, stable_hash
 from pipeline.errors import ArtifactMissingError
 from pipeline.schema import CODE, ID, REJECTS, ROW, SOURCE
+from pipeline.progress import Progress
+from pipeline.stages.shared_encode import TRUNCATED, choose_precision, encode_stream, fit_encoder_dir, split_output
 
-log = logging.getLogger("influcoder")
+log = logging.getLogger("influcoder.encode")
 
 WAVE_BYTES = 256 * 1024 * 1024  # input bytes per wave: the unit of crash recovery
 # ...and rows (known for Parquet): well-compressed text packs millions of rows into 256 MB, and a
@@ -62,120 +62,9 @@ WRITE_ROWS = 8192  # rows per merge_insert (fewer, larger LanceDB commits)
 # an error after the fact.
 FIDELITY_ROWS = 256  # rows embedded in float32 to measure int8 ranking fidelity
 RECALL_QUERIES, RECALL_K = 100, 10
-TRUNCATED = "truncated"
-
-
-# --------------------------------------------------------------------------- the Ray actor
-
-
-class CodeEncoder:
-    """Ray Data callable class: canonical rows -> (id, code, code_scale, source, row, truncated).
-
-    Rejected rows pass through with a zero code and their `reject_reason` so that the driver can
-    route them (one output schema per batch is what Ray Data needs).
-    """
-
-    def __init__(
-        self,
-        model_dir: str,
-        max_len: int,
-        code_dtype: str,
-        torch_threads: int,
-        batch_size: int,
-        use_gpu: bool = False,
-        text_prefix: str = "",
-        trust_remote_code: bool = False,
-    ):
-        import torch
-
-        from pipeline.encoder import TextEncoder
-
-        torch.set_num_threads(torch_threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.encoder = TextEncoder(model_dir, max_len, trust_remote_code=trust_remote_code, device=device)
-        self.code_dtype, self.batch_size, self.prefix = code_dtype, batch_size, text_prefix
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.textview import table_views
-
-        n = batch.num_rows
-        good = pc.is_null(batch.column(corpus.REJECT_REASON)).to_numpy(zero_copy_only=False)
-        idx = np.nonzero(good)[0]
-        # The encoder's view of each row (response kept when an instruction row overflows max_len).
-        texts = table_views(batch.take(pa.array(idx)), prefix=self.prefix)
-        dim = self.encoder.dim
-        codes = np.zeros((n, dim), dtype=numpy_dtype(self.code_dtype))
-        scales = np.ones(n, np.float32)
-        truncated = np.zeros(n, bool)
-        if len(texts):
-            emb, truncated[idx] = self.encoder.embed(texts, batch_size=self.batch_size, return_truncated=True)
-            q = quantize(emb, self.code_dtype)
-            codes[idx], scales[idx] = q.codes, q.scales
-        return pa.table(
-            {
-                ID: batch.column(ID),
-                CODE: code_array(codes),
-                CODE_SCALE: pa.array(scales),
-                SOURCE: batch.column(SOURCE),
-                ROW: batch.column(ROW),
-                TRUNCATED: pa.array(truncated),
-                corpus.REJECT_REASON: batch.column(corpus.REJECT_REASON),
-            }
-        )
-
-
-def encode_stream(
-    job: JobConfig, ds, model_dir: str, code_dtype: str, text_prefix: str = "", stage_key: str = "encode"
-) -> Iterator[pa.Table]:
-    """Map a dataset of canonical rows through CodeEncoder actors; yield the output batches."""
-    from pipeline.ray_runtime import plan_actors
-
-    plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, stage_key)
-    out = ds.map_batches(
-        CodeEncoder,
-        fn_constructor_kwargs={
-            "model_dir": model_dir,
-            "max_len": job.encoder.max_len,
-            "code_dtype": code_dtype,
-            "torch_threads": plan.torch_threads,
-            "batch_size": job.encode.batch_size,
-            "use_gpu": plan.use_gpu,
-            "text_prefix": text_prefix,
-            "trust_remote_code": job.encoder.trust_remote_code,
-        },
-        batch_size=job.encode.batch_size * 4,  # the encoder sorts by length within a batch
-        batch_format="pyarrow",
-        **plan.map_batches_kwargs(),
-    )
-    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield batch
-
-
-def split_output(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(good code rows, rejects in the REJECTS schema)."""
-    bad = pc.is_valid(batch.column(corpus.REJECT_REASON))
-    rej = batch.filter(bad)
-    rejects = pa.table(
-        {
-            SOURCE: rej.column(SOURCE),
-            ROW: rej.column(ROW),
-            ID: rej.column(ID),
-            "reason": rej.column(corpus.REJECT_REASON),
-        }
-    )
-    return batch.filter(pc.invert(bad)).drop_columns([corpus.REJECT_REASON]), rejects
 
 
 # --------------------------------------------------------------------------- stage helpers
-
-
-def fit_encoder_dir(job: JobConfig) -> str:
-    path = storage.join(job.run_dir, "fit", "encoder")
-    if not storage.exists(storage.join(path, "config.json")):
-        raise ArtifactMissingError(
-            f"the fitted encoder {storage.redact(path)} is missing; run `influcoder fit JOB.yaml` first."
-        )
-    return storage.local_path(path)
 
 
 def encoder_dim(model_dir: str) -> int:
@@ -295,14 +184,18 @@ def run(ctx) -> None:
             ledger.reset()  # a new or replaced table holds none of the ledger's files
             rejects_store.clear()
 
+        # The run's compute precision (encode.dtype, gated on a corpus sample): codes and the score
+        # stage's queries must share it, so files encoded in another precision are encoded again.
+        precision = choose_precision(job, model_dir, files) if files else {"requested": cfg.dtype, "dtype": None}
+
+        def done(p: str, f) -> bool:
+            made_in = ledger.files.get(p, {}).get("precision")  # absent: encoded before it was recorded
+            return ledger.is_done(p, f.size, f.mtime) and made_in in (None, precision["dtype"])
+
         # Files that left the corpus or changed since they were encoded: their rows go.
         current = {f.path: f for f in files}
-        stale = [
-            p
-            for p, e in ledger.files.items()
-            if p not in current or not ledger.is_done(p, current[p].size, current[p].mtime)
-        ]
-        todo = [f for f in files if not ledger.is_done(f.path, f.size, f.mtime)]
+        stale = [p for p in ledger.files if p not in current or not done(p, current[p])]
+        todo = [f for f in files if not done(f.path, f)]
         deleted = store.delete_sources(sorted(set(stale) | {f.path for f in todo}))
         ledger.forget(stale)
         rejects_store.forget([p for p in stale if p not in current])
@@ -317,11 +210,16 @@ def run(ctx) -> None:
         written = truncated = 0
         t0 = time.perf_counter()
         if todo:
+            known = [f.num_rows for f in todo]  # JSONL counts are unknown until read
+            progress = Progress("encode: corpus rows", None if None in known else sum(known))
             for wave in waves(todo, WAVE_BYTES):
-                n, t = _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store)
+                n, t = _encode_wave(
+                    job, wave, model_dir, spec, store, ledger, rejects_store, progress, precision["dtype"]
+                )
                 written, truncated = written + n, truncated + t
                 if written and store.count_rows() >= 100_000:
                     store.ensure_id_index()
+            progress.close()
             store.optimize()
         encode_s = time.perf_counter() - t0
 
@@ -349,7 +247,8 @@ def run(ctx) -> None:
             encode_seconds=round(encode_s, 3),
             rows_per_s=round(written / encode_s, 2) if written and encode_s > 0 else None,
             index=index,
-            code_fidelity=_fidelity(job, files, model_dir) if spec.code_dtype == "int8" else None,
+            precision=precision,
+            code_fidelity=_fidelity(job, files, model_dir, precision["dtype"]) if spec.code_dtype == "int8" else None,
         )
         if distinct is not None and distinct != total:
             from pipeline.errors import StageError
@@ -357,10 +256,15 @@ def run(ctx) -> None:
             raise StageError(f"encode: table `{cfg.table}` has {total} rows but {distinct} distinct ids.")
 
 
-def _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store) -> tuple[int, int]:
-    """Encode one wave of files, upsert its rows, then mark the files done. Returns (rows, truncated)."""
+def _encode_wave(
+    job, wave, model_dir, spec, store, ledger, rejects_store, progress: Progress, compute_dtype: str
+) -> tuple[int, int]:
+    """Encode one wave of files in `compute_dtype`, upsert its rows, then mark the files done (with
+    the precision they were encoded in). Returns (rows, truncated)."""
     ds = corpus.read_dataset(job.corpus, wave)
-    per_file = {f.path: {"size": f.size, "mtime": f.mtime, "rows": 0, "rejects": 0} for f in wave}
+    per_file = {
+        f.path: {"size": f.size, "mtime": f.mtime, "rows": 0, "rejects": 0, "precision": compute_dtype} for f in wave
+    }
     rejects: dict[str, list[pa.Table]] = {f.path: [] for f in wave}
     buf: list[pa.Table] = []
     buffered = written = truncated = 0
@@ -388,7 +292,8 @@ def _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store) -> tu
         written += n
         buf, buffered = [], 0
 
-    for batch in encode_stream(job, ds, model_dir, spec.code_dtype):
+    for batch in encode_stream(job, ds, model_dir, spec.code_dtype, compute_dtype=compute_dtype):
+        progress.update(batch.num_rows)
         good, rej = split_output(batch)
         truncated += int(pc.sum(good.column(TRUNCATED)).as_py() or 0)
         for src, cnt in zip(*_value_counts(good.column(SOURCE))):
@@ -405,7 +310,7 @@ def _encode_wave(job, wave, model_dir, spec, store, ledger, rejects_store) -> tu
     # Only now are all of the wave's rows in the table: record its files as done.
     rejects_store.write_many({s: pa.concat_tables(t) if t else REJECTS.empty_table() for s, t in rejects.items()})
     ledger.mark_done({p: {**e, "done_utc": utc_now()} for p, e in per_file.items()})
-    log.info("encode: wave of %d files done (%d rows)", len(wave), written)
+    log.debug("encode: wave of %d files done (%d rows)", len(wave), written)
     return written, truncated
 
 
@@ -440,7 +345,7 @@ def _maybe_index(job: JobConfig, store: CodeStore, spec: CodeSpec, written: int)
     return info
 
 
-def _fidelity(job: JobConfig, files, model_dir: str) -> dict[str, Any]:
+def _fidelity(job: JobConfig, files, model_dir: str, compute_dtype: str) -> dict[str, Any]:
     """Spearman of scores from int8 codes vs float32 embeddings of the same real rows."""
     import ray.data
 
@@ -453,6 +358,7 @@ def _fidelity(job: JobConfig, files, model_dir: str) -> dict[str, Any]:
     table = pa.concat_tables(sample).slice(0, FIDELITY_ROWS) if sample else None
     if table is None or table.num_rows < 8:
         return {"samples": 0, "reason": "too few rows in the first corpus file"}
-    out = pa.concat_tables(list(encode_stream(job, ray.data.from_arrow(table), model_dir, "float32")))
+    stream = encode_stream(job, ray.data.from_arrow(table), model_dir, "float32", compute_dtype=compute_dtype)
+    out = pa.concat_tables(list(stream))
     emb = codes_from_arrow(out.column(CODE), "float32")
     return quantization_fidelity(emb, "int8")

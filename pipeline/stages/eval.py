@@ -35,17 +35,24 @@ from pipeline import corpus, metrics, sampling, storage
 from pipeline.artifacts import StageRun
 from pipeline.baselines import BaselineScores, bm25_scores, random_scores
 from pipeline.config import JobConfig
-from pipeline.errors import InputDataError, StageError
-from pipeline.ray_runtime import ensure_ray, plan_actors
+from pipeline.errors import ConfigError, InputDataError
+from pipeline.ray_runtime import ensure_ray
 from pipeline.report import verdict, verdict_text
 from pipeline.textview import table_views
-from pipeline.schema import ID, LABEL, PROMPT, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT
+from pipeline.schema import ID, LABEL, SKETCH, SPLIT, TEXT
+from pipeline.stages.shared_teacher import teacher_ms_per_row, teacher_sketch_groups
 
-log = logging.getLogger("influcoder")
+log = logging.getLogger("influcoder.eval")
+
+
+# Raised when what eval computes from the same inputs changes, so finished evals are recomputed
+# instead of skipped with old figures. 2: rows that entered distillation are left out of the metrics.
+METHOD_VERSION = 2
 
 
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
     return {
+        "method_version": METHOD_VERSION,
         "corpus": corpus.files_fingerprint(corpus.discover(job.corpus, "corpus")),
         "queries": corpus.files_fingerprint(corpus.discover(job.score.queries, "score.queries")),
     }
@@ -54,25 +61,74 @@ def input_fingerprint(job: JobConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- inputs
 
 
-def _eval_rows(job: JobConfig) -> pa.Table:
-    """Good, de-duplicated corpus rows; a seeded sample of `eval.max_rows` when set."""
+# The gradient method runs a teacher backward pass per corpus row: past this many rows an eval with
+# the default `eval.max_rows` (unbounded) would run for hours, so it asks for an explicit choice.
+GRADIENT_MAX_ROWS = 10_000
+
+
+def distillation_exclusion(job: JobConfig, sketch_ids: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Corpus ids that entered distillation, per sketch role: the rows (both splits) of every role whose
+    dataset reads the corpus's own files (the pool when `pool` is unset; anchors pointed at the corpus).
+    Scoring them would grade the encoder on rows it was fitted to. Roles reading other files are not
+    excluded by id: ids derived from file names (`part-00000.parquet#3`) can repeat across datasets."""
+    datasets = {"anchors": job.anchors, "pool": job.pool_dataset}
+    return {
+        role: set(ids)
+        for role, ids in sketch_ids.items()
+        if role in datasets and datasets[role].same_location(job.corpus) and ids
+    }
+
+
+def _sketch_ids(ctx: StageRun) -> dict[str, set[str]]:
+    return {
+        role: set(
+            pq.read_table(storage.local_path(storage.join(ctx.upstream_dir("sketch"), role)), columns=[ID])
+            .column(ID)
+            .to_pylist()
+        )
+        for role in ("anchors", "pool")
+    }
+
+
+def _eval_rows(job: JobConfig, exclude: set[str] | None = None, excluded: list[str] | None = None) -> pa.Table:
+    """Good, de-duplicated corpus rows; a seeded sample of `eval.max_rows` when set. Rows whose id is in
+    `exclude` are left out before sampling (so the sample keeps its size) and appended to `excluded`."""
+    exclude = exclude or set()
     files = corpus.discover(job.corpus, "corpus")
-    ds = corpus.read_dataset(job.corpus, files)
-    keeper = sampling.SmallestKeys(job.eval.max_rows) if job.eval.max_rows else None
-    kept: list[dict] = []
-    seen: set[str] = set()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        good, _ = corpus.split_rejects(batch)
-        for row in good.to_pylist():
-            if row[ID] in seen:
-                continue
-            seen.add(row[ID])
-            if keeper is not None:
-                keeper.offer(sampling.order_key(job.seed, row[ID]), row[ID], row)
-            else:
-                kept.append(row)
-    rows = keeper.sorted_rows() if keeper is not None else sorted(kept, key=lambda r: r[ID])
+    if job.eval.max_rows is None and "gradient" in job.eval.methods:
+        known = [f.num_rows for f in files if f.num_rows is not None]
+        check_gradient_rows(job, sum(known))  # Parquet footers: refuse before reading a huge corpus
+
+    def first_occurrences():
+        seen: set[str] = set()
+        for batch in corpus.read_dataset(job.corpus, files).iter_batches(batch_format="pyarrow", batch_size=None):
+            good, _ = corpus.split_rejects(batch)
+            for row in good.to_pylist():
+                if row[ID] in exclude:
+                    if excluded is not None and row[ID] not in seen:
+                        excluded.append(row[ID])
+                    seen.add(row[ID])
+                elif row[ID] not in seen:
+                    seen.add(row[ID])
+                    yield row
+
+    if job.eval.max_rows:
+        rows = sampling.select(first_occurrences(), job.seed, job.eval.max_rows)
+    else:
+        rows = sorted(first_occurrences(), key=lambda r: r[ID])
+        check_gradient_rows(job, len(rows))
     return pa.Table.from_pylist(rows)
+
+
+def check_gradient_rows(job: JobConfig, n_rows: int) -> None:
+    """Refuse a gradient eval over more than GRADIENT_MAX_ROWS rows unless `eval.max_rows` is set."""
+    if job.eval.max_rows is None and "gradient" in job.eval.methods and n_rows > GRADIENT_MAX_ROWS:
+        raise ConfigError(
+            f"config key `eval.max_rows`: not set, so eval would score all {n_rows} corpus rows, and the "
+            f"`gradient` method runs a teacher backward pass per row (past {GRADIENT_MAX_ROWS} rows, hours on "
+            f"CPUs). Set `--set eval.max_rows=N` (a seeded sample; N above {GRADIENT_MAX_ROWS} is allowed "
+            f"when set explicitly), or drop `gradient` from eval.methods."
+        )
 
 
 def _queries(job: JobConfig) -> pa.Table:
@@ -98,9 +154,10 @@ def _sketch_split(ctx: StageRun, role: str) -> tuple[list[str], pa.Table, np.nda
 
 
 def _embed_method(
-    model_dir: str, job: JobConfig, pairs: list[tuple[list, list]], threads: int
+    model_dir: str, job: JobConfig, pairs: list[tuple[list, list]], threads: int, dtype: str = "float32"
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], float, float, int]:
-    """Load one encoder and embed every (queries, rows) pair of encoder inputs with it.
+    """Load one encoder and embed every (queries, rows) pair of encoder inputs with it, computing in
+    `dtype` (the precision the encode stage chose and gated for the codes).
 
     Returns the embeddings per pair, ms per row of the first pair's rows (timed after a warm-up,
     model loading excluded), the load time in seconds, and the embedding dim.
@@ -111,7 +168,9 @@ def _embed_method(
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    enc = TextEncoder(model_dir, max_len=job.encoder.max_len, trust_remote_code=job.encoder.trust_remote_code)
+    enc = TextEncoder(
+        model_dir, max_len=job.encoder.max_len, trust_remote_code=job.encoder.trust_remote_code, dtype=dtype
+    )
     load_s = time.perf_counter() - t0
     enc.embed(["warm-up"] * 2, batch_size=2)  # first-call kernels and allocations are not per-row cost
     out, ms = [], float("nan")
@@ -125,65 +184,33 @@ def _embed_method(
     return out, ms, load_s, enc.dim
 
 
-def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[np.ndarray, np.ndarray, float]:
-    """Teacher sketches of the eval rows and queries (resumable shards in the work dir)."""
-    from pipeline.stages.sketch import _sketch_shards
+def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Teacher sketches of the eval rows and queries (resumable shards in the work dir), aligned by id.
 
-    job = ctx.job
-    plan = plan_actors(job.sketch.use_gpu, job.sketch.num_actors, "sketch")
+    Returns (query sketches, row sketches, record): rows and queries the teacher rejects (no loss
+    span within teacher.max_len) keep a zero sketch, so they score 0; the record counts them
+    (`teacher_rejected_rows`, `teacher_rejected_queries`) and gives the teacher's ms per row."""
     shard_dir = storage.join(ctx.work_dir, "gradient_shards")
-    storage.makedirs(shard_dir)
-    per = job.sketch.rows_per_shard
-    groups = {"queries": queries, "rows": rows}
-    shards = []
-    for role, table in groups.items():
-        recs = [
-            {
-                ID: r[ID],
-                SPLIT: "eval",
-                SOURCE: r[SOURCE],
-                ROW: r[ROW],
-                TEXT: r[TEXT],
-                PROMPT: r[PROMPT],
-                RESPONSE: r[RESPONSE],
-            }
-            for r in table.to_pylist()
-        ]
-        shards += [(f"{role}-{i // per:05d}", recs[i : i + per]) for i in range(0, len(recs), per)]
-    done = {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in storage.list_files(shard_dir, ".parquet")}
-    pending = [s for s in shards if s[0] not in done]
-    _, compute_s = _sketch_shards(job, plan, pending, shard_dir)
-    mats = {}
-    for role in groups:
-        parts = [
-            pq.read_table(storage.local_path(storage.join(shard_dir, f"{name}.parquet")))
-            for name, _ in shards
-            if name.startswith(role + "-")
-        ]
-        t = pa.concat_tables(parts)
-        # Align by id, never by position: a shard's rows can come back from the actors in any order
-        # (Ray Data batches span shard blocks), so the file order is not the input order.
-        want = groups[role].column(ID).to_pylist()
-        pos = {rid: i for i, rid in enumerate(t.column(ID).to_pylist())}
-        missing = [rid for rid in want if rid not in pos]
-        if missing:
-            raise StageError(f"eval: the teacher's shards lack {len(missing)} rows (first: {missing[:3]}); rerun eval.")
-        t = t.take(pa.array([pos[rid] for rid in want]))
-        sk = t.column(SKETCH)
-        mat = np.zeros((t.num_rows, job.sketch.proj_dim), dtype=np.float32)
-        valid = np.asarray(sk.is_valid())
-        if valid.any():
-            mat[valid] = np.asarray(sk.filter(pa.array(valid)).combine_chunks().flatten()).reshape(
-                -1, job.sketch.proj_dim
-            )
-        mats[role] = mat  # rejected rows keep a zero sketch: score 0, never silently dropped
-    # The teacher's time per row accumulates across resumed runs, so a resumed eval still reports it.
-    timing_path = storage.join(shard_dir, "timing.json")
-    timing = storage.read_json(timing_path) if storage.exists(timing_path) else {"compute_s": 0.0, "rows": 0}
-    timing = {"compute_s": timing["compute_s"] + compute_s, "rows": timing["rows"] + sum(len(r) for _, r in pending)}
-    storage.write_json_atomic(timing_path, timing)
-    ms = 1000 * timing["compute_s"] / timing["rows"] if timing["rows"] else float("nan")
-    return mats["queries"], mats["rows"], ms
+    sk, info = teacher_sketch_groups(
+        ctx.job, {"queries": queries.to_pylist(), "rows": rows.to_pylist()}, shard_dir, stage="eval"
+    )
+    (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
+    record = {
+        "ms_per_sample": teacher_ms_per_row(shard_dir, info["compute_s"], info["computed_rows"]),
+        "teacher_rejected_rows": int((~r_ok).sum()),
+        "teacher_rejected_queries": int((~q_ok).sum()),
+    }
+    if record["teacher_rejected_rows"] or record["teacher_rejected_queries"]:
+        log.warning(
+            "eval: the teacher rejected %d of %d rows and %d of %d queries (no response tokens within "
+            "teacher.max_len=%d); the gradient method scores them 0.",
+            record["teacher_rejected_rows"],
+            len(r_ok),
+            record["teacher_rejected_queries"],
+            len(q_ok),
+            ctx.job.teacher.max_len,
+        )
+    return q_mat, r_mat, record
 
 
 # --------------------------------------------------------------------------- metrics
@@ -235,18 +262,19 @@ def _leakage(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> dict[str, int]
     """Overlap (ids, normalised texts, near-duplicates) between evaluated rows/queries and distillation data."""
     from pipeline import neardup
 
+    # Texts compare as `neardup.normalise` makes them (case, punctuation, spacing), as fit's check does.
     distill_ids, distill_texts = set(), set()
     near = neardup.NearDupIndex(seed=ctx.job.seed)  # the same definition `prepare` drops by
     for role in ("anchors", "pool"):
         t = pq.read_table(storage.local_path(storage.join(ctx.upstream_dir("sketch"), role)), columns=[ID, TEXT])
         distill_ids.update(t.column(ID).to_pylist())
-        distill_texts.update(s.strip().lower() for s in t.column(TEXT).to_pylist())
+        distill_texts.update(neardup.normalise(s) for s in t.column(TEXT).to_pylist())
         for i, s in enumerate(t.column(TEXT).to_pylist()):
             near.add((role, i), s)
     out = {}
     for name, t in (("corpus", rows), ("queries", queries)):
         out[f"{name}_id_overlap"] = len(distill_ids & set(t.column(ID).to_pylist()))
-        out[f"{name}_text_overlap"] = len(distill_texts & {s.strip().lower() for s in t.column(TEXT).to_pylist()})
+        out[f"{name}_text_overlap"] = len(distill_texts & {neardup.normalise(s) for s in t.column(TEXT).to_pylist()})
         out[f"{name}_near_dup"] = sum(bool(near.matches(s)) for s in t.column(TEXT).to_pylist())
     return out
 
@@ -261,13 +289,38 @@ def run(ctx: StageRun) -> None:
     job = ctx.job
     ensure_ray(job.ray)
     methods = job.eval.methods
-    rows = _eval_rows(job)
+    distilled = distillation_exclusion(job, _sketch_ids(ctx))
+    excluded_ids: list[str] = []
+    rows = _eval_rows(job, set().union(*distilled.values()), excluded_ids)
+    excluded = {"rows": len(excluded_ids), "roles": sorted(distilled)}
+    if excluded_ids:
+        log.warning(
+            "eval: %d corpus rows entered distillation (the sketch's %s read the corpus files%s) and are left "
+            "out of every metric; point `pool` (and `anchors`) at data outside the corpus to evaluate on every row.",
+            len(excluded_ids),
+            " and ".join(sorted(distilled)),
+            ": `pool` is not set" if job.pool is None else "",
+        )
+    if rows.num_rows == 0:
+        raise InputDataError(
+            f"eval: no corpus rows left to evaluate in {storage.redact(job.corpus.path)}"
+            + (f" ({len(excluded_ids)} entered distillation)" if excluded_ids else "")
+            + "; set `pool` to other data than the corpus, or give the corpus more rows."
+        )
     queries = _queries(job)
     ids = rows.column(ID).to_pylist()
     labels = None
     if job.corpus.label_column:
-        # Rows without a label count as negatives (label 1 marks the rows to find).
-        labels = pa.compute.fill_null(rows.column(LABEL), 0).to_numpy().astype(int)
+        # Rows without a label count as negatives (label 1 marks the rows to find). The cast: a column
+        # whose every value is null has Arrow type null, which fill_null cannot fill with an integer.
+        labels = pa.compute.fill_null(rows.column(LABEL).cast(pa.int64()), 0).to_numpy().astype(int)
+        if not labels.any():
+            log.warning(
+                "eval: corpus.label_column `%s` has no row labelled 1 among the %d evaluated rows: AUPRC, "
+                "Recall@k and MRR are not computed. Check the column (1 = a row to find).",
+                job.corpus.label_column,
+                len(ids),
+            )
     row_texts = rows.column(TEXT).to_pylist()
     q_texts = queries.column(TEXT).to_pylist()
     log.info(
@@ -314,11 +367,16 @@ def run(ctx: StageRun) -> None:
                 p_texts,
             )
         )
+    # Every encoder method computes in the precision encode chose for the codes: influcoder's scores then
+    # match the score stage's, and the encoders' costs compare like for like.
+    precision = ((ctx.upstream.get("encode") or {}).get("precision") or {}).get("dtype") or "float32"
     for name, model_dir, q_in, r_in, a_in, p_in in encoders:
         if name not in methods and name != "untrained_encoder_prefixed":
             continue
         t0 = time.perf_counter()
-        ((q, r), (qa, pr)), ms, load_s, dim = _embed_method(model_dir, job, [(q_in, r_in), (a_in, p_in)], threads)
+        ((q, r), (qa, pr)), ms, load_s, dim = _embed_method(
+            model_dir, job, [(q_in, r_in), (a_in, p_in)], threads, precision
+        )
         per_query[name] = q @ r.T
         heldout_pred[name] = qa @ pr.T
         code_bytes = (ctx.upstream.get("encode") or {}).get("bytes_per_row") or dim * 2
@@ -328,14 +386,15 @@ def run(ctx: StageRun) -> None:
             "setup_s": load_s + (setup_influcoder if name == "influcoder" else 0.0),
             "bytes_per_sample": float(code_bytes),
             "seconds": time.perf_counter() - t0,
+            "precision": precision,
         }
     if "gradient" in methods:
         t0 = time.perf_counter()
-        gq, gr, ms = _gradient_method(ctx, rows, queries)
+        gq, gr, teacher = _gradient_method(ctx, rows, queries)
         per_query["gradient"] = gq @ gr.T
         results["gradient"] = {
             "heldout": _fidelity(heldout_gt, heldout_gt, seed),
-            "ms_per_sample": ms,
+            **teacher,
             "setup_s": 0.0,
             "bytes_per_sample": float(job.sketch.proj_dim * 4),
             "seconds": time.perf_counter() - t0,
@@ -403,6 +462,7 @@ def run(ctx: StageRun) -> None:
         "queries": len(q_texts),
         "heldout": {"anchors": len(a_ids), "pool": len(p_ids)},
         "leakage": _leakage(ctx, rows, queries),
+        "excluded_distillation_rows": excluded,
         "consistency_with_score_stage": consistency,
         "seed": job.seed,
     }
@@ -448,6 +508,12 @@ def _headline(out: dict[str, Any]) -> str:
     ratio = out["speed"].get("influcoder_vs_gradient_ms_ratio")
     if ratio:
         lines.append(f"influcoder scores a sample {ratio:.0f}x faster than the gradient teacher.")
+    excluded = (out.get("excluded_distillation_rows") or {}).get("rows")
+    if excluded:
+        lines.append(
+            f"{excluded} corpus rows that entered distillation were left out of these metrics "
+            f"(set `pool` to data outside the corpus to evaluate on every row)."
+        )
     return "\n".join(lines)
 
 
@@ -490,22 +556,17 @@ def _cascade_teacher(ctx: StageRun, rows: pa.Table, queries: pa.Table, need: np.
     """Teacher cosines [Q, N] for the `need` rows (NaN elsewhere and where rejected) when the gradient
     method did not run, and the teacher's ms per row (accumulated across resumed runs)."""
     from pipeline import cascade
-    from pipeline.stages.score import teacher_sketch_groups
 
     shard_dir = storage.join(ctx.work_dir, "cascade_shards")
     row_recs = rows.to_pylist()
     sk, info = teacher_sketch_groups(
-        ctx.job, {"queries": queries.to_pylist(), "rows": [row_recs[i] for i in need]}, shard_dir
+        ctx.job, {"queries": queries.to_pylist(), "rows": [row_recs[i] for i in need]}, shard_dir, stage="eval"
     )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     teach = np.full((queries.num_rows, rows.num_rows), np.nan)
     if len(need):
         teach[:, need] = cascade.teacher_scores(r_mat, r_ok, q_mat, q_ok)[0]
-    timing_path = storage.join(shard_dir, "timing.json")
-    timing = storage.read_json(timing_path) if storage.exists(timing_path) else {"compute_s": 0.0, "rows": 0}
-    timing = {"compute_s": timing["compute_s"] + info["compute_s"], "rows": timing["rows"] + info["computed_rows"]}
-    storage.write_json_atomic(timing_path, timing)
-    return teach, 1000 * timing["compute_s"] / timing["rows"] if timing["rows"] else float("nan")
+    return teach, teacher_ms_per_row(shard_dir, info["compute_s"], info["computed_rows"])
 
 
 def _cascade_fidelity(agg: np.ndarray, per_q: np.ndarray, gt: np.ndarray, seed: int) -> dict[str, Any]:

@@ -25,84 +25,48 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.artifacts import StageRun
-from pipeline.config import FitConfig, to_dict
-from pipeline.errors import ConfigError, ResourceError, StageError
+from pipeline.config import JobConfig, to_dict
+from pipeline.errors import ConfigError, StageError
 from pipeline.models import resolve_encoder
-from pipeline.stages.fit_data import FitData, load_fit_data
-from pipeline.stages.fit_worker import BEST_WEIGHTS, HISTORY, WEIGHTS, train_loop
+from pipeline.stages.fit_data import FitData, load_fit_data, texts_from_inputs
+from pipeline.stages import fit_worker
+from pipeline.stages.fit_worker import BEST_WEIGHTS, HISTORY, WEIGHTS
 
-log = logging.getLogger("influcoder")
-
-
-# --------------------------------------------------------------------------- resources
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    num_workers: int
-    use_gpu: bool
-    cpus_per_worker: int
-
-
-def plan_workers(fit: FitConfig) -> WorkerPlan:
-    """Size the Ray Train worker group from the cluster's real resources (never ask for what is absent).
-
-    A GPU or CPU request the cluster cannot meet would leave the worker group pending forever,
-    so it fails fast with `ResourceError` instead.
-    """
-    import ray
-
-    from pipeline.ray_runtime import cluster_cpus_gpus
-
-    cpus, gpus = cluster_cpus_gpus()
-    if fit.use_gpu and gpus < 1:
-        raise ResourceError(
-            f"`fit.use_gpu` is true but the Ray cluster has no GPU (CPU={cpus:g}, GPU=0). "
-            f"Use `--set fit.use_gpu=false` to train on CPUs, or add GPU nodes."
-        )
-    use_gpu = fit.use_gpu if fit.use_gpu is not None else gpus >= 1
-    if use_gpu:
-        n = fit.num_workers or int(gpus)
-        if n > gpus:
-            raise ResourceError(
-                f"`fit.num_workers`={n} GPU workers, but the cluster has {gpus:g} GPUs; lower fit.num_workers."
-            )
-        return WorkerPlan(num_workers=n, use_gpu=True, cpus_per_worker=1)
-    # CPU: one worker by default (DDP between processes of one small machine only adds overhead).
-    n = fit.num_workers or 1
-    node_cpus = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=cpus)
-    if n > cpus:
-        raise ResourceError(
-            f"`fit.num_workers`={n} CPU workers need {n} CPUs, but the cluster has {cpus:g}; lower fit.num_workers."
-        )
-    per_worker = max(1, min(int(cpus // n), int(node_cpus)))  # a worker must fit on one node
-    return WorkerPlan(num_workers=n, use_gpu=False, cpus_per_worker=per_worker)
+log = logging.getLogger("influcoder.fit")
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
-    """Train, export and report. `fail_once_at_epoch` is a test hook: the first attempt's worker
-    raises in that epoch, so tests can check that training resumes from the last checkpoint."""
+def input_fingerprint(job: JobConfig) -> dict[str, Any]:
+    """The starting encoder's weights: a local folder edited in place keeps its `encoder.model` key."""
+    from pipeline.models import model_fingerprint
+
+    return {"encoder_weights": model_fingerprint(job.encoder.model)}
+
+
+def run(ctx: StageRun) -> None:
+    """Train, export and report."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.ray_runtime import ensure_ray, plan_actors
 
     job, fit = ctx.job, ctx.job.fit
     t0 = time.perf_counter()
     # Inputs are validated before Ray starts: a bad artifact or config fails in a second.
-    data = load_fit_data(ctx.upstream_dir("sketch"), job.encoder.anchor_prefix, fit.val_frac, job.seed)
+    data = load_fit_data(
+        ctx.upstream_dir("sketch"), job.encoder.anchor_prefix, fit.val_frac, job.seed, texts_from_inputs(job)
+    )
     sizes = data.sizes()
     if fit.block_candidates > sizes["train_pool"]:
         raise ConfigError(
@@ -112,8 +76,8 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
     leaked = _eval_texts_seen_in_train(data)
     if leaked:
         log.warning(
-            "fit: %d eval texts also occur (under other ids) in the train split; held-out metrics are "
-            "optimistic. Deduplicate the anchors/pool inputs.",
+            "fit: %d eval texts also occur (under other ids, up to case and punctuation) in the train "
+            "split; held-out metrics are optimistic. Deduplicate the anchors/pool inputs.",
             leaked,
         )
     model_dir = resolve_encoder(job.encoder.model)
@@ -126,8 +90,9 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
             truncated,
         )
     ensure_ray(job.ray)
-    plan = plan_workers(fit)
-    log.info("fit: %s; %d worker(s), gpu=%s, %d CPU each", sizes, plan.num_workers, plan.use_gpu, plan.cpus_per_worker)
+    plan = plan_actors(fit.use_gpu, fit.num_workers, "fit", training=True)
+    cpus_per_worker = int(plan.num_cpus)
+    log.info("fit: %s; %d worker(s), gpu=%s, %d CPU each", sizes, plan.num_actors, plan.use_gpu, cpus_per_worker)
     setup_s = time.perf_counter() - t0
 
     # One object-store copy, fetched by each worker (also after a restart) instead of being
@@ -136,9 +101,10 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
     storage_path = storage.join(ctx.work_dir, "ray_train")
     if not storage.is_uri(storage_path):
         storage_path = os.path.abspath(storage.local_path(storage_path))
-    resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    progress = EpochRelay()
     trainer = TorchTrainer(
-        train_loop,
+        fit_worker.train_loop,  # looked up at call time: a fault-injection test wraps it
         train_loop_config={
             "data_ref": data_ref,
             "model_dir": model_dir,
@@ -146,12 +112,10 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
             "trust_remote_code": job.encoder.trust_remote_code,
             "fit": to_dict(fit),
             "seed": job.seed,
-            "torch_threads": plan.cpus_per_worker,
-            "fail_once_at_epoch": fail_once_at_epoch,
+            "torch_threads": plan.torch_threads,
+            "progress": progress.queue,
         },
-        scaling_config=ScalingConfig(
-            num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=ScalingConfig(num_workers=plan.num_actors, use_gpu=plan.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"fit-{ctx.identity}",
             storage_path=storage_path,
@@ -161,7 +125,8 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
     )
     t1 = time.perf_counter()
     try:
-        result = trainer.fit()
+        with progress:
+            result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in its own types
         raise StageError(
             f"fit: training failed after {fit.max_failures} allowed restart(s) (fit.max_failures): {e}"
@@ -201,7 +166,7 @@ def run(ctx: StageRun, *, fail_once_at_epoch: Optional[int] = None) -> None:
         "splits": sizes,
         "truncated": truncated,
         "eval_texts_seen_in_train": leaked,
-        "workers": {"num_workers": plan.num_workers, "use_gpu": plan.use_gpu, "cpus_per_worker": plan.cpus_per_worker},
+        "workers": {"num_workers": plan.num_actors, "use_gpu": plan.use_gpu, "cpus_per_worker": cpus_per_worker},
         "timings": {"setup_s": round(setup_s, 3), "train_s": round(train_s, 3), "export_s": round(export_s, 3)},
     }
     storage.write_json_atomic(storage.join(ctx.out_dir, "metrics.json"), metrics)
@@ -303,9 +268,12 @@ def _load_mix(enc, start: dict, tuned: dict, weight: float) -> None:
 
 
 def _eval_texts_seen_in_train(data: FitData) -> int:
-    """Eval rows whose exact text is also a train row: a leak that distinct ids do not rule out."""
-    train = set(data.train_anchors.texts) | set(data.train_pool.texts)
-    return sum(t in train for t in data.eval_anchors.texts + data.eval_pool.texts)
+    """Eval rows whose text is also a train row's (`neardup.normalise`d, as eval's leakage audit
+    compares texts): a leak that distinct ids do not rule out."""
+    from pipeline.neardup import normalise
+
+    train = {normalise(t) for t in data.train_anchors.texts + data.train_pool.texts}
+    return sum(normalise(t) in train for t in data.eval_anchors.texts + data.eval_pool.texts)
 
 
 def _count_truncated(model_dir: str, data: FitData, max_len: int, trust_remote_code: bool) -> dict[str, int]:
@@ -341,36 +309,75 @@ def _save_encoder(enc, out_dir: str) -> None:
 
 
 def _plot_curves(metrics: dict[str, Any], path: str) -> None:
+    """The loss and the Spearman by epoch (the eval report draws the same Spearman panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.report import draw_spearman_by_epoch
+
     epochs = [e["epoch"] for e in metrics["epochs"]]
     fig, (ax_loss, ax_rho) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [e["loss"] for e in metrics["epochs"]], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="distillation loss")
-    styles = (("spearman_aggregated", "aggregated", "C0"), ("spearman_per_anchor", "per-anchor mean", "C1"))
-    for key, label, color in styles:
-        if all(key in e for e in metrics["epochs"]):
-            ax_rho.plot(
-                epochs, [e[key] for e in metrics["epochs"]], marker="o", color=color, label=f"{label} (held-out)"
-            )
-        ax_rho.axhline(metrics["untrained"][key], color=color, linestyle="--", label=f"{label} (starting encoder)")
-        if "val_" + key in metrics["untrained"]:
-            ax_rho.plot(
-                epochs,
-                [e["val_" + key] for e in metrics["epochs"]],
-                marker=".",
-                linestyle=":",
-                color=color,
-                label=f"{label} (validation)",
-            )
-    ax_rho.axvline(metrics["selected_epoch"], color="grey", linestyle=":", label="exported epoch")
-    ax_rho.set(xlabel="epoch", ylabel="held-out Spearman", title="held-out Spearman vs teacher")
-    ax_rho.legend(fontsize=8)
+    draw_spearman_by_epoch(ax_rho, metrics)
     fig.tight_layout()
     fs, local = storage.filesystem(path)
     with fs.open_output_stream(local) as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
+
+
+class EpochRelay:
+    """Epoch lines on the driver's console while `TorchTrainer.fit()` blocks.
+
+    Worker output reaches the console only with -v (ray_runtime.ensure_ray), and Ray Train returns
+    metrics only when training ends; so rank 0 puts each epoch's record on a Ray queue (an actor: it
+    works across nodes with no shared disk) and a driver thread logs it.
+    """
+
+    def __init__(self) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._relay, name="fit-epoch-relay", daemon=True)
+
+    def __enter__(self) -> "EpochRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()
+        import ray
+
+        ray.kill(self.queue.actor)
+
+    def _relay(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self._log(self.queue.get(timeout=1.0))
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - the queue is gone: training is over
+                return
+
+    def _drain(self) -> None:
+        try:
+            while not self.queue.empty():
+                self._log(self.queue.get_nowait())
+        except Exception:  # noqa: BLE001
+            pass
+
+    @staticmethod
+    def _log(r: dict[str, Any]) -> None:
+        parts = [f"loss {r['loss']:.4f}"]
+        for key, name in (("val_spearman_aggregated", "validation"), ("spearman_aggregated", "held-out")):
+            if isinstance(r.get(key), (int, float)):
+                parts.append(f"{name} aggregated ρ {r[key]:+.3f}")
+        log.info("fit: epoch %d/%d: %s (%.1f s)", r["epoch"], r["epochs"], ", ".join(parts), r.get("train_s", 0.0))

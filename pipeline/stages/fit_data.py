@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,7 @@ from pipeline.distill import cosine_targets
 from pipeline.textview import EncoderInput, table_views
 from pipeline.errors import ArtifactMissingError, InputDataError
 from pipeline.sampling import order_key
-from pipeline.schema import ID, PROMPT, RESPONSE, SKETCH, SPLIT, TEXT
+from pipeline.schema import ID, SKETCH, SKETCH_TEXTS, SPLIT, TEXT, sketch_schema
 
 SIDES = ("anchors", "pool")
 SPLITS = ("train", "eval")
@@ -73,7 +73,35 @@ class FitData:
         return out
 
 
-def _read_side(sketch_dir: str, side: str) -> pa.Table:
+# side ("anchors" | "pool"), ids -> a table of (id, text, prompt, response) for those ids
+TextLookup = Callable[[str, list[str]], pa.Table]
+
+
+def texts_from_inputs(job) -> TextLookup:
+    """Look the rows' texts up in the job's anchors / pool inputs, for a sketch artifact that carries
+    only the contract's columns (id, split, sketch). Streams the input files in-process, keeping only
+    the wanted ids (the first occurrence of an id wins, as in the sketch stage's selection)."""
+    from pipeline import corpus
+
+    def lookup(side: str, ids: list[str]) -> pa.Table:
+        cfg, section = (
+            (job.anchors, "anchors") if side == "anchors" else (job.pool_dataset, "pool" if job.pool else "corpus")
+        )
+        wanted = pa.array(sorted(set(ids)), pa.string())
+        found: dict[str, dict] = {}
+        for file in corpus.discover(cfg, section):
+            for batch in corpus.iter_file(file, cfg):
+                good, _ = corpus.split_rejects(batch)
+                for row in (
+                    good.filter(pc.is_in(good[ID], value_set=wanted)).select([ID, *SKETCH_TEXTS.names]).to_pylist()
+                ):
+                    found.setdefault(row[ID], row)
+        return pa.Table.from_pylist(list(found.values()), schema=pa.schema([pa.field(ID, pa.string()), *SKETCH_TEXTS]))
+
+    return lookup
+
+
+def _read_side(sketch_dir: str, side: str, lookup: Optional[TextLookup] = None) -> pa.Table:
     folder = storage.join(sketch_dir, side)
     files = storage.list_files(folder, ".parquet")
     if not files:
@@ -85,16 +113,34 @@ def _read_side(sketch_dir: str, side: str) -> pa.Table:
     for path in files:
         fs, p = storage.filesystem(path)
         names = pq.read_schema(p, filesystem=fs).names
-        missing = [c for c in (ID, SPLIT, SKETCH, TEXT) if c not in names]
+        missing = [c for c in sketch_schema(1).names if c not in names]
         if missing:
             raise InputDataError(
                 f"fit: {storage.redact(path)} lacks column(s) {missing} (has {names}); the sketch "
-                f"artifact must carry id, split, sketch and text. Rerun the sketch stage."
+                f"artifact must carry id, split and sketch. Rerun the sketch stage."
             )
-        # prompt/response are optional (older artifacts): without them the encoder sees the plain text.
-        view_cols = [c for c in (PROMPT, RESPONSE) if c in names]
-        tables.append(pq.read_table(p, filesystem=fs, columns=[ID, SPLIT, SKETCH, TEXT, *view_cols]))
-    return pa.concat_tables(tables, promote_options="permissive")
+        # The texts are optional (the contract names id, split, sketch): without `text` they are looked
+        # up in the inputs; without prompt/response the encoder sees the plain text.
+        text_cols = [c for c in SKETCH_TEXTS.names if c in names] if TEXT in names else []
+        tables.append(pq.read_table(p, filesystem=fs, columns=[ID, SPLIT, SKETCH, *text_cols]))
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if TEXT in table.column_names:
+        return table
+    if lookup is None:
+        raise InputDataError(f"fit: sketch/{side} has no `text` column and no inputs to look the texts up in.")
+    ids = table[ID].to_pylist()
+    texts = lookup(side, ids)
+    pos = {rid: i for i, rid in enumerate(texts[ID].to_pylist())}
+    lost = [rid for rid in ids if rid not in pos]
+    if lost:
+        raise InputDataError(
+            f"fit: sketch/{side} has no `text` column and {len(lost)} of its ids are not in the {side} input "
+            f"(first: {lost[:3]}); point `{side}.path` at the data that was sketched, or rerun the sketch stage."
+        )
+    take = texts.take(pa.array([pos[rid] for rid in ids], pa.int64()))
+    for name in SKETCH_TEXTS.names:
+        table = table.append_column(name, take[name])
+    return table
 
 
 def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRows:
@@ -140,11 +186,18 @@ def carve_validation(rows: SplitRows, frac: float, seed: int, minimum: int) -> t
     return rows.take(np.flatnonzero(~val)), rows.take(np.flatnonzero(val))
 
 
-def load_fit_data(sketch_dir: str, anchor_prefix: str, val_frac: float = 0.0, val_seed: int = 0) -> FitData:
-    """Read the sketch artifact, split it and build targets, validation and held-out ground truth."""
+def load_fit_data(
+    sketch_dir: str,
+    anchor_prefix: str,
+    val_frac: float = 0.0,
+    val_seed: int = 0,
+    lookup: Optional[TextLookup] = None,
+) -> FitData:
+    """Read the sketch artifact, split it and build targets, validation and held-out ground truth.
+    `lookup` supplies the texts when the artifact carries only the contract's columns."""
     parts: dict[tuple[str, str], SplitRows] = {}
     for side in SIDES:
-        table = _read_side(sketch_dir, side)
+        table = _read_side(sketch_dir, side, lookup)
         ids = table[ID].to_pylist()
         if len(set(ids)) != len(ids):
             raise InputDataError(f"fit: duplicate ids in sketch/{side}; every row must have a unique id.")

@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.config import FitConfig
 from pipeline.stages.fit_data import FitData
 
-log = logging.getLogger("influcoder")
+log = logging.getLogger("influcoder.fit")
 
 WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
@@ -54,6 +54,7 @@ def train_loop(config: dict[str, Any]) -> None:
         worker_block_ids,
     )
     from pipeline.encoder import TextEncoder
+    from pipeline.hardware import encoder_autocast_bf16
 
     data: FitData = ray.get(config["data_ref"])
     fit = FitConfig(**config["fit"])
@@ -62,7 +63,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     torch.set_num_threads(int(config["torch_threads"]))
     device = ray.train.torch.get_device()
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = encoder_autocast_bf16(device)
 
     enc = TextEncoder(
         config["model_dir"], max_len=config["max_len"], trust_remote_code=config["trust_remote_code"], device=device
@@ -111,9 +112,7 @@ def train_loop(config: dict[str, Any]) -> None:
         my_blocks = worker_block_ids(len(blocks), rank, world)
         model.train()
         loss_sum, steps = 0.0, 0
-        for i, block_id in enumerate(my_blocks):
-            if checkpoint is None and config.get("fail_once_at_epoch") == epoch and i == min(1, len(my_blocks) - 1):
-                raise RuntimeError(f"injected failure in epoch {epoch} (fit test hook)")
+        for block_id in my_blocks:
             a_idx = blocks[block_id]
             c_idx = sampler.sample(a_idx, candidate_rng(seed, epoch, block_id))
             # Internal invariant: candidates are train-pool columns, never eval rows.
@@ -156,6 +155,17 @@ def train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             _save_checkpoint(tmp, enc, optimizer, scheduler, history, best_state)
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        _tell_driver(config.get("progress"), {**record, "epochs": fit.epochs})
+
+
+def _tell_driver(queue, record: dict[str, Any]) -> None:
+    """Hand an epoch's record to the driver's progress log; never block or fail training over it."""
+    if queue is None:
+        return
+    try:
+        queue.put_nowait(record)
+    except Exception:  # noqa: BLE001 - a full or gone queue only costs a progress line
+        pass
 
 
 def _freeze_unused(enc) -> None:

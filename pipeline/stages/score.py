@@ -1,7 +1,8 @@
 """The score stage: every corpus code against the queries, exactly, in bounded memory.
 
 1. Queries (`score.queries`, small) are read in-process, get `encoder.anchor_prefix`, and are
-   embedded in float32 by the same `CodeEncoder` actors as the corpus (same fitted encoder).
+   embedded by the same `CodeEncoder` actors as the corpus (same fitted encoder), in the compute
+   precision the encode stage recorded for the codes (`precision.dtype`: float32 or bfloat16).
 2. The driver streams the Lance table (pinned at the version the encode stage recorded) in Arrow
    batches (a Lance row group: 8,192 rows after encode's compaction, capped by `score.batch_rows`),
    decoded ahead by Lance's threads: per row the mean and max cosine over queries
@@ -16,9 +17,9 @@ index (small or int8 tables) it falls back to exact top-k and says so in the man
 Cascade (`score.rerank_top`): while the merged ranking streams out, its first K rows (the
 encoder's top-K by mean score, what curation selects from) are held back; their prompt/response
 are re-read from the corpus input (LanceDB holds ids and codes only), the teacher sketches them and
-the queries (the sketch stage's actors, `_sketch_shards`, in resumable shards under the work dir)
-and they are re-ordered by the teacher's mean cosine (pipeline/cascade.py, shared with eval). The
-per-query `topk.parquet` stays the encoder's.
+the queries (the sketch stage's actors via `shared_teacher.teacher_sketch_groups`, in resumable
+shards under the work dir) and they are re-ordered by the teacher's mean cosine (pipeline/cascade.py,
+shared with eval). The per-query `topk.parquet` stays the encoder's.
 
 Fidelity gate: the manifest's `fidelity_gate` says whether the exported encoder's held-out
 aggregated Spearman (fit/metrics.json) beats the plain starting encoder's; a failing gate is
@@ -43,6 +44,7 @@ from pipeline.codes import MultiTopK, exact_scores, ranking_order
 from pipeline.codestore import CODE_SCALE, CodeStore, codes_from_arrow
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputDataError
+from pipeline.progress import Progress
 from pipeline.ranking import RunSpiller, merge_runs, rows_for_fraction
 from pipeline.schema import (
     CODE,
@@ -57,16 +59,15 @@ from pipeline.schema import (
     SCORE_MAX,
     SCORES,
     SCORES_CASCADE,
-    SKETCH,
     SOURCE,
-    SPLIT,
     TEACHER_SCORE,
     TEXT,
     TOPK,
 )
-from pipeline.stages.encode import encode_stream, fit_encoder_dir, split_output
+from pipeline.stages.shared_encode import encode_stream, fit_encoder_dir, split_output
+from pipeline.stages.shared_teacher import teacher_sketch_groups
 
-log = logging.getLogger("influcoder")
+log = logging.getLogger("influcoder.score")
 
 SELECTED = pa.schema(
     [
@@ -93,8 +94,9 @@ def _writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
     return pq.ParquetWriter(p, schema, filesystem=fs)
 
 
-def embed_queries(ctx, job: JobConfig, model_dir: str) -> tuple[np.ndarray, list[str]]:
-    """float32 unit-norm query embeddings and their ids; bad query rows go to score/rejects.parquet."""
+def embed_queries(ctx, job: JobConfig, model_dir: str, compute_dtype: str = "float32") -> tuple[np.ndarray, list[str]]:
+    """float32 unit-norm query embeddings (computed in `compute_dtype`) and their ids; bad query rows
+    go to score/rejects.parquet."""
     import ray.data
 
     files = corpus.discover(job.score.queries, "score.queries")
@@ -106,14 +108,22 @@ def embed_queries(ctx, job: JobConfig, model_dir: str) -> tuple[np.ndarray, list
             model_dir,
             "float32",
             text_prefix=job.encoder.anchor_prefix,
-            stage_key="encode",
+            stage="score",
+            compute_dtype=compute_dtype,
         )
     )
     good, rejects = split_output(pa.concat_tables(out)) if out else (None, None)
     if rejects is not None:
-        ctx.write_rejects(rejects, table.num_rows, job.encode.max_reject_frac, "score: queries")
+        # The score stage has no reject limit of its own: its queries are held to the encode stage's.
+        ctx.write_rejects(
+            rejects, table.num_rows, job.encode.max_reject_frac, "score: queries", limit_key="encode.max_reject_frac"
+        )
     if good is None or good.num_rows == 0:
-        raise InputDataError("score.queries: no usable query rows (all empty or rejected); see score/rejects.parquet.")
+        by_reason = (ctx.manifest.get("rejects") or {}).get("by_reason") or {}
+        raise InputDataError(
+            f"score.queries: no usable query rows in {storage.redact(job.score.queries.path)} "
+            f"(rejected by reason: {by_reason or 'none; the files hold no rows'})."
+        )
     # Ray Data does not keep row order: order queries by id so query_index -> id is deterministic.
     good = good.take(pc.sort_indices(good, [(ID, "ascending")]))
     return codes_from_arrow(good.column(CODE), "float32"), good.column(ID).to_pylist()
@@ -137,7 +147,10 @@ def run(ctx) -> None:
             f"finished encode stage recorded {enc.get('encoder_fingerprint')}; rerun `influcoder encode JOB.yaml`."
         )
     model_dir = fit_encoder_dir(job)
-    queries, query_ids = embed_queries(ctx, job, model_dir)
+    # Queries in the codes' precision (a mismatch would skew scores silently); older encode
+    # manifests without the record were made in float32.
+    query_dtype = (enc.get("precision") or {}).get("dtype") or "float32"
+    queries, query_ids = embed_queries(ctx, job, model_dir, query_dtype)
     if queries.shape[1] != spec.dim:
         raise InputDataError(f"queries embed to dim {queries.shape[1]}, codes have dim {spec.dim}.")
 
@@ -149,7 +162,9 @@ def run(ctx) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="influcoder-score-") as tmp:
         spiller = RunSpiller(tmp)
-        batches = store.iter_batches(scan_columns(spec.code_dtype), cfg.batch_rows, dataset=dataset)
+        batches = Progress("score: code rows", n_total).track(
+            store.iter_batches(scan_columns(spec.code_dtype), cfg.batch_rows, dataset=dataset)
+        )
         scored, bytes_read, num_batches = score_batches(batches, queries, spec.code_dtype, topk, spiller.add)
         score_s = time.perf_counter() - t0  # the scan; sorting and merging the runs is rank_s
         spiller.flush()
@@ -184,6 +199,7 @@ def run(ctx) -> None:
         },
         selection=selection,
         fidelity_gate=gate,
+        query_precision=query_dtype,
         **({"cascade": cascade_rec} if cascade_rec else {}),
         timing={
             "score_s": round(score_s, 3),
@@ -424,7 +440,9 @@ def _cascade(
         )
     queries = _query_records(job, query_ids)
     shard_dir = storage.join(ctx.work_dir, "cascade_shards")
-    sk, info = teacher_sketch_groups(job, {"queries": queries, "rows": [rows[i] for i in block_ids]}, shard_dir)
+    sk, info = teacher_sketch_groups(
+        job, {"queries": queries, "rows": [rows[i] for i in block_ids]}, shard_dir, stage="score"
+    )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     if not q_ok.any():
         raise InputDataError(
@@ -519,90 +537,3 @@ def _query_records(job: JobConfig, query_ids: list[str]) -> list[dict[str, Any]]
     for r in good.to_pylist():
         by_id.setdefault(r[ID], r)
     return [by_id[q] for q in query_ids]
-
-
-def teacher_sketch_groups(
-    job: JobConfig, groups: dict[str, list[dict[str, Any]]], shard_dir: str
-) -> tuple[dict[str, tuple[list[str], np.ndarray, np.ndarray]], dict[str, Any]]:
-    """Teacher sketches of named groups of canonical rows, in resumable shards (the sketch stage's actors).
-
-    Shard `<group>-<nnnnn>.parquet` holds `sketch.rows_per_shard` rows; a shard file that holds exactly
-    the expected ids is reused, so a crash redoes only unfinished shards. Returns per group (ids, sketches
-    [n, proj_dim] float32 with zero rows where rejected, valid mask) in the given row order, and
-    {compute_s, computed_rows, shards, resumed_shards}.
-    """
-    from pipeline.ray_runtime import plan_actors
-    from pipeline.stages.sketch import _sketch_shards
-
-    storage.makedirs(shard_dir)
-    per = job.sketch.rows_per_shard
-    shards: list[tuple[str, list[dict[str, Any]]]] = []
-    for name, recs in groups.items():
-        recs = [
-            {
-                ID: r[ID],
-                SPLIT: "cascade",
-                SOURCE: r.get(SOURCE),
-                ROW: r.get(ROW),
-                TEXT: r.get(TEXT),
-                PROMPT: r.get(PROMPT),
-                RESPONSE: r.get(RESPONSE),
-            }
-            for r in recs
-        ]
-        shards += [(f"{name}-{i // per:05d}", recs[i : i + per]) for i in range(0, len(recs), per)]
-
-    def path(name: str) -> str:
-        return storage.join(shard_dir, f"{name}.parquet")
-
-    existing = {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in storage.list_files(shard_dir, ".parquet")}
-    pending = []
-    for name, recs in shards:
-        if name in existing:
-            have = pq.read_table(storage.local_path(path(name)), columns=[ID]).column(ID).to_pylist()
-            if sorted(have) == sorted(r[ID] for r in recs):
-                continue  # finished by an earlier, interrupted run of the same stage identity
-        pending.append((name, recs))
-    plan = plan_actors(job.sketch.use_gpu, job.sketch.num_actors, "sketch")
-    if pending:
-        log.info(
-            "score: cascade teacher on %d rows in %d shards (%d resumed), %s",
-            sum(len(r) for _, r in pending),
-            len(pending),
-            len(shards) - len(pending),
-            plan,
-        )
-    _, compute_s = _sketch_shards(job, plan, pending, shard_dir)
-
-    d = job.sketch.proj_dim
-    out: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
-    for group in groups:
-        ids: list[str] = []
-        mats, oks = [], []
-        for name, recs in shards:
-            if not name.startswith(group + "-"):
-                continue
-            t = pq.read_table(storage.local_path(path(name)), columns=[ID, SKETCH])
-            # Align by id: the shard's row order is whatever the actors returned.
-            pos = {rid: i for i, rid in enumerate(t.column(ID).to_pylist())}
-            take = pa.array([pos[r[ID]] for r in recs], pa.int64())
-            sk = t.column(SKETCH).take(take).combine_chunks()
-            ok = np.asarray(sk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-            mat = np.zeros((len(recs), d), dtype=np.float32)
-            if ok.any():
-                mat[ok] = np.asarray(sk.filter(pa.array(ok)).flatten(), dtype=np.float32).reshape(-1, d)
-            ids += [r[ID] for r in recs]
-            mats.append(mat)
-            oks.append(ok)
-        out[group] = (
-            ids,
-            np.concatenate(mats) if mats else np.zeros((0, d), np.float32),
-            np.concatenate(oks) if oks else np.zeros(0, bool),
-        )
-    computed = sum(len(r) for _, r in pending)
-    return out, {
-        "compute_s": float(compute_s),
-        "computed_rows": computed,
-        "shards": len(shards),
-        "resumed_shards": len(shards) - len(pending),
-    }

@@ -24,90 +24,38 @@ import pyarrow.parquet as pq
 
 from pipeline import corpus, sampling, storage
 from pipeline.artifacts import StageRun
-from pipeline.config import JobConfig, TeacherConfig
+from pipeline.config import JobConfig
 from pipeline.ray_runtime import ActorPlan, ensure_ray, plan_actors
-from pipeline.schema import ID, PROMPT, REASON, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT, sketch_schema
+from pipeline.schema import (
+    ID,
+    PROMPT,
+    REASON,
+    REJECTS,
+    RESPONSE,
+    ROW,
+    SKETCH,
+    SOURCE,
+    SPLIT,
+    sketch_artifact_schema,
+    split_by_reason,
+)
+from pipeline.stages.shared_teacher import finished_shards, shard_rows, sketch_shards
 
-log = logging.getLogger("influcoder")
+log = logging.getLogger("influcoder.sketch")
 
 ROLES = ("anchors", "pool")
-SHARD = "shard"
 
 
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
-    """Changing the input files changes which rows are sampled, so it changes the sketches."""
+    """Changing the input files changes which rows are sampled, so it changes the sketches; so do the
+    teacher's weights (a local folder edited in place keeps its `teacher.model` key)."""
+    from pipeline.models import model_fingerprint
+
     return {
         "anchors": corpus.files_fingerprint(corpus.discover(job.anchors, "anchors")),
         "pool": corpus.files_fingerprint(corpus.discover(job.pool_dataset, "pool" if job.pool else "corpus")),
+        "teacher_weights": model_fingerprint(job.teacher.model),
     }
-
-
-# --------------------------------------------------------------------------- actor
-
-
-class SketchActor:
-    """Ray Data actor: loads the teacher once, turns batches of rows into unit-norm sketches."""
-
-    def __init__(
-        self,
-        teacher: TeacherConfig,
-        proj_dim: int,
-        proj_seed: int,
-        lora_seed: int,
-        batch_size: int,
-        torch_threads: int,
-        use_gpu: bool,
-        token_budget: int | None = None,
-    ):
-        from pipeline.teacher import TeacherSketcher
-
-        self.batch_size, self.token_budget = batch_size, token_budget
-        self.sketcher = TeacherSketcher(
-            teacher,
-            proj_dim=proj_dim,
-            proj_seed=proj_seed,
-            lora_seed=lora_seed,
-            device="cuda" if use_gpu else "cpu",
-            torch_threads=torch_threads,
-        )
-        self.proj_dim = proj_dim
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        t0 = time.perf_counter()
-        res = self.sketcher.sketch(
-            batch.column(PROMPT).to_pylist(), batch.column(RESPONSE).to_pylist(), self.batch_size, self.token_budget
-        )
-        compute_s = time.perf_counter() - t0  # model load excluded: it happened in __init__
-        flat = np.zeros((n, self.proj_dim), dtype=np.float32)
-        valid = np.zeros(n, dtype=bool)
-        if len(res.ok_index):
-            flat[np.asarray(res.ok_index)] = res.sketches
-            valid[np.asarray(res.ok_index)] = True
-        reasons: list[str | None] = [None] * n
-        for i, reason in res.rejects:
-            reasons[i] = reason
-        # Rejected rows keep their place (so the driver can count a shard complete) with a null sketch.
-        sketches = pa.FixedSizeListArray.from_arrays(
-            pa.array(flat.reshape(-1), pa.float32()), self.proj_dim, mask=pa.array(~valid)
-        )
-        return pa.table(
-            {
-                SHARD: batch.column(SHARD),
-                ID: batch.column(ID),
-                SPLIT: batch.column(SPLIT),
-                SOURCE: batch.column(SOURCE),
-                ROW: batch.column(ROW),
-                TEXT: batch.column(TEXT),
-                PROMPT: batch.column(PROMPT),
-                RESPONSE: batch.column(RESPONSE),  # the encoder's view (fit)
-                SKETCH: sketches,
-                REASON: pa.array(reasons, pa.string()),
-                "tokens": pa.array([res.tokens if i == 0 else 0 for i in range(n)], pa.int64()),
-                "compute_s": pa.array([compute_s if i == 0 else 0.0 for i in range(n)], pa.float64()),
-                "dtype": pa.array([self.sketcher.dtype_name] * n, pa.string()),  # the precision, for the manifest
-            }
-        )
 
 
 # --------------------------------------------------------------------------- selection
@@ -119,22 +67,17 @@ def _select(
     """Stream a dataset once; keep the n_eval + n_train smallest keys. Returns eval, train, rejects, rows read."""
     import ray
 
-    keeper = sampling.SmallestKeys(n_eval + n_train)
-    seen: set[str] = set()
     reject_tables: list[pa.Table] = []
     total = 0
-    data_ctx = ray.data.DataContext.get_current()
-    previous_order = data_ctx.execution_options.preserve_order
-    # Duplicate ids: the first in file order wins, every run. Only this pass needs ordered output,
-    # so the global setting is restored afterwards (later stages stream unordered).
-    data_ctx.execution_options.preserve_order = True
-    try:
-        ds = corpus.read_dataset(ds_cfg, files)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+
+    def first_occurrences():
+        """Good rows, each id once: the first in file order wins, later ones are rejected."""
+        nonlocal total
+        seen: set[str] = set()
+        for batch in corpus.read_dataset(ds_cfg, files).iter_batches(batch_format="pyarrow", batch_size=None):
             total += batch.num_rows
             good, bad = corpus.split_rejects(batch)
-            if bad.num_rows:
-                reject_tables.append(bad)
+            reject_tables.append(bad)
             dup_rows = []
             for row in good.to_pylist():
                 rid = row[ID]
@@ -149,14 +92,18 @@ def _select(
                     )
                     continue
                 seen.add(rid)
-                if rid in exclude:
-                    continue
-                keeper.offer(sampling.order_key(job.sketch.split_seed, rid), rid, row)
-            if dup_rows:
-                reject_tables.append(pa.Table.from_pylist(dup_rows))
+                yield row
+            reject_tables.append(pa.Table.from_pylist(dup_rows, schema=REJECTS))
+
+    data_ctx = ray.data.DataContext.get_current()
+    previous_order = data_ctx.execution_options.preserve_order
+    # Duplicate ids: the first in file order wins, every run. Only this pass needs ordered output,
+    # so the global setting is restored afterwards (later stages stream unordered).
+    data_ctx.execution_options.preserve_order = True
+    try:
+        ordered = sampling.select(first_occurrences(), job.sketch.split_seed, n_eval + n_train, exclude)
     finally:
         data_ctx.execution_options.preserve_order = previous_order
-    ordered = keeper.sorted_rows()
     eval_rows, train_rows = sampling.split_rows(ordered, n_eval, n_train)
     for r in eval_rows:
         r[SPLIT] = "eval"
@@ -165,29 +112,20 @@ def _select(
     if len(ordered) < n_eval + n_train:
         from pipeline.errors import InputDataError
 
+        # Say why rows are missing (the real cause is often a mapping that rejects every row).
+        by_reason: dict[str, int] = {}
+        for t in reject_tables:
+            for reason in t.column(REASON).to_pylist():
+                by_reason[reason.split(":")[0]] = by_reason.get(reason.split(":")[0], 0) + 1
         raise InputDataError(
             f"sketch: {role} needs {n_eval} eval + {n_train} train rows but only {len(ordered)} good rows are "
-            f"available in {storage.redact(ds_cfg.path)}; lower sketch.eval_{role} / sketch.train_{role}."
+            f"available in {storage.redact(ds_cfg.path)} ({total} rows read, {sum(by_reason.values())} rejected"
+            + (f": {by_reason}" if by_reason else "")
+            + (f", {len(exclude)} taken as anchors" if exclude else "")
+            + f"); fix the rejected rows or lower sketch.eval_{role} / sketch.train_{role}."
         )
-    rejects = (
-        pa.concat_tables(
-            [
-                t.select([SOURCE, ROW, ID, REASON]).cast(
-                    pa.schema([(SOURCE, pa.string()), (ROW, pa.int64()), (ID, pa.string()), (REASON, pa.string())])
-                )
-                for t in reject_tables
-            ]
-        )
-        if reject_tables
-        else None
-    )
+    rejects = pa.concat_tables(reject_tables) if reject_tables else REJECTS.empty_table()
     return eval_rows, train_rows, rejects, total
-
-
-def _shards(role: str, rows: list[dict], rows_per_shard: int) -> list[tuple[str, list[dict]]]:
-    return [
-        (f"{role}-{i // rows_per_shard:05d}", rows[i : i + rows_per_shard]) for i in range(0, len(rows), rows_per_shard)
-    ]
 
 
 # --------------------------------------------------------------------------- stage
@@ -206,7 +144,7 @@ def run(ctx: StageRun) -> None:
     selected: dict[str, list[dict]] = {}
     rejects: list[pa.Table] = []
     rows_read = 0
-    same_source = job.anchors.path == job.pool_dataset.path
+    same_source = job.anchors.same_location(job.pool_dataset)  # `data/x` and `./data/x/` are one dataset
     for role in ROLES:
         ds_cfg, section, n_eval, n_train = sources[role]
         files = corpus.discover(ds_cfg, section)
@@ -214,16 +152,13 @@ def run(ctx: StageRun) -> None:
         eval_rows, train_rows, bad, total = _select(job, role, ds_cfg, files, n_eval, n_train, exclude)
         selected[role] = eval_rows + train_rows
         rows_read += total
-        if bad is not None:
-            rejects.append(bad)
+        rejects.append(bad)
 
     # Shards are the unit of crash recovery: finished ones are files in the work dir.
     shard_dir = storage.join(ctx.work_dir, "shards")
     storage.makedirs(shard_dir)
-    done = {
-        storage.local_path(p).rsplit("/", 1)[-1][: -len(".parquet")] for p in storage.list_files(shard_dir, ".parquet")
-    }
-    all_shards = [s for role in ROLES for s in _shards(role, selected[role], cfg.rows_per_shard)]
+    done = finished_shards(shard_dir)
+    all_shards = [s for role in ROLES for s in shard_rows(role, selected[role], cfg.rows_per_shard)]
     pending = [(name, rows) for name, rows in all_shards if name not in done]
     log.info(
         "sketch: %d anchors + %d pool rows in %d shards (%d already done), %s",
@@ -239,7 +174,7 @@ def run(ctx: StageRun) -> None:
     reference = _reference(job, plan, selected)
     run_job = dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=reference["chosen"]))
     dtypes: set[str] = set()
-    tokens, compute_s = _sketch_shards(run_job, plan, pending, shard_dir, dtypes=dtypes)
+    tokens, compute_s = sketch_shards(run_job, plan, pending, shard_dir, dtypes=dtypes)
     sketch_seconds = time.perf_counter() - t0
 
     tables = {role: [] for role in ROLES}
@@ -250,23 +185,10 @@ def run(ctx: StageRun) -> None:
         table = pa.concat_tables(tables[role]) if tables[role] else None
         if table is None:
             continue
-        bad_mask = pa.compute.is_valid(table.column(REASON))
-        if pa.compute.any(bad_mask).as_py():
-            b = table.filter(bad_mask)
-            rejects.append(
-                pa.table({SOURCE: b.column(SOURCE), ROW: b.column(ROW), ID: b.column(ID), REASON: b.column(REASON)})
-            )
-        good = table.filter(pa.compute.invert(bad_mask))
-        out = good.select([ID, SPLIT, SKETCH, TEXT, PROMPT, RESPONSE]).cast(
-            pa.schema(
-                [
-                    *sketch_schema(cfg.proj_dim),
-                    pa.field(TEXT, pa.string()),
-                    pa.field(PROMPT, pa.string()),
-                    pa.field(RESPONSE, pa.string()),
-                ]
-            )
-        )
+        good, bad = split_by_reason(table, REASON)  # rows the teacher rejected (no loss span, too long)
+        rejects.append(bad)
+        schema = sketch_artifact_schema(cfg.proj_dim)
+        out = good.select(schema.names).cast(schema)
         role_dir = storage.join(ctx.out_dir, role)
         storage.makedirs(role_dir)
         fs, path = storage.filesystem(storage.join(role_dir, "part-00000.parquet"))
@@ -274,18 +196,7 @@ def run(ctx: StageRun) -> None:
         splits = out.column(SPLIT).to_pylist()
         counts[role] = {"eval": splits.count("eval"), "train": splits.count("train")}
 
-    all_rejects = (
-        pa.concat_tables(rejects)
-        if rejects
-        else pa.table(
-            {
-                SOURCE: pa.array([], pa.string()),
-                ROW: pa.array([], pa.int64()),
-                ID: pa.array([], pa.string()),
-                REASON: pa.array([], pa.string()),
-            }
-        )
-    )
+    all_rejects = pa.concat_tables(rejects) if rejects else REJECTS.empty_table()
     ctx.write_rejects(all_rejects, total_rows=rows_read, max_frac=cfg.max_reject_frac, what="sketch")
     n_sketched = sum(t.num_rows for ts in tables.values() for t in ts)
     fidelity = _fidelity_check(job, reference, ctx.out_dir, dtypes)
@@ -313,84 +224,6 @@ def run(ctx: StageRun) -> None:
             "gate": fidelity.get("precision_gate"),
         },
     )
-
-
-def _sketch_shards(
-    job: JobConfig,
-    plan: ActorPlan,
-    pending: list[tuple[str, list[dict]]],
-    shard_dir: str,
-    dtypes: set[str] | None = None,
-) -> tuple[int, float]:
-    """Run the actor pool over pending shards; write each shard file when all its rows are back.
-    Returns (tokens processed, actor compute seconds); ``dtypes``, if given, receives the compute
-    precisions the actors used (``bfloat16``/``float32``)."""
-    import ray
-
-    if not pending:
-        return 0, 0.0
-    cfg = job.sketch
-    if job.teacher.dtype == "auto":
-        # Callers after the sketch stage (eval's gradient method, the score cascade) compute in the
-        # precision the sketch stage chose and gated, so their sketches compare with its sketches.
-        from pipeline.artifacts import read_manifest
-
-        chosen = ((read_manifest(job, "sketch") or {}).get("precision") or {}).get("chosen")
-        if chosen in ("float32", "bfloat16"):
-            job = dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=chosen))
-    cols = [SHARD, ID, SPLIT, SOURCE, ROW, TEXT, PROMPT, RESPONSE]
-    blocks = [
-        pa.Table.from_pylist([{**{k: r.get(k) for k in cols if k != SHARD}, SHARD: name} for r in rows]).select(cols)
-        for name, rows in pending
-    ]
-    expected = {name: len(rows) for name, rows in pending}
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        SketchActor,
-        fn_constructor_kwargs=dict(
-            teacher=job.teacher,
-            proj_dim=cfg.proj_dim,
-            proj_seed=cfg.proj_seed,
-            lora_seed=job.lora_seed,
-            batch_size=cfg.batch_size,
-            torch_threads=plan.torch_threads,
-            use_gpu=plan.use_gpu,
-            token_budget=cfg.token_budget,
-        ),
-        batch_size=cfg.rows_per_shard,
-        batch_format="pyarrow",
-        **plan.map_batches_kwargs(),
-    )
-    buffers: dict[str, list[pa.Table]] = {}
-    got: dict[str, int] = {}
-    tokens, compute_s = 0, 0.0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        tokens += int(pa.compute.sum(batch.column("tokens")).as_py() or 0)
-        compute_s += float(pa.compute.sum(batch.column("compute_s")).as_py() or 0.0)
-        if dtypes is not None:
-            dtypes.update(batch.column("dtype").unique().to_pylist())
-        batch = batch.drop_columns(["tokens", "compute_s", "dtype"])
-        for name in set(batch.column(SHARD).to_pylist()):
-            part = batch.filter(pa.compute.equal(batch.column(SHARD), name))
-            buffers.setdefault(name, []).append(part)
-            got[name] = got.get(name, 0) + part.num_rows
-            if got[name] == expected[name]:
-                table = pa.concat_tables(buffers.pop(name)).drop_columns([SHARD])
-                _write_atomic(table, storage.join(shard_dir, f"{name}.parquet"))
-                log.info("sketch: shard %s done (%d rows)", name, table.num_rows)
-    missing = [n for n in expected if got.get(n, 0) != expected[n]]
-    if missing:
-        from pipeline.errors import StageError
-
-        raise StageError(f"sketch: shards {missing[:5]} came back incomplete; rerun to resume.")
-    return tokens, compute_s
-
-
-def _write_atomic(table: pa.Table, path: str) -> None:
-    tmp = f"{path}.tmp"
-    fs, p = storage.filesystem(tmp)
-    pq.write_table(table, p, filesystem=fs)
-    storage.move(tmp, path)
 
 
 def _gate_rows(job: JobConfig, selected: dict[str, list[dict]]) -> list[tuple[str, dict]]:

@@ -1,0 +1,240 @@
+"""Encoder throughput against sentence-transformers, side by side on the same real rows.
+
+    python bench/bench_encode_vs_st.py --rows 2000      # ~5-8 min on a 2-core CPU
+
+One process, one encoder (the demo's fitted encoder when runs/demo/fit/encoder exists, else the
+plain offline all-MiniLM-L6-v2), max_len 128, the same real T0 rows ("prompt\\ncompletion", as
+plain texts: sentence-transformers takes no pair views) for every method:
+
+* ``ours fp32``   ``TextEncoder.embed`` in float32: tokenised once, length-sorted, token-budget batches.
+* ``ours auto``   the same with ``encode.dtype=auto`` (bf16 autocast where the CPU has native bf16).
+* ``ST default``  ``SentenceTransformer.encode`` with its defaults (float32, batch 32).
+* ``ST bf16``     the same model cast to bf16 (``model.bfloat16()``), and ``ST bf16 autocast``
+  (fp32 weights under ``torch.autocast("cpu", bfloat16)``), the best settings sentence-transformers
+  offers on this CPU without extra packages.
+* ``ST onnx`` / ``ST openvino``: sentence-transformers' own backends, run only when their packages
+  (optimum + onnxruntime / openvino) import; otherwise the output says they did not run and why.
+
+The rows are cut into chunks and every method runs on each chunk in turn (rotating the order), so
+load from other processes on a shared machine falls on all methods alike; the CPU time per method is
+printed next to the wall time. FLOPs are 2 * P * T (P = weights in the transformer's matmuls,
+T = real tokens after truncation; attention-score products are not counted, so the fraction
+understates). The fraction of peak divides by the matmul rate measured in this run (2048^2, best of
+the start and the end), in float32 and in bf16. "min cos" is each method's worst row against
+``ours fp32``. Writes bench/out/encode_vs_st.json. No peer figure is ever filled in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.encoder import TextEncoder  # noqa: E402
+from pipeline.hardware import native_bf16  # noqa: E402
+from pipeline.models import resolve_encoder  # noqa: E402
+
+from common import matmul_gflops, read_jsonl  # noqa: E402  (bench/ is the script's directory)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DATA", ROOT.parent / "shared" / "data"))
+TARGET_VS_ST, TARGET_BF16_PEAK = 1.5, 0.40  # issue 12
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
+
+
+def t0_texts(n: int) -> list[str]:
+    """The first n T0 rows as the encoder sees a prompt/response row in plain-text form."""
+    rows = read_jsonl(DATA / "t0" / "t0_train_50k.jsonl", n)
+    if len(rows) < n:
+        raise SystemExit(f"{DATA}/t0/t0_train_50k.jsonl has {len(rows)} rows, fewer than --rows {n}")
+    return [f"{r['prompt']}\n{r['completion']}" for r in rows]
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights of the Linear layers of the transformer stack (the pooler runs once per row, not per token)."""
+    stack = getattr(model, "encoder", model)
+    return sum(m.weight.numel() for m in stack.modules() if isinstance(m, torch.nn.Linear))
+
+
+def st_methods(model_dir: str, max_len: int) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
+    """sentence-transformers settings that can run here, and why the others cannot."""
+    from sentence_transformers import SentenceTransformer
+
+    def load(**kw):
+        st = SentenceTransformer(model_dir, device="cpu", **kw)
+        st.max_seq_length = max_len
+        return st
+
+    def run(st, autocast: bool = False):
+        def f(texts):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = st.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+            return out.float().numpy()
+
+        return f
+
+    methods = {"ST default": ("float32", run(load()))}
+    skipped = {}
+    methods["ST bf16"] = ("bfloat16", run(load().bfloat16()))
+    methods["ST bf16 autocast"] = ("bfloat16", run(load(), autocast=True))
+    for backend in ("onnx", "openvino"):
+        try:
+            methods[f"ST {backend}"] = ("float32", run(load(backend=backend)))
+        except Exception as e:  # noqa: BLE001 - any failure to load is reported, never filled in
+            skipped[f"ST {backend}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    skipped["ST float16"] = "not run: this CPU has no native float16 matmul (PyTorch emulates it)"
+    return methods, skipped
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=250, help="rows per interleaved chunk")
+    ap.add_argument("--batch-size", type=int, default=64, help="encode.batch_size for our path")
+    ap.add_argument("--token-budget", type=int, default=8192, help="encode.token_budget for our path")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "encode_vs_st.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = uptime()
+    print(f"uptime before: {load_start}", flush=True)
+    peak = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+
+    fitted = ROOT / "runs" / "demo" / "fit" / "encoder"
+    model_dir = str(fitted) if (fitted / "config.json").exists() else resolve_encoder("all-minilm-l6-v2")
+    texts = t0_texts(args.rows)
+    fp32 = TextEncoder(model_dir, args.max_len, dtype="float32")
+    auto = TextEncoder(model_dir, args.max_len, dtype="auto")
+    tokens = int(sum(len(ids) for ids in fp32.features(texts)[0]["input_ids"]))
+    params = matmul_params(fp32.model)
+
+    def ours(enc):
+        return lambda t: enc.embed(t, args.batch_size, token_budget=args.token_budget)
+
+    methods = {"ours fp32": ("float32", ours(fp32)), f"ours auto ({auto.precision})": (auto.precision, ours(auto))}
+    st, skipped = st_methods(model_dir, args.max_len)
+    methods.update(st)
+    for _, fn in methods.values():  # warm-up: first-call kernels and allocations are not per-row cost
+        fn(texts[:32])
+
+    wall = dict.fromkeys(methods, 0.0)
+    cpu = dict.fromkeys(methods, 0.0)
+    emb: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    names = list(methods)
+    for c, start in enumerate(range(0, len(texts), args.chunk)):
+        chunk = texts[start : start + args.chunk]
+        for k in range(len(names)):
+            m = names[(c + k) % len(names)]  # rotate who goes first
+            t0, c0 = time.perf_counter(), time.process_time()
+            emb[m].append(methods[m][1](chunk))
+            wall[m] += time.perf_counter() - t0
+            cpu[m] += time.process_time() - c0
+    peak = {k: max(v, matmul_gflops(getattr(torch, k))) for k, v in peak.items()}  # best of start and end
+    load_end = uptime()
+
+    ref = np.concatenate(emb["ours fp32"])
+    flops = 2.0 * params * tokens
+    results = []
+    for m, (prec, _) in methods.items():
+        e = np.concatenate(emb[m])
+        gflops = flops / wall[m] / 1e9
+        results.append(
+            {
+                "method": m,
+                "precision": prec,
+                "s": wall[m],
+                "cpu_s": cpu[m],
+                "rows_per_s": len(texts) / wall[m],
+                "gflops": gflops,
+                "frac_fp32_peak": gflops / peak["float32"],
+                "frac_bf16_peak": gflops / peak["bfloat16"],
+                "min_cos_vs_ours_fp32": float((e * ref).sum(1).min()),
+            }
+        )
+    by = {r["method"]: r for r in results}
+    st_default = by["ST default"]["rows_per_s"]
+    st_best_name = max((r for r in results if r["method"].startswith("ST")), key=lambda r: r["rows_per_s"])["method"]
+    st_best = by[st_best_name]["rows_per_s"]
+    ours_auto = next(r for r in results if r["method"].startswith("ours auto"))
+
+    print(
+        f"\nencoder {model_dir} (max_len {args.max_len}), {len(texts)} T0 rows, {tokens} real tokens "
+        f"({tokens / len(texts):.1f}/row), {params / 1e6:.2f} M matmul weights; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"native bf16: {native_bf16(torch.device('cpu'))}"
+    )
+    print(f"matmul 2048^2: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s (best of start/end)")
+    print(f"uptime before: {load_start}\nuptime after:  {load_end}")
+    print("shared CPU: other processes ran during the measurement; methods are interleaved per chunk.\n")
+    head = f"{'method':<26}{'prec':>9}{'s':>8}{'cpu s':>8}{'rows/s':>8}{'x ST def':>9}{'x ST best':>10}"
+    print(head + f"{'GFLOP/s':>9}{'fp32 pk':>9}{'bf16 pk':>9}{'min cos':>10}")
+    for r in results:
+        print(
+            f"{r['method']:<26}{r['precision']:>9}{r['s']:>8.1f}{r['cpu_s']:>8.1f}{r['rows_per_s']:>8.1f}"
+            f"{r['rows_per_s'] / st_default:>9.2f}{r['rows_per_s'] / st_best:>10.2f}{r['gflops']:>9.1f}"
+            f"{r['frac_fp32_peak']:>9.1%}{r['frac_bf16_peak']:>9.1%}{r['min_cos_vs_ours_fp32']:>10.6f}"
+        )
+    for m, why in skipped.items():
+        print(f"{m:<26} did not run: {why}")
+    ratio = ours_auto["rows_per_s"] / st_best
+    print(
+        f"\nours auto vs the best ST setting ({st_best_name}): {ratio:.2f}x rows/s "
+        f"(target >= {TARGET_VS_ST}x: {'met' if ratio >= TARGET_VS_ST else 'MISSED'}); "
+        f"vs ST default {ours_auto['rows_per_s'] / st_default:.2f}x"
+    )
+    frac = ours_auto["frac_bf16_peak"]
+    print(
+        f"ours auto: {frac:.1%} of the bf16 matmul peak (target >= {TARGET_BF16_PEAK:.0%}: {'met' if frac >= TARGET_BF16_PEAK else 'MISSED'})"
+    )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "model_dir": model_dir,
+                "rows": len(texts),
+                "max_len": args.max_len,
+                "real_tokens": tokens,
+                "matmul_params": params,
+                "threads": torch.get_num_threads(),
+                "native_bf16": native_bf16(torch.device("cpu")),
+                "matmul_gflops": peak,
+                "uptime_before": load_start,
+                "uptime_after": load_end,
+                "results": results,
+                "skipped": skipped,
+                "st_best": st_best_name,
+                "ours_auto_vs_st_best": ratio,
+                "ours_auto_frac_bf16_peak": frac,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The encoder on Ray Data, shared by the stages that embed rows with the fitted encoder: the encode
+stage (the corpus) and the score stage (the queries).
+
+`CodeEncoder` loads the encoder once per actor and turns canonical rows into codes; rejected rows
+pass through with a zero code and their reason. `encode_stream` maps a dataset through it and turns
+an actor's failure into a StageError naming the stage and the input file.
+
+Precision: `choose_precision` decides once per encode run, on a seeded sample of the corpus and on
+the kind of device the actors get, whether `encode.dtype` may run in bf16 (the agreement gate in
+`TextEncoder.choose_precision`); every actor of the run then gets that concrete precision, and the
+score stage passes the precision the encode stage recorded, so queries and codes always match.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import corpus, storage
+from pipeline.codes import numpy_dtype, quantize
+from pipeline.codestore import CODE_SCALE, code_array
+from pipeline.config import JobConfig
+from pipeline.errors import ArtifactMissingError
+from pipeline.schema import CODE, ID, ROW, SOURCE, split_by_reason
+from pipeline.stages.shared_teacher import actor_failure, failure_marker
+
+log = logging.getLogger("influcoder.encode")
+
+TRUNCATED = "truncated"
+WINDOW_BATCHES = 16  # rows per actor call = encode.batch_size x this: what is sorted and packed
+PRECISION_ROWS, PRECISION_QUERIES = 256, 8  # the agreement sample (rows scored against queries)
+PRECISION_POOL = 4096  # the sample is drawn from the first this-many good rows of the corpus
+
+
+class CodeEncoder:
+    """Ray Data callable class: canonical rows -> (id, code, code_scale, source, row, truncated).
+
+    Rejected rows pass through with a zero code and their `reject_reason` so that the driver can
+    route them (one output schema per batch is what Ray Data needs).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        max_len: int,
+        code_dtype: str,
+        torch_threads: int,
+        batch_size: int,
+        use_gpu: bool = False,
+        text_prefix: str = "",
+        trust_remote_code: bool = False,
+        compute_dtype: str = "float32",
+        token_budget: Optional[int] = None,
+    ):
+        import torch
+
+        from pipeline.encoder import TextEncoder
+
+        torch.set_num_threads(torch_threads)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        # compute_dtype is concrete (float32/bfloat16): the run's choice, made once by choose_precision.
+        self.encoder = TextEncoder(
+            model_dir, max_len, trust_remote_code=trust_remote_code, device=device, dtype=compute_dtype
+        )
+        self.code_dtype, self.batch_size, self.prefix = code_dtype, batch_size, text_prefix
+        self.token_budget = token_budget
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return self._encode(batch)
+        except Exception as e:  # noqa: BLE001 - re-raised with the input file named, for the driver's StageError
+            files = [str(s) for s in batch.column(SOURCE).unique().to_pylist()]
+            raise RuntimeError(f"{failure_marker('file', files)} {type(e).__name__}: {e}") from e
+
+    def _encode(self, batch: pa.Table) -> pa.Table:
+        from pipeline.textview import table_views
+
+        n = batch.num_rows
+        good = pc.is_null(batch.column(corpus.REJECT_REASON)).to_numpy(zero_copy_only=False)
+        idx = np.nonzero(good)[0]
+        # The encoder's view of each row (response kept when an instruction row overflows max_len).
+        texts = table_views(batch.take(pa.array(idx)), prefix=self.prefix)
+        dim = self.encoder.dim
+        codes = np.zeros((n, dim), dtype=numpy_dtype(self.code_dtype))
+        scales = np.ones(n, np.float32)
+        truncated = np.zeros(n, bool)
+        if len(texts):
+            emb, truncated[idx] = self.encoder.embed(
+                texts, batch_size=self.batch_size, return_truncated=True, token_budget=self.token_budget
+            )
+            q = quantize(emb, self.code_dtype)
+            codes[idx], scales[idx] = q.codes, q.scales
+        return pa.table(
+            {
+                ID: batch.column(ID),
+                CODE: code_array(codes),
+                CODE_SCALE: pa.array(scales),
+                SOURCE: batch.column(SOURCE),
+                ROW: batch.column(ROW),
+                TRUNCATED: pa.array(truncated),
+                corpus.REJECT_REASON: batch.column(corpus.REJECT_REASON),
+            }
+        )
+
+
+def encode_stream(
+    job: JobConfig,
+    ds,
+    model_dir: str,
+    code_dtype: str,
+    text_prefix: str = "",
+    stage: str = "encode",
+    compute_dtype: str = "float32",
+) -> Iterator[pa.Table]:
+    """Map a dataset of canonical rows through CodeEncoder actors (sized by the `encode` config
+    section) computing in `compute_dtype` (float32/bfloat16: `choose_precision`'s answer); yield the
+    output batches. An actor's failure becomes a StageError naming `stage`."""
+    from pipeline.ray_runtime import plan_actors
+
+    plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, "encode")
+    out = ds.map_batches(
+        CodeEncoder,
+        fn_constructor_kwargs={
+            "model_dir": model_dir,
+            "max_len": job.encoder.max_len,
+            "code_dtype": code_dtype,
+            "torch_threads": plan.torch_threads,
+            "batch_size": job.encode.batch_size,
+            "use_gpu": plan.use_gpu,
+            "text_prefix": text_prefix,
+            "trust_remote_code": job.encoder.trust_remote_code,
+            "compute_dtype": compute_dtype,
+            "token_budget": job.encode.token_budget,
+        },
+        # A window of many passes: the encoder sorts it by token count and packs it to the budget.
+        batch_size=job.encode.batch_size * WINDOW_BATCHES,
+        batch_format="pyarrow",
+        **plan.map_batches_kwargs(),
+    )
+    try:
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield batch
+    except Exception as e:  # noqa: BLE001 - Ray wraps the actor's error in its own types
+        raise actor_failure(stage, e, [], kind="file") from e
+
+
+def precision_sample(job: JobConfig, files: list) -> pa.Table:
+    """A seeded sample of good corpus rows for the precision gate: up to PRECISION_ROWS +
+    PRECISION_QUERIES rows drawn (job.seed) from the first PRECISION_POOL good rows of `files`."""
+    pool: list[pa.Table] = []
+    have = 0
+    for f in files:
+        for batch in corpus.iter_file(f, job.corpus):
+            good = batch.filter(pc.is_null(batch.column(corpus.REJECT_REASON)))
+            pool.append(good)
+            have += good.num_rows
+            if have >= PRECISION_POOL:
+                break
+        if have >= PRECISION_POOL:
+            break
+    table = pa.concat_tables(pool) if pool else corpus.READ_SCHEMA.empty_table()
+    n = min(table.num_rows, PRECISION_ROWS + PRECISION_QUERIES)
+    pick = np.sort(np.random.default_rng(job.seed).choice(table.num_rows, size=n, replace=False))
+    return table.take(pa.array(pick, pa.int64()))
+
+
+def _precision_probe(
+    model_dir: str,
+    max_len: int,
+    trust_remote_code: bool,
+    dtype: str,
+    use_gpu: bool,
+    torch_threads: int,
+    rows: pa.Table,
+    queries: pa.Table,
+    prefix: str,
+    batch_size: int,
+    token_budget: int,
+) -> dict[str, Any]:
+    """Ray task: load the encoder on the actors' kind of device and run its precision gate."""
+    import torch
+
+    from pipeline.encoder import TextEncoder
+    from pipeline.hardware import native_bf16
+    from pipeline.textview import table_views
+
+    torch.set_num_threads(torch_threads)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    enc = TextEncoder(model_dir, max_len, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    record = enc.choose_precision(
+        table_views(rows), table_views(queries, prefix=prefix), batch_size=batch_size, token_budget=token_budget
+    )
+    return {"native_bf16": native_bf16(enc.device_), **record}
+
+
+def choose_precision(job: JobConfig, model_dir: str, files: list) -> dict[str, Any]:
+    """The precision of this encode run (`encode.dtype` resolved and gated), as a manifest record.
+
+    `float32` asked for: no measurement. Otherwise one Ray task on the actors' kind of device embeds
+    a seeded corpus sample (`precision_sample`; its first PRECISION_QUERIES rows, with the anchor
+    prefix, act as queries) in both precisions; the record's `dtype` is what every actor then uses.
+    """
+    from pipeline.ray_runtime import plan_actors
+
+    cfg = job.encode
+    if cfg.dtype == "float32":
+        return {"requested": "float32", "dtype": "float32", "agreement": None, "reason": "encode.dtype=float32"}
+    import ray
+
+    plan = plan_actors(cfg.use_gpu, cfg.num_actors, "encode")
+    sample = precision_sample(job, files)
+    nq = min(PRECISION_QUERIES, sample.num_rows // 4)
+    probe = ray.remote(_precision_probe).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+    args = (model_dir, job.encoder.max_len, job.encoder.trust_remote_code, cfg.dtype, plan.use_gpu)
+    try:
+        record = ray.get(
+            probe.remote(
+                *args,
+                plan.torch_threads,
+                sample.slice(nq),
+                sample.slice(0, nq),
+                job.encoder.anchor_prefix,
+                cfg.batch_size,
+                cfg.token_budget,
+            )
+        )
+    except Exception as e:  # noqa: BLE001 - Ray wraps the task's error in its own types
+        raise actor_failure("encode", e, [], kind="file") from e
+    record = {"requested": cfg.dtype, **record}
+    agreement = record.get("agreement")
+    if record.get("fell_back") and agreement and agreement["spearman_min"] is None:
+        log.warning("encode: %s; encoding in float32", record["reason"])
+    elif record.get("fell_back"):
+        log.warning(
+            "encode: bf16 ranks the sample unlike float32 (per-query Spearman min %.6f < %g or top-%d overlap "
+            "mean %.3f < %g on %d rows x %d queries): encoding in float32",
+            agreement["spearman_min"] if agreement["spearman_min"] is not None else float("nan"),
+            agreement["min_spearman"],
+            agreement["k"],
+            agreement["topk_overlap_mean"] if agreement["topk_overlap_mean"] is not None else float("nan"),
+            agreement["min_topk_overlap"],
+            agreement["rows"],
+            agreement["queries"],
+        )
+    elif agreement is not None:
+        log.info(
+            "encode: precision %s on %s (Spearman vs float32 min %.6f, top-%d overlap mean %.3f; %d rows x %d queries)",
+            record["dtype"],
+            record["device"],
+            agreement["spearman_min"],
+            agreement["k"],
+            agreement["topk_overlap_mean"],
+            agreement["rows"],
+            agreement["queries"],
+        )
+    else:
+        log.info("encode: precision %s on %s (%s)", record["dtype"], record["device"], record.get("reason"))
+    return record
+
+
+def split_output(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(good code rows, rejects in the REJECTS schema)."""
+    return split_by_reason(batch, corpus.REJECT_REASON)
+
+
+def fit_encoder_dir(job: JobConfig) -> str:
+    path = storage.join(job.run_dir, "fit", "encoder")
+    if not storage.exists(storage.join(path, "config.json")):
+        raise ArtifactMissingError(
+            f"the fitted encoder {storage.redact(path)} is missing; run `influcoder fit JOB.yaml` first."
+        )
+    return storage.local_path(path)

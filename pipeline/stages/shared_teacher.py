@@ -1,0 +1,333 @@
+"""The teacher on Ray Data, shared by every stage that sketches rows: the sketch stage itself, eval's
+gradient method and the score/eval cascade.
+
+- `SketchActor`: loads the teacher once per actor and turns batches of canonical rows into
+  unit-norm sketches (rejected rows keep their place with a null sketch and a reason).
+- `sketch_shards`: runs the actor pool over named shards and writes each shard file atomically as
+  soon as all its rows are back (a crash loses at most the shards in flight).
+- `teacher_sketch_groups`: sketches named groups of rows in resumable shards and returns them
+  aligned with the input rows by id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import JobConfig, TeacherConfig
+from pipeline.errors import StageError
+from pipeline.progress import Progress
+from pipeline.ray_runtime import ActorPlan, plan_actors
+from pipeline.schema import ID, PROMPT, REASON, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT
+
+log = logging.getLogger("influcoder.teacher")
+
+SHARD = "shard"
+_FAILED = re.compile(r"\[influcoder: failed on (shard|file)s? ([^\]]*)\]")
+
+
+def failure_marker(kind: str, names: list[str]) -> str:
+    """The text an actor puts in front of its error, so the driver can name the shard that failed
+    (Ray hands the driver only the exception's text, wrapped in its own)."""
+    return f"[influcoder: failed on {kind}s {', '.join(sorted(names)[:5])}]"
+
+
+def actor_failure(stage: str, error: BaseException, pending: list[str], kind: str = "shard") -> StageError:
+    """A StageError naming the stage and the shard (or input file) whose batch failed in an actor."""
+    text = str(error)
+    found = _FAILED.search(text)
+    where = f"{found.group(1)}s {found.group(2)}" if found else f"one of the {kind}s {', '.join(pending[:5])}"
+    cause = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), type(error).__name__)
+    return StageError(
+        f"{stage}: an actor failed on {where}: {cause[:500]}. Finished {kind}s are kept: fix the cause "
+        f"(see the Ray worker log above) and rerun to resume."
+    )
+
+
+# --------------------------------------------------------------------------- actor
+
+
+class SketchActor:
+    """Ray Data actor: loads the teacher once, turns batches of rows into unit-norm sketches."""
+
+    def __init__(
+        self,
+        teacher: TeacherConfig,
+        proj_dim: int,
+        proj_seed: int,
+        lora_seed: int,
+        batch_size: int,
+        torch_threads: int,
+        use_gpu: bool,
+        token_budget: int | None = None,
+    ):
+        from pipeline.teacher import TeacherSketcher
+
+        self.batch_size, self.token_budget = batch_size, token_budget
+        self.sketcher = TeacherSketcher(
+            teacher,
+            proj_dim=proj_dim,
+            proj_seed=proj_seed,
+            lora_seed=lora_seed,
+            device="cuda" if use_gpu else "cpu",
+            torch_threads=torch_threads,
+        )
+        self.proj_dim = proj_dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return self._sketch(batch)
+        except Exception as e:  # noqa: BLE001 - re-raised with the shard named, for the driver's StageError
+            shards = [str(s) for s in batch.column(SHARD).unique().to_pylist()]
+            raise RuntimeError(f"{failure_marker('shard', shards)} {type(e).__name__}: {e}") from e
+
+    def _sketch(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        t0 = time.perf_counter()
+        res = self.sketcher.sketch(
+            batch.column(PROMPT).to_pylist(), batch.column(RESPONSE).to_pylist(), self.batch_size, self.token_budget
+        )
+        compute_s = time.perf_counter() - t0  # model load excluded: it happened in __init__
+        flat = np.zeros((n, self.proj_dim), dtype=np.float32)
+        valid = np.zeros(n, dtype=bool)
+        if len(res.ok_index):
+            flat[np.asarray(res.ok_index)] = res.sketches
+            valid[np.asarray(res.ok_index)] = True
+        reasons: list[str | None] = [None] * n
+        for i, reason in res.rejects:
+            reasons[i] = reason
+        # Rejected rows keep their place (so the driver can count a shard complete) with a null sketch.
+        sketches = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat.reshape(-1), pa.float32()), self.proj_dim, mask=pa.array(~valid)
+        )
+        return pa.table(
+            {
+                SHARD: batch.column(SHARD),
+                ID: batch.column(ID),
+                SPLIT: batch.column(SPLIT),
+                SOURCE: batch.column(SOURCE),
+                ROW: batch.column(ROW),
+                TEXT: batch.column(TEXT),
+                PROMPT: batch.column(PROMPT),
+                RESPONSE: batch.column(RESPONSE),  # the encoder's view (fit)
+                SKETCH: sketches,
+                REASON: pa.array(reasons, pa.string()),
+                "tokens": pa.array([res.tokens if i == 0 else 0 for i in range(n)], pa.int64()),
+                "compute_s": pa.array([compute_s if i == 0 else 0.0 for i in range(n)], pa.float64()),
+                "dtype": pa.array([self.sketcher.dtype_name] * n, pa.string()),  # the precision, for the manifest
+            }
+        )
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_rows(name: str, rows: list[dict], rows_per_shard: int) -> list[tuple[str, list[dict]]]:
+    """`<name>-r<rows_per_shard>-<nnnnn>` shards of `rows_per_shard` consecutive rows. The name carries the
+    layout: a rerun with another sketch.rows_per_shard (execution-only, so the same work dir) must not take
+    a finished shard of the old layout for the new shard of the same number (other rows: rows dropped or
+    duplicated); old-layout files are simply not reused."""
+    return [
+        (f"{name}-r{rows_per_shard}-{i // rows_per_shard:05d}", rows[i : i + rows_per_shard])
+        for i in range(0, len(rows), rows_per_shard)
+    ]
+
+
+def finished_shards(shard_dir: str) -> set[str]:
+    """Names of the shard files already written (a shard file exists only once it is complete)."""
+    return {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in storage.list_files(shard_dir, ".parquet")}
+
+
+def write_atomic(table: pa.Table, path: str) -> None:
+    tmp = f"{path}.tmp"
+    fs, p = storage.filesystem(tmp)
+    pq.write_table(table, p, filesystem=fs)
+    storage.move(tmp, path)
+
+
+def sketch_shards(
+    job: JobConfig,
+    plan: ActorPlan,
+    pending: list[tuple[str, list[dict]]],
+    shard_dir: str,
+    dtypes: set[str] | None = None,
+    stage: str = "sketch",
+) -> tuple[int, float]:
+    """Run the actor pool over pending shards; write each shard file when all its rows are back.
+    Returns (tokens processed, actor compute seconds); ``dtypes``, if given, receives the compute
+    precisions the actors used (``bfloat16``/``float32``). An actor's failure becomes a StageError
+    naming `stage` and the shard."""
+    import ray
+
+    if not pending:
+        return 0, 0.0
+    cfg = job.sketch
+    if job.teacher.dtype == "auto":
+        # Callers after the sketch stage (eval's gradient method, the score cascade) compute in the
+        # precision the sketch stage chose and gated, so their sketches compare with its sketches.
+        from pipeline.artifacts import read_manifest
+
+        chosen = ((read_manifest(job, "sketch") or {}).get("precision") or {}).get("chosen")
+        if chosen in ("float32", "bfloat16"):
+            job = dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=chosen))
+    cols = [SHARD, ID, SPLIT, SOURCE, ROW, TEXT, PROMPT, RESPONSE]
+    blocks = [
+        pa.Table.from_pylist([{**{k: r.get(k) for k in cols if k != SHARD}, SHARD: name} for r in rows]).select(cols)
+        for name, rows in pending
+    ]
+    expected = {name: len(rows) for name, rows in pending}
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        SketchActor,
+        fn_constructor_kwargs=dict(
+            teacher=job.teacher,
+            proj_dim=cfg.proj_dim,
+            proj_seed=cfg.proj_seed,
+            lora_seed=job.lora_seed,
+            batch_size=cfg.batch_size,
+            torch_threads=plan.torch_threads,
+            use_gpu=plan.use_gpu,
+            token_budget=cfg.token_budget,
+        ),
+        batch_size=cfg.rows_per_shard,
+        batch_format="pyarrow",
+        **plan.map_batches_kwargs(),
+    )
+    buffers: dict[str, list[pa.Table]] = {}
+    got: dict[str, int] = {}
+    tokens, compute_s = 0, 0.0
+    progress = Progress(f"{stage}: teacher gradients", sum(expected.values()))
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            progress.update(batch.num_rows)
+            tokens += int(pa.compute.sum(batch.column("tokens")).as_py() or 0)
+            compute_s += float(pa.compute.sum(batch.column("compute_s")).as_py() or 0.0)
+            if dtypes is not None:
+                dtypes.update(batch.column("dtype").unique().to_pylist())
+            batch = batch.drop_columns(["tokens", "compute_s", "dtype"])
+            for name in set(batch.column(SHARD).to_pylist()):
+                part = batch.filter(pa.compute.equal(batch.column(SHARD), name))
+                buffers.setdefault(name, []).append(part)
+                got[name] = got.get(name, 0) + part.num_rows
+                if got[name] == expected[name]:
+                    table = pa.concat_tables(buffers.pop(name)).drop_columns([SHARD])
+                    write_atomic(table, storage.join(shard_dir, f"{name}.parquet"))
+                    log.debug("%s: shard %s done (%d rows)", stage, name, table.num_rows)
+    except Exception as e:  # noqa: BLE001 - Ray wraps the actor's error in its own types
+        raise actor_failure(stage, e, [n for n in expected if got.get(n, 0) != expected[n]]) from e
+    progress.close()
+    missing = [n for n in expected if got.get(n, 0) != expected[n]]
+    if missing:
+        raise StageError(f"{stage}: shards {missing[:5]} came back incomplete; rerun to resume.")
+    return tokens, compute_s
+
+
+# --------------------------------------------------------------------------- named groups of rows
+
+
+def teacher_sketch_groups(
+    job: JobConfig, groups: dict[str, list[dict[str, Any]]], shard_dir: str, stage: str
+) -> tuple[dict[str, tuple[list[str], np.ndarray, np.ndarray]], dict[str, Any]]:
+    """Teacher sketches of named groups of canonical rows, in resumable shards (the sketch stage's actors).
+
+    Shard `<group>-r<rows_per_shard>-<nnnnn>.parquet` (see `shard_rows`) holds `sketch.rows_per_shard`
+    rows; a shard file that holds exactly the expected ids is reused, so a crash redoes only unfinished
+    shards. Returns per group (ids, sketches [n, proj_dim] float32 with zero rows where rejected, valid
+    mask) in the given row order, and
+    {compute_s, computed_rows, shards, resumed_shards}.
+    """
+    storage.makedirs(shard_dir)
+    shards: list[tuple[str, list[dict[str, Any]]]] = []
+    for name, recs in groups.items():
+        recs = [
+            {
+                ID: r[ID],
+                SPLIT: name,
+                SOURCE: r.get(SOURCE),
+                ROW: r.get(ROW),
+                TEXT: r.get(TEXT),
+                PROMPT: r.get(PROMPT),
+                RESPONSE: r.get(RESPONSE),
+            }
+            for r in recs
+        ]
+        shards += shard_rows(name, recs, job.sketch.rows_per_shard)
+
+    def path(name: str) -> str:
+        return storage.join(shard_dir, f"{name}.parquet")
+
+    existing = finished_shards(shard_dir)
+    pending = []
+    for name, recs in shards:
+        if name in existing:
+            have = pq.read_table(storage.local_path(path(name)), columns=[ID]).column(ID).to_pylist()
+            if sorted(have) == sorted(r[ID] for r in recs):
+                continue  # finished by an earlier, interrupted run of the same stage identity
+        pending.append((name, recs))
+    plan = plan_actors(job.sketch.use_gpu, job.sketch.num_actors, "sketch")
+    if pending:
+        log.info(
+            "%s: teacher on %d rows in %d shards (%d resumed), %s",
+            stage,
+            sum(len(r) for _, r in pending),
+            len(pending),
+            len(shards) - len(pending),
+            plan,
+        )
+    _, compute_s = sketch_shards(job, plan, pending, shard_dir, stage=stage)
+
+    d = job.sketch.proj_dim
+    out: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+    for group in groups:
+        ids: list[str] = []
+        mats, oks = [], []
+        for name, recs in shards:
+            if not name.startswith(group + "-"):
+                continue
+            t = pq.read_table(storage.local_path(path(name)), columns=[ID, SKETCH])
+            # Align by id, never by position: a shard's rows come back from the actors in any order
+            # (Ray Data batches span shard blocks), so the file order is not the input order.
+            pos = {rid: i for i, rid in enumerate(t.column(ID).to_pylist())}
+            lost = [r[ID] for r in recs if r[ID] not in pos]
+            if lost:
+                raise StageError(
+                    f"{stage}: the teacher's shard {name} lacks {len(lost)} rows (first: {lost[:3]}); rerun {stage}."
+                )
+            sk = t.column(SKETCH).take(pa.array([pos[r[ID]] for r in recs], pa.int64())).combine_chunks()
+            ok = np.asarray(sk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+            mat = np.zeros((len(recs), d), dtype=np.float32)
+            if ok.any():
+                mat[ok] = np.asarray(sk.filter(pa.array(ok)).flatten(), dtype=np.float32).reshape(-1, d)
+            ids += [r[ID] for r in recs]
+            mats.append(mat)
+            oks.append(ok)
+        out[group] = (
+            ids,
+            np.concatenate(mats) if mats else np.zeros((0, d), np.float32),
+            np.concatenate(oks) if oks else np.zeros(0, bool),
+        )
+    computed = sum(len(r) for _, r in pending)
+    return out, {
+        "compute_s": float(compute_s),
+        "computed_rows": computed,
+        "shards": len(shards),
+        "resumed_shards": len(shards) - len(pending),
+    }
+
+
+def teacher_ms_per_row(shard_dir: str, compute_s: float, rows: int) -> float:
+    """The teacher's ms per row, accumulated across resumed runs in `<shard_dir>/timing.json` (a resumed
+    run computes only some rows, yet still reports the teacher's cost per row)."""
+    timing_path = storage.join(shard_dir, "timing.json")
+    timing = storage.read_json(timing_path) if storage.exists(timing_path) else {"compute_s": 0.0, "rows": 0}
+    timing = {"compute_s": timing["compute_s"] + compute_s, "rows": timing["rows"] + rows}
+    storage.write_json_atomic(timing_path, timing)
+    return 1000 * timing["compute_s"] / timing["rows"] if timing["rows"] else float("nan")
