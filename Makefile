@@ -40,7 +40,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check $(FORMAT_PATHS)
 
-# Every test (what CI runs). Tests marked `slow` use the real models or start their own Ray clusters.
+# Every test (what CI runs). Tests marked `slow` use the real models, start their own Ray clusters or
+# processes, or run whole stages/jobs (tiny models); the rest is `make test-fast`.
 test: install lint
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 

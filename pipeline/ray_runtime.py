@@ -55,6 +55,14 @@ def ensure_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=verbose)
     else:
+        dashboard_port = None
+        if cfg.include_dashboard:
+            # Ray Train's placement-group cleaner (a worker) finds the State API by auto-detecting "the"
+            # local cluster, which fails as soon as a second Ray runs on the machine ("Found multiple
+            # active Ray instances"). Naming our dashboard's address in the workers' environment removes
+            # the guess; the port is chosen here because it must be known before the workers start.
+            dashboard_port = _free_local_port()
+            env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         # address="local": always a new in-process Ray. Without it, ray.init() joins any cluster that
         # `ray start` runs on this machine (and then rejects num_cpus).
         ray.init(
@@ -62,11 +70,20 @@ def ensure_ray(cfg: RayConfig) -> None:
             num_cpus=cfg.num_cpus,
             include_dashboard=cfg.include_dashboard,
             dashboard_host="127.0.0.1",
+            **({"dashboard_port": dashboard_port} if dashboard_port else {}),
             runtime_env=env,
             log_to_driver=verbose,
         )
     quiet_ray_data(verbose)
     log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def quiet_ray_data(verbose: bool) -> None:
