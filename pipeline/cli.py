@@ -45,16 +45,14 @@ def _setup_logging(verbose: bool) -> None:
         )
 
 
+def _add_set_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    """`--set KEY=VALUE` (repeatable): the one way to override a job key from the command line."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="job YAML (see jobs/demo.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a job key by its dotted name, e.g. --set sketch.batch_size=4 (repeatable)",
-    )
+    _add_set_arg(p, "override a job key by its dotted name, e.g. --set sketch.batch_size=4 (repeatable)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace finished stage outputs that were made with a different config"
     )
@@ -108,14 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with --set overrides) or a run directory.",
     )
     p.add_argument("run_dir", metavar="JOB_OR_RUN_DIR", help="a job YAML, or the run_dir of a job")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="with a job YAML: override a job key by its dotted name, as for `run` (repeatable)",
-    )
+    _add_set_arg(p, "with a job YAML: override a job key by its dotted name, as for `run` (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
