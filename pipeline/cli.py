@@ -22,7 +22,7 @@ STAGE_HELP = {
     "fit": "distil the sketches' influence rankings into the encoder (Ray Train)",
     "encode": "embed the whole corpus once into the LanceDB table `codes` (incremental)",
     "score": "rank every corpus row against the queries (exact, streamed) + per-query top-k",
-    "filter": "write the curated corpus (minus the dropped rows, or only the kept ones) under run_dir/filter/",
+    "filter": "write the curated corpus (minus the dropped rows, or only the kept ones) under run_dir/filter/corpus/",
     "eval": "fidelity to the gradients, AUPRC/recall, costs, baselines, and the report",
 }
 

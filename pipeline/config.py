@@ -393,7 +393,7 @@ class ScoreConfig:
 @dataclass(frozen=True)
 class FilterConfig:
     """The curated corpus: the corpus minus the rows score selected to drop, or only the rows it selected
-    to keep (`score.select_action`), written as Parquet under `run_dir/filter/` (issue 15)."""
+    to keep (`score.select_action`), written as Parquet under `run_dir/filter/corpus/` (issue 15)."""
 
     keep_rejected: bool = False
     """Keep the rows the corpus reader rejected (empty or null text, bad id or label; see

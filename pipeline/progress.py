@@ -60,8 +60,8 @@ class Progress:
         if self._tty:
             self._stream.write("\r" + self.line()[:119].ljust(119))
             self._stream.flush()
-        elif now - self._last >= self.every_s:
-            log.info(self.line())
+        elif now - self._last >= self.every_s and (self.total is None or self.done < self.total):
+            log.info(self.line())  # (the last rows are reported by `close`, once)
         else:
             return
         self._last = now

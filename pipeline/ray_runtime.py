@@ -103,6 +103,12 @@ def quiet_ray_data(verbose: bool) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         # ... and its warning that the bars it draws are off, which is what we asked for.
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        # Its high-memory detector prints a 14-line block every 30 s while a teacher actor holds its
+        # ~3 GiB: the pools are sized by `plan_actors` (one actor per free CPU share, a model each), not
+        # by Ray's memory requests, so the advice to request memory is not an action for the user.
+        detectors = getattr(ctx, "issue_detectors_config", None)
+        if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
+            detectors.high_memory_detector_config.detection_time_interval_s = -1
     # `ActorPlan.map_batches_kwargs` bounds actor restarts (`max_restarts`, `max_task_retries`);
     # Ray 2.60 has no named parameter for them yet, so they travel as the `ray_remote_args` it warns
     # about. Ray Data's own default is unbounded restarts, which would loop on a poisoned batch.

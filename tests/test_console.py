@@ -21,15 +21,17 @@ class FakeClock:
 
 def test_progress_logs_at_most_every_interval_and_always_at_the_end(caplog):
     clock = FakeClock()
-    p = Progress("encode: corpus rows", 1000, every_s=10, stream=io.StringIO(), clock=clock)
+    p = Progress("encode: corpus rows", 2000, every_s=10, stream=io.StringIO(), clock=clock)
     with caplog.at_level(logging.INFO, logger="influcoder.progress"):
-        for _ in range(10):  # 100 rows a second for 10 s: one line when 10 s have passed
+        for _ in range(20):  # 100 rows a second: one line when 10 s have passed; none at 100 %
             clock.now += 1.0
             p.update(100)
-        assert len(caplog.records) == 1
-        assert caplog.records[0].getMessage() == "encode: corpus rows: 1,000/1,000 rows (100 %), 100.0 rows/s"
-        p.close()
-    assert len(caplog.records) == 2 and caplog.records[1].getMessage().endswith("done in 10 s")
+        assert [r.getMessage() for r in caplog.records] == [
+            "encode: corpus rows: 1,000/2,000 rows (50 %), 100.0 rows/s, ~10 s left"
+        ]
+        p.close()  # the last rows are reported once, by close
+    assert len(caplog.records) == 2
+    assert caplog.records[1].getMessage() == "encode: corpus rows: 2,000/2,000 rows (100 %), 100.0 rows/s, done in 20 s"
 
 
 def test_progress_says_time_left_and_handles_an_unknown_total():

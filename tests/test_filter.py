@@ -105,7 +105,7 @@ def test_filter_drops_exactly_the_selected_rows(trained, tmp_path):
     run = job["run_dir"]
     selected = _selected(run)
     assert 0 < len(selected) < len(rows)
-    fdir = Path(out["filter"]["path"])
+    fdir = Path(out["filter"]["path"]) / "corpus"
     written = sorted(str(p.relative_to(fdir)) for p in fdir.rglob("*.parquet"))
     assert written == ["a/part-0.parquet", "b/part-1.parquet", "c/extra.parquet"]  # one per input, same path
     for rel in ("a/part-0.parquet", "b/part-1.parquet"):
@@ -159,8 +159,8 @@ def test_a_new_shard_filters_only_itself(trained, tmp_path):
     job["score"]["select_threshold"] = (scores[i] + scores[i + 1]) / 2
     first = api.run(job, stages=["score", "filter"], overwrite=True)["filter"]["manifest"]
     assert first["files"] == {"corpus": 2, "filtered_this_run": 2, "carried_over": 0}
-    inode = {n: os.stat(f"{run}/filter/{n}").st_ino for n in ("part-0.parquet", "part-1.parquet")}
-    before = {n: pq.read_table(f"{run}/filter/{n}") for n in inode}
+    inode = {n: os.stat(f"{run}/filter/corpus/{n}").st_ino for n in ("part-0.parquet", "part-1.parquet")}
+    before = {n: pq.read_table(f"{run}/filter/corpus/{n}") for n in inode}
 
     pq.write_table(pa.Table.from_pylist(rows[36:]), root / "part-2.parquet")
     with pytest.raises(InputDataError, match="changed since the encode stage"):
@@ -174,10 +174,10 @@ def test_a_new_shard_filters_only_itself(trained, tmp_path):
         "part-2.parquet": True,
     }
     for n, t in before.items():  # untouched: the very same files, carried over by a hard link
-        assert os.stat(f"{run}/filter/{n}").st_ino == inode[n]
-        assert pq.read_table(f"{run}/filter/{n}").equals(t)
+        assert os.stat(f"{run}/filter/corpus/{n}").st_ino == inode[n]
+        assert pq.read_table(f"{run}/filter/corpus/{n}").equals(t)
     selected = _selected(run)
-    new = pq.read_table(f"{run}/filter/part-2.parquet").column("id").to_pylist()
+    new = pq.read_table(f"{run}/filter/corpus/part-2.parquet").column("id").to_pylist()
     assert new == [r["id"] for r in rows[36:] if r["id"] not in selected]
     assert m["rows"]["kept"] == len(rows) - len(selected)
     # A rerun with nothing new is skipped outright.
@@ -209,7 +209,7 @@ def test_hf_dataset_in_and_out(trained, tmp_path):
     )
     out = api.run(job, stages=DOWNSTREAM)
     assert out["encode"]["manifest"]["rows"]["in_table"] == len(rows)  # every row read, no metadata as rows
-    fdir = Path(out["filter"]["path"])
+    fdir = Path(out["filter"]["path"]) / "corpus"
     assert sorted(p.name for p in fdir.rglob("*.parquet")) == [
         "data-00000-of-00002.parquet",
         "data-00001-of-00002.parquet",
@@ -221,3 +221,4 @@ def test_hf_dataset_in_and_out(trained, tmp_path):
     assert back.features == features  # ClassLabel names survive through the Parquet schema metadata
     assert back["id"] == [r["id"] for r in keep if r["id"] not in selected]
     assert back[0] == next(r for r in keep if r["id"] not in selected)
+    assert pq.read_table(fdir).num_rows == len(back)  # the folder reads whole: no manifest or ledger in it

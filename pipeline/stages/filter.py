@@ -1,4 +1,4 @@
-"""The filter stage: the curated corpus a training job reads, under `run_dir/filter/`.
+"""The filter stage: the curated corpus a training job reads, under `run_dir/filter/corpus/`.
 
 What it writes: for every corpus input file, one Parquet file under the same relative path (a
 `.jsonl`/`.arrow` name gets `.parquet`), holding the input's rows in input order minus the rows the
@@ -47,6 +47,9 @@ from pipeline.schema import ID, ROW
 log = logging.getLogger("influcoder.filter")
 
 LEDGER = "filter"  # -> filter/filter.ledger.json
+# The curated corpus lives in its own folder (filter/corpus/), apart from the manifest and ledger, so a
+# reader can take the folder whole: `pq.read_table("run/filter/corpus")`, `ray.data.read_parquet(...)`.
+CORPUS_DIR = "corpus"
 SELECTED_IDS = "selected_ids.parquet"
 PASS_ALL = "none"  # the action when score selected nothing: every readable row passes
 COUNTS = ("rows_in", "selected", "rejected", "kept", "dropped", "unwritable")
@@ -60,7 +63,7 @@ def input_fingerprint(job: JobConfig) -> dict[str, Any]:
 
 
 def output_rel(file: corpus.FileInfo) -> str:
-    """Where a file's filtered rows go, relative to filter/: the input's relative path, as Parquet."""
+    """Where a file's filtered rows go, relative to filter/corpus/: the input's relative path, as Parquet."""
     if file.format == "parquet":
         return file.rel
     return posixpath.splitext(file.rel)[0] + ".parquet"
@@ -293,7 +296,7 @@ def run(ctx) -> None:
     for f in files:
         sel_digest = stable_hash(sorted(by_source.get(f.path, [])))
         old = previous.files.get(f.path) if previous else None
-        src = storage.join(prev_dir, outs[f.path])
+        src = storage.join(prev_dir, CORPUS_DIR, outs[f.path])
         if (
             old is not None
             and previous.is_done(f.path, f.size, f.mtime)
@@ -301,7 +304,7 @@ def run(ctx) -> None:
             and old.get("out") == outs[f.path]
             and storage.exists(src)
         ):
-            _link_or_copy(src, storage.join(ctx.out_dir, outs[f.path]))
+            _link_or_copy(src, storage.join(ctx.out_dir, CORPUS_DIR, outs[f.path]))
             entries[f.path] = {**old, "filtered_this_run": False}
         else:
             todo.append(f)
@@ -314,7 +317,7 @@ def run(ctx) -> None:
         action,
         len(selected),
     )
-    tasks = [(f, storage.join(ctx.out_dir, outs[f.path])) for f in todo]
+    tasks = [(f, storage.join(ctx.out_dir, CORPUS_DIR, outs[f.path])) for f in todo]
     stamp = utc_now()
     for res in _filter_on_ray(job, tasks, selected, action):
         path = res.pop("path")
