@@ -115,12 +115,11 @@ def small_parquet(out: Path, rows: list[dict], rows_per_file: int) -> Path:
     return out
 
 
-@pytest.fixture()
-def tiny_job(tmp_path, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir) -> dict:
-    """A whole job on the fixture corpora: tiny random teacher and encoder, real Ray and LanceDB."""
-    tox = fixture_corpora
+def tiny_job_data(run_dir, tox: Path, teacher: str, encoder: str) -> dict:
+    """A whole job on the fixture corpora (`tox`) with the tiny teacher and encoder: the one definition
+    that module-scoped fixtures (which cannot take `tiny_job`) adapt with their own changes."""
     return {
-        "run_dir": str(tmp_path / "run"),
+        "run_dir": str(run_dir),
         "seed": 0,
         "anchors": {"path": str(tox / "anchors"), "id_column": "id", "encoder_text_column": "text"},
         "pool": {"path": str(tox / "pool"), "id_column": "id", "encoder_text_column": "text"},
@@ -130,7 +129,7 @@ def tiny_job(tmp_path, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir) -> d
             "encoder_text_column": "text",
             "label_column": "label",
         },
-        "teacher": {"model": tiny_teacher_dir, "max_len": 48},
+        "teacher": {"model": teacher, "max_len": 48},
         "sketch": {
             "batch_size": 4,
             "proj_dim": 1024,
@@ -141,7 +140,7 @@ def tiny_job(tmp_path, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir) -> d
             "rows_per_shard": 8,
             "fidelity_samples": 4,
         },
-        "encoder": {"model": tiny_encoder_dir, "max_len": 64},
+        "encoder": {"model": encoder, "max_len": 64},
         # Blocks well inside the train split (fit holds part of the train pool out for validation).
         "fit": {"epochs": 2, "block_anchors": 4, "block_candidates": 8},
         "score": {
@@ -150,3 +149,9 @@ def tiny_job(tmp_path, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir) -> d
         },
         "ray": {"num_cpus": 2},
     }
+
+
+@pytest.fixture()
+def tiny_job(tmp_path, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir) -> dict:
+    """A whole job on the fixture corpora: tiny random teacher and encoder, real Ray and LanceDB."""
+    return tiny_job_data(tmp_path / "run", fixture_corpora, tiny_teacher_dir, tiny_encoder_dir)

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import tiny_job_data
 from pipeline import api
 from pipeline.errors import ArtifactMismatchError, InputDataError
 
@@ -26,32 +27,11 @@ DOWNSTREAM = ["encode", "score", "filter"]
 
 
 def _job(run_dir: Path, corpus: dict, tox: Path, teacher: str, encoder: str) -> dict:
-    return {
-        "run_dir": str(run_dir),
-        "seed": 0,
-        "anchors": {"path": str(tox / "anchors"), "id_column": "id", "encoder_text_column": "text"},
-        "pool": {"path": str(tox / "pool"), "id_column": "id", "encoder_text_column": "text"},
-        "corpus": corpus,
-        "teacher": {"model": teacher, "max_len": 48},
-        "sketch": {
-            "batch_size": 4,
-            "proj_dim": 1024,
-            "train_anchors": 8,
-            "train_pool": 16,
-            "eval_anchors": 4,
-            "eval_pool": 8,
-            "rows_per_shard": 8,
-            "fidelity_samples": 4,
-        },
-        "encoder": {"model": encoder, "max_len": 64},
-        "fit": {"epochs": 1, "block_anchors": 4, "block_candidates": 8},
-        "score": {
-            "queries": {"path": str(tox / "queries"), "id_column": "id", "encoder_text_column": "text"},
-            "top_k": 5,
-            "select_top_frac": 0.25,
-        },
-        "ray": {"num_cpus": 2},
-    }
+    job = tiny_job_data(run_dir, tox, teacher, encoder)
+    job["corpus"] = corpus
+    job["fit"]["epochs"] = 1
+    job["score"]["select_top_frac"] = 0.25
+    return job
 
 
 def _fixture_rows(tox: Path) -> list[dict]:

@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import tiny_job_data
+
 import pipeline
 from pipeline import cli, evidence
 from pipeline.config import STAGES
@@ -24,39 +26,10 @@ from pipeline.errors import ArtifactMissingError, ConfigError
 def finished(tmp_path_factory, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir, ray_local):
     tox = fixture_corpora
     run = tmp_path_factory.mktemp("show_api") / "run"
-    job = {
-        "run_dir": str(run),
-        "seed": 0,
-        "anchors": {"path": str(tox / "anchors"), "id_column": "id", "encoder_text_column": "text"},
-        "pool": {"path": str(tox / "pool"), "id_column": "id", "encoder_text_column": "text"},
-        "corpus": {
-            "path": str(tox / "corpus"),
-            "id_column": "id",
-            "encoder_text_column": "text",
-            "label_column": "label",
-        },
-        "teacher": {"model": tiny_teacher_dir, "max_len": 48},
-        "sketch": {
-            "batch_size": 4,
-            "proj_dim": 1024,
-            "train_anchors": 8,
-            "train_pool": 16,
-            "eval_anchors": 4,
-            "eval_pool": 8,
-            "rows_per_shard": 8,
-            "fidelity_samples": 4,
-        },
-        "encoder": {"model": tiny_encoder_dir, "max_len": 64},
-        "fit": {"epochs": 1, "block_anchors": 4, "block_candidates": 8},
-        "score": {
-            "queries": {"path": str(tox / "queries"), "id_column": "id", "encoder_text_column": "text"},
-            "top_k": 5,
-            "select_top_frac": 0.2,
-            "rerank_top": 8,
-        },
-        "eval": {"recall_k": [5]},
-        "ray": {"num_cpus": 2},
-    }
+    job = tiny_job_data(run, tox, tiny_teacher_dir, tiny_encoder_dir)
+    job["fit"]["epochs"] = 1
+    job["score"].update(select_top_frac=0.2, rerank_top=8)
+    job["eval"] = {"recall_k": [5]}
     return job, pipeline.run(job)  # a dict, every stage
 
 
