@@ -42,8 +42,13 @@ lint: install
 
 # Every test (what CI runs). Tests marked `slow` use the real models, start their own Ray clusters or
 # processes, or run whole stages/jobs (tiny models); the rest is `make test-fast`.
+# `make test TEST_WORKERS=2` runs two pytest-xdist workers: much of a slow test is waiting (Ray, actor
+# and process start-up), which the other worker fills; tests/conftest.py makes the work units (whole
+# modules; the users of a costly session fixture together) and queues the slow ones first. Serial by
+# default until a full parallel run has been timed and seen stable on the 2-core CI machine.
+TEST_WORKERS ?= 0
 test: install lint
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q -x --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) tests
 
 # The edit loop: everything but `slow` (tiny models, the fixture corpora, one in-process Ray).
 test-fast: install
@@ -52,6 +57,7 @@ test-fast: install
 # Rows of the encode/score scale run (~75 min at 1M on a 2-core CPU): make bench BENCH_SCALE=100000
 BENCH_SCALE ?= 1000000
 bench: install
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]" 2>&1 | $(QUIET)
 	BENCH_SCALE=$(BENCH_SCALE) $(BIN)/python bench/run_all.py
 
 clean:

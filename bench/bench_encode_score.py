@@ -9,7 +9,12 @@ Figures (printed, and written to bench/out/encode_score.json):
    plain in-process batched loop of the same encoder on the same rows (target >= 0.8x).
 2. score: rows/s and GB/s of code bytes of the score stage's scan loop over a Lance table, for 1
    and 16 queries, vs the memory bandwidth measured here with a numpy copy (target >= 0.5x of the
-   bandwidth bound), with the Lance scan alone and the scoring kernel alone as ceilings.
+   bandwidth bound), with the Lance scan alone and the scoring kernel alone as ceilings; and side by
+   side, the peer a user would pick for exact search: FAISS (`faiss-cpu`, the bench-only extra
+   `pip install -e ".[bench]"`) on the same codes and queries, top-10, as `IndexFlatIP` (float32
+   codes in memory: twice the bytes) and `IndexScalarQuantizer` QT_fp16 (the same float16 bytes).
+   FAISS searches codes already in RAM and returns only the top-10; the score stage streams them
+   from the Lance table and also writes every row's mean/max score (the full ranking).
 3. storage: bytes per row on disk for float16 and int8 codes vs a LESS-style 8192-dim float16
    gradient (16 KiB).
 4. --scale N: a T0 corpus of N rows (the sample replicated with distinct ids) encoded and scored by
@@ -300,8 +305,55 @@ def bench_score_and_storage(tmp: Path, n: int, dim: int = 384, query_counts=(1, 
                 "kernel_only_gb_per_s": round(code_bytes / kernel_s / 1e9, 3),
                 "kernel_gflop_per_s": round(2 * nq * dim * n / kernel_s / 1e9, 1),
             }
+        if dtype == "float16":
+            row["faiss"] = faiss_peer(store, ds, dtype, dim, query_counts, rng_seed=1)
+            for nq, peer in row["faiss"].get("queries", {}).items():
+                for fig in peer.values():
+                    if isinstance(fig, dict):
+                        fig["influcoder_vs_faiss"] = round(
+                            row["queries"][nq]["score_rows_per_s"] / fig["rows_per_s"], 3
+                        )
         out["dtypes"][dtype] = row
     out["less_bytes_per_row"] = LESS_BYTES
+    return out
+
+
+def faiss_peer(store, ds, dtype: str, dim: int, query_counts, rng_seed: int) -> dict:
+    """FAISS exact top-10 on the table's codes (all in RAM) for the same query draws as the score
+    loop, with the top-10 agreement against an exact numpy search of the same codes."""
+    try:
+        import faiss
+    except ImportError:
+        return {"skipped": 'faiss-cpu is not installed (bench-only: pip install -e ".[bench]"); no figure'}
+    from pipeline.stages.score import scan_columns
+
+    codes16 = np.concatenate(
+        [codes_from_arrow(b.column(1), dtype) for b in store.iter_batches(scan_columns(dtype), 65536, dataset=ds)]
+    )
+    codes32 = codes16.astype(np.float32)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(codes32)
+    sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    sq.train(codes32[:1])  # fp16 needs no training; the call only marks the index trained
+    sq.add(codes32)
+    n = len(codes16)
+    rng = np.random.default_rng(rng_seed)  # the same query draws as the score loop above
+    out = {"threads": faiss.omp_get_max_threads(), "version": faiss.__version__, "queries": {}}
+    for nq in query_counts:
+        queries = rng.standard_normal((nq, dim)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        exact = np.argsort(-(codes32 @ queries.T), axis=0, kind="stable")[:10].T
+        fig = {}
+        for name, index, nbytes in (("IndexFlatIP", flat, 4), ("IndexScalarQuantizer_fp16", sq, 2)):
+            s = best_of(lambda: index.search(queries, 10))
+            _, ids = index.search(queries, 10)
+            agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+            fig[name] = {
+                "rows_per_s": round(n / s, 1),
+                "code_gb_per_s": round(n * dim * nbytes / s / 1e9, 3),
+                "top10_agreement_with_exact": round(float(agree), 3),
+            }
+        out["queries"][str(nq)] = fig
     return out
 
 

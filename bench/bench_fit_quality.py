@@ -107,6 +107,67 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
 
 
+def _gain_text(exported: dict, key: str) -> str:
+    """The exported encoder's paired held-out gain over the starting encoder, with its bootstrap CI."""
+    d = exported.get("vs_untrained") or {}
+    ci = d.get(key + "_diff_ci")
+    return f"{d[key + '_diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
+
+
+def _beyond_noise(rs: list[dict], key: str) -> str:
+    """Seeds whose paired bootstrap CI of the gain over the starting encoder excludes 0 (above / below)."""
+    cis = [(r.get("vs_untrained") or {}).get(key + "_diff_ci") for r in rs]
+    return f"{sum(1 for c in cis if c and c[0] > 0)}/{sum(1 for c in cis if c and c[1] < 0)}"
+
+
+def interpolation_curve(job, weights: list[float]) -> dict[str, dict[str, float]]:
+    """Held-out Spearman of (1 - w) * start + w * exported for each w, from a finished fit of `job`:
+    how much of the starting encoder's knowledge a fixed weight-space mix would keep (WiSE-FT). The
+    fit's own weights are w = 1 only when the fit exported its last epoch (the classic recipe)."""
+    import torch
+
+    from pipeline.encoder import TextEncoder
+    from pipeline.metrics import fidelity_difference, spearman_with_ci
+    from pipeline.models import resolve_encoder
+    from pipeline.stages.fit import _load_mix
+    from pipeline.stages.fit_data import load_fit_data
+    from pipeline.stages.fit_worker import encoder_scores
+
+    run = Path(job.run_dir)
+    data = load_fit_data(str(run / "sketch"), job.encoder.anchor_prefix)
+    tuned_enc = TextEncoder(str(run / "fit" / "encoder"), max_len=job.encoder.max_len)
+    enc = TextEncoder(resolve_encoder(job.encoder.model), max_len=job.encoder.max_len)
+    start = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
+    tuned = {k: v.detach().clone() for k, v in tuned_enc.model.state_dict().items()}
+    out, preds = {}, {}
+    with torch.inference_mode():
+        for w in sorted({0.0, *weights, 1.0}):
+            _load_mix(enc, start, tuned, w)
+            preds[w] = encoder_scores(enc, data.eval_anchors, data.eval_pool, 64)
+            r = spearman_with_ci(preds[w], data.ground_truth, seed=job.seed)
+            d = fidelity_difference(preds[w], preds[0.0], data.ground_truth, seed=job.seed)
+            out[f"{w:g}"] = {
+                "spearman_aggregated": r["spearman_aggregated"],
+                "spearman_per_anchor": r["spearman_per_anchor"],
+                **d,
+            }
+    return out
+
+
+def cached_curve(job, weights: str) -> dict:
+    """`interpolation_curve`, kept beside the fit (bench_interpolation.json) so that a rerun with
+    --reuse does not embed the held-out split again; recomputed when the fit is newer."""
+    cache = Path(job.run_dir) / "bench_interpolation.json"
+    fit_mtime = (Path(job.run_dir) / "fit" / "metrics.json").stat().st_mtime
+    if cache.exists() and cache.stat().st_mtime >= fit_mtime:
+        saved = json.loads(cache.read_text())
+        if saved.get("weights") == weights:
+            return saved["curve"]
+    curve = interpolation_curve(job, [float(w) for w in weights.split(",")])
+    cache.write_text(json.dumps({"weights": weights, "curve": curve}))
+    return curve
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -120,6 +181,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override fit.epochs")
     ap.add_argument("--fit-set", action="append", default=[], help="extra fit overrides, e.g. fit.lr=2e-5")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "fit_quality.json"))
+    ap.add_argument(
+        "--interpolate",
+        default="",
+        help="also measure fixed weight-space mixes of the starting and exported encoders, e.g. 0.25,0.5,0.75",
+    )
+    ap.add_argument("--reuse", action="store_true", help="keep a (size, recipe, seed) fit that already finished")
+    ap.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="with --reuse: tabulate the fits that already finished and run no new one (a partial grid)",
+    )
     args = ap.parse_args()
 
     sizes = [int(s) for s in args.sizes.split(",")]  # in the order given (the most telling first)
@@ -147,11 +219,20 @@ def main() -> None:
                 if args.epochs:
                     overrides.append(f"fit.epochs={args.epochs}")
                 job = load_job(data=config, overrides=overrides)
-                artifacts.run_stage(job, "sketch", overwrite=True, runner=subset_runner(src_run / "sketch", n, n_pool))
+                done = Path(job.run_dir) / "fit" / "metrics.json"
+                if args.finished_only and not done.exists():
+                    continue
                 t0 = time.perf_counter()
-                artifacts.run_stage(job, "fit", overwrite=True)
+                if not (args.reuse and done.exists()):
+                    runner = subset_runner(src_run / "sketch", n, n_pool)
+                    artifacts.run_stage(job, "sketch", overwrite=True, runner=runner)
+                    artifacts.run_stage(job, "fit", overwrite=True)
                 wall = time.perf_counter() - t0
-                m = json.loads((Path(job.run_dir) / "fit" / "metrics.json").read_text())
+                m = json.loads(done.read_text())
+                if "vs_untrained" not in m["exported"]:  # a fit from before the paired figures: add them
+                    curve = interpolation_curve(job, [])
+                    m["exported"]["vs_untrained"] = {k: v for k, v in curve["1"].items() if "diff" in k}
+                curve = cached_curve(job, args.interpolate) if args.interpolate else None
                 exported = m["exported"]
                 results.append(
                     {
@@ -162,18 +243,21 @@ def main() -> None:
                         "splits": m["splits"],
                         "untrained": m["untrained"],
                         "exported": exported,
+                        "vs_untrained": exported.get("vs_untrained"),
                         "selected_epoch": m["selected_epoch"],
                         "interpolation_weight": m.get("interpolation_weight"),
                         "last_epoch": m["epochs"][-1],
                         "timings": m["timings"],
                         "stage_wall_s": round(wall, 1),
+                        "interpolation_heldout": curve,
                     }
                 )
                 print(
                     f"n={n} {recipe} seed {seed}: agg {m['untrained']['spearman_aggregated']:+.3f} -> "
                     f"{exported['spearman_aggregated']:+.3f}, per-anchor {m['untrained']['spearman_per_anchor']:+.3f}"
                     f" -> {exported['spearman_per_anchor']:+.3f} (epoch {m['selected_epoch']}, "
-                    f"w {m.get('interpolation_weight')}, {wall:.0f} s)",
+                    f"w {m.get('interpolation_weight')}, {wall:.0f} s); paired gain agg "
+                    f"{_gain_text(exported, 'spearman_aggregated')}, per-anchor {_gain_text(exported, 'spearman_per_anchor')}",
                     flush=True,
                 )
 
@@ -184,18 +268,37 @@ def main() -> None:
     print("held-out Spearman, mean ± 95 % t-interval over seeds (start = the plain starting encoder)")
     print(
         f"{'anchors x pool':>14} {'recipe':<17} {'agg start':>9} {'agg exported':>16} {'PA start':>9} "
-        f"{'PA exported':>16} {'epochs chosen':>14}"
+        f"{'PA exported':>16} {'epochs chosen':>14} {'seeds >/< start':>16}"
     )
     for n in sizes:
         for recipe in recipes:
             rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
+            if not rs:
+                continue
             agg = t_interval([r["exported"]["spearman_aggregated"] for r in rs])
             pa_ = t_interval([r["exported"]["spearman_per_anchor"] for r in rs])
             print(
                 f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} {rs[0]['untrained']['spearman_aggregated']:>+9.3f} "
                 f"{agg[0]:>+8.3f} ± {agg[1]:.3f} {rs[0]['untrained']['spearman_per_anchor']:>+9.3f} "
-                f"{pa_[0]:>+8.3f} ± {pa_[1]:.3f} {str([r['selected_epoch'] for r in rs]):>14}"
+                f"{pa_[0]:>+8.3f} ± {pa_[1]:.3f} {str([r['selected_epoch'] for r in rs]):>14} "
+                f"{_beyond_noise(rs, 'spearman_aggregated') + ' agg, ' + _beyond_noise(rs, 'spearman_per_anchor') + ' PA':>16}"
             )
+    if args.interpolate:
+        ws = sorted(results[0]["interpolation_heldout"], key=float)
+        print("\nfixed weight-space mixes (1 - w) * start + w * exported, held-out aggregated / per-anchor Spearman,")
+        print("mean ± 95 % t-interval over seeds (w = 0: the starting encoder, w = 1: the exported one)")
+        print(f"{'anchors x pool':>14} {'recipe':<17} " + " ".join(f"{'w=' + w:>21}" for w in ws))
+        for n in sizes:
+            for recipe in recipes:
+                rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
+                if not rs:
+                    continue
+                cells = []
+                for w in ws:
+                    a = t_interval([r["interpolation_heldout"][w]["spearman_aggregated"] for r in rs])
+                    p_ = t_interval([r["interpolation_heldout"][w]["spearman_per_anchor"] for r in rs])
+                    cells.append(f"{a[0]:+.3f}±{a[1]:.3f}/{p_[0]:+.3f}")
+                print(f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} " + " ".join(f"{c:>21}" for c in cells))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(

@@ -10,8 +10,13 @@ Lifecycle of a stage run (see `run_stage`):
    (finished shards) lives in `run_dir/.work/<stage>-<identity>/`, which survives a crash and is
    keyed by the identity, so partial work of another config can never be mixed in.
 3. The manifest is written last, then the temporary directory is renamed to `run_dir/<stage>/`.
-   On object stores (no atomic rename) the manifest is the completion marker and is written
-   after everything else.
+
+On object stores (a URI run_dir: s3://, gs://, ...) there is no directory rename, so a stage writes
+its files in place, into `run_dir/<stage>/`, and the manifest, written last (one PUT, atomic), is the
+completion marker: a stage folder without a manifest is half-written, never read as finished, and is
+deleted by the next run of that stage before it writes. Recomputing a finished stage deletes its
+manifest first (so a crash in between leaves a half-written stage, not a stale "finished" one), then
+its files. One job per URI run_dir at a time: object stores have no lock (`storage.exclusive_lock`).
 """
 
 from __future__ import annotations
@@ -317,7 +322,12 @@ def run_stage(
                 raise ArtifactMismatchError(refusal_message(job, {stage: why.config}))
             log.info("%s: recomputing: %s%s.", stage, why.describe(), " (--overwrite)" if why.config else "")
 
-        out_dir = storage.join(job.run_dir, f".{stage}.tmp-{uuid.uuid4().hex[:8]}")
+        in_place = storage.is_uri(job.run_dir)  # object stores: no rename, the manifest marks completion
+        if in_place:
+            _clear_in_place(job, stage, finished=existing is not None)
+            out_dir = stage_dir(job, stage)
+        else:
+            out_dir = storage.join(job.run_dir, f".{stage}.tmp-{uuid.uuid4().hex[:8]}")
         work_dir = storage.join(job.run_dir, ".work", f"{stage}-{identity}")
         storage.makedirs(out_dir)
         storage.makedirs(work_dir)
@@ -355,20 +365,37 @@ def run_stage(
             **storage.redact_obj(ctx.manifest),
         }
         storage.write_json_atomic(storage.join(out_dir, MANIFEST), manifest)
-        _commit(out_dir, stage_dir(job, stage))
+        if not in_place:
+            _commit(out_dir, stage_dir(job, stage))
         storage.delete_dir(work_dir)
         log.info("%s: done in %.1f s -> %s", stage, manifest["seconds"], storage.redact(stage_dir(job, stage)))
         return manifest
 
 
 def _remove_stale_tmp_dirs(run_dir: str, stage: str) -> None:
-    """Temporary outputs of a run that was killed (SIGKILL skips cleanup). Safe: we hold the lock."""
-    if storage.is_uri(run_dir):
-        return  # no lock on object stores; leave them (they never look finished: no manifest)
-    root = storage.local_path(run_dir)
-    for name in os.listdir(root):
-        if name.startswith(f".{stage}.tmp-"):
-            storage.delete_dir(os.path.join(root, name))
+    """Temporary outputs of a run that was killed (SIGKILL skips cleanup). Safe: we hold the lock (on
+    object stores, where nothing writes them any more, they are leftovers of an older influcoder)."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(run_dir)
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(f".{stage}.tmp-"):
+            fs.delete_dir(info.path)
+
+
+def _clear_in_place(job: JobConfig, stage: str, finished: bool) -> None:
+    """Before a stage writes in place (object stores): its folder must hold nothing of another run.
+    A finished stage loses its manifest first, so that a crash while deleting the rest leaves a
+    half-written stage (ignored, cleaned here next time), never a manifest over missing files."""
+    out = stage_dir(job, stage)
+    if finished:
+        fs, p = storage.filesystem(storage.join(out, MANIFEST))
+        fs.delete_file(p)
+    elif storage.exists(out):
+        log.info(
+            "%s: removing a half-written %s (files without a manifest: an interrupted run)", stage, storage.redact(out)
+        )
+    storage.delete_dir(out)
 
 
 def _commit(tmp: str, final: str) -> None:

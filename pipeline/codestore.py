@@ -118,7 +118,8 @@ class CodeStore:
 
         self.uri = uri
         self.name = table
-        self.db = lancedb.connect(uri)
+        # Credentials and endpoint: Lance's own AWS_* environment chain (storage.lance_storage_options).
+        self.db = lancedb.connect(uri, storage_options=storage.lance_storage_options(uri) or None)
         self._tbl = None
 
     # ------------------------------------------------------------------ open / create

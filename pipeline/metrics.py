@@ -190,11 +190,8 @@ def paired_difference(reps_a: np.ndarray, reps_b: np.ndarray, level: float = 0.9
     return percentile_ci(np.asarray(reps_a) - np.asarray(reps_b), level)
 
 
-def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict[str, object]:
-    """Aggregated and per-anchor Spearman with 95 % bootstrap CIs, resampling anchors and pool items
-    (both are samples: the anchors of the task, the rows of the corpus)."""
-    pred, gt = _check_pair(pred, gt)
-    mean, std = spearman_per_anchor(pred, gt)
+def _fidelity_statistics(pred: np.ndarray, gt: np.ndarray) -> tuple[Callable[..., float], Callable[..., float]]:
+    """Aggregated and per-anchor Spearman of a resample (anchor indices, pool indices)."""
 
     def aggregated(ia: np.ndarray, ip: np.ndarray) -> float:
         rho = spearman(pred[np.ix_(ia, ip)].mean(axis=0), gt[np.ix_(ia, ip)].mean(axis=0))
@@ -203,6 +200,15 @@ def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, se
     def per_anchor(ia: np.ndarray, ip: np.ndarray) -> float:
         return float(spearman_rows(pred[np.ix_(ia, ip)], gt[np.ix_(ia, ip)]).mean())
 
+    return aggregated, per_anchor
+
+
+def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict[str, object]:
+    """Aggregated and per-anchor Spearman with 95 % bootstrap CIs, resampling anchors and pool items
+    (both are samples: the anchors of the task, the rows of the corpus)."""
+    pred, gt = _check_pair(pred, gt)
+    mean, std = spearman_per_anchor(pred, gt)
+    aggregated, per_anchor = _fidelity_statistics(pred, gt)
     sizes = pred.shape
     return {
         "spearman_aggregated": spearman_aggregated(pred, gt),
@@ -211,3 +217,28 @@ def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, se
         "spearman_per_anchor_std": std,
         "spearman_per_anchor_ci": bootstrap_ci(per_anchor, sizes, resamples, seed),
     }
+
+
+def fidelity_difference(
+    pred_a: np.ndarray, pred_b: np.ndarray, gt: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> dict[str, object]:
+    """a's held-out Spearman minus b's (aggregated and per-anchor) with paired 95 % bootstrap CIs.
+
+    Both are measured on the same resampled anchors and pool rows, so the noise of the split they
+    share cancels: two methods whose own CIs overlap widely can still differ beyond the noise, and a
+    lead counts only when its CI excludes 0."""
+    pred_a, gt = _check_pair(pred_a, gt)
+    pred_b, _ = _check_pair(pred_b, gt)
+    out: dict[str, object] = {}
+    for name, stat_a, stat_b in zip(
+        ("spearman_aggregated", "spearman_per_anchor"),
+        _fidelity_statistics(pred_a, gt),
+        _fidelity_statistics(pred_b, gt),
+    ):
+        full = (np.arange(gt.shape[0]), np.arange(gt.shape[1]))
+        out[name + "_diff"] = float(stat_a(*full) - stat_b(*full))
+        out[name + "_diff_ci"] = paired_difference(
+            bootstrap_replicates(stat_a, gt.shape, resamples, seed),
+            bootstrap_replicates(stat_b, gt.shape, resamples, seed),
+        )
+    return out

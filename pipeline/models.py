@@ -72,6 +72,24 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def local_model_dir(path: str) -> str:
+    """A model folder this process can open: a local folder as it is; a URI (s3://, gs://: e.g. the fit
+    stage's exported encoder under a URI run_dir) copied once into `<cache>/remote/<fingerprint>`, keyed
+    by its listing fingerprint (every file's name, size and modification time), so a rewritten folder
+    gets a new copy and each node of a cluster fetches its own copy once."""
+    if not storage.is_uri(path):
+        return path
+    out = cache_dir() / "remote" / storage.listing_fingerprint(path)
+    if not (out / "config.json").exists():
+        with storage.exclusive_lock(str(cache_dir() / "locks" / f"remote-{out.name}.lock"), "a model copy"):
+            if not (out / "config.json").exists():  # another process on this node may have copied it
+                log.info("copying %s into %s (once per node)", storage.redact(path), out)
+                tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+                storage.download_dir(path, str(tmp))
+                os.replace(tmp, out)
+    return str(out)
+
+
 def resolve_teacher(name: str) -> str:
     """A local directory holding the teacher; converts the offline GGUF alias on first use."""
     if name in TEACHER_ALIASES:

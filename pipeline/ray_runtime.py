@@ -31,6 +31,9 @@ WORKER_ENV = {
 }
 
 
+# Where the object store is (not who may use it): forwarded from the driver to every Ray worker.
+OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
+
 _started_here = False  # whether ensure_ray started (or joined) Ray in this process
 
 
@@ -47,6 +50,9 @@ def ensure_ray(cfg: RayConfig) -> None:
     env = {"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}}
     if os.environ.get("INFLUCODER_CACHE"):
         env["env_vars"]["INFLUCODER_CACHE"] = os.environ["INFLUCODER_CACHE"]
+    # Workers must reach the run_dir's object store where the driver does. Only where it is goes
+    # along: credentials stay in each node's own environment (a runtime_env is shown by the dashboard).
+    env["env_vars"].update({k: os.environ[k] for k in OBJECT_STORE_ENV if os.environ.get(k)})
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # Worker output (Ray Train's per-report lines, library warnings from every actor) reaches the
     # console only with -v; errors still arrive as the exceptions they raise. The files stay in

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from typing import Any
+from typing import Any, Optional
 
 from pipeline import storage
 from pipeline.config import EVAL_METHODS, JobConfig
@@ -40,25 +39,47 @@ def _fmt(v: Any, spec: str = ".3f", ci: Any = None) -> str:
     return format(v, spec) + (f" [{format(ci[0], spec)}, {format(ci[1], spec)}]" if ci else "")
 
 
+def _state(ci: Optional[list[float]], better: str, worse: str) -> str:
+    """How a paired difference reads: it counts only when its 95 % CI excludes 0."""
+    return better if ci and ci[0] > 0 else worse if ci and ci[1] < 0 else "level (within the noise)"
+
+
 def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Which method finds the label-1 rows best (AUPRC), and how influcoder stands against the plain
-    starting encoder and the best cheap method: a difference counts only when its paired 95 % CI
+    """Which method finds the label-1 rows best (AUPRC), how influcoder stands against the plain
+    starting encoder and the best cheap method, and whether it is more faithful to the teacher than
+    the plain encoder on the held-out split: a difference counts only when its paired 95 % CI
     excludes 0."""
+    out: dict[str, Any] = {}
+    vs = results.get("influcoder", {}).get("vs", {})
+    plain = vs.get("untrained_encoder", {}).get("heldout")
+    if plain:  # fidelity first: distillation's own promise, measurable without labels
+        ci = plain["spearman_aggregated_diff_ci"]
+        out["fidelity_vs_plain_encoder"] = {
+            "method": "untrained_encoder",
+            "spearman_aggregated_diff": plain["spearman_aggregated_diff"],
+            "spearman_aggregated_diff_ci": ci,
+            "spearman_per_anchor_diff": plain["spearman_per_anchor_diff"],
+            "spearman_per_anchor_diff_ci": plain["spearman_per_anchor_diff_ci"],
+            "influcoder_is": _state(ci, "more faithful", "less faithful"),
+        }
     scored = {n: r for n, r in results.items() if r.get("auprc") is not None}
     if not scored:
-        return {}
+        return out
     best = max(scored, key=lambda n: scored[n]["auprc"])
-    out: dict[str, Any] = {"best_auprc": best}
-    vs = results.get("influcoder", {}).get("vs", {})
+    out["best_auprc"] = best
     cheap = [n for n in scored if n not in ("influcoder", "gradient", "cascade", "random")]
     for label, other in (
         ("vs_plain_encoder", "untrained_encoder"),
         ("vs_best_cheap", max(cheap, key=lambda n: scored[n]["auprc"]) if cheap else None),
     ):
-        if other and other in vs:
+        if other and "auprc_diff" in vs.get(other, {}):
             diff, ci = vs[other]["auprc_diff"], vs[other]["auprc_diff_ci"]
-            state = "better" if ci and ci[0] > 0 else "worse" if ci and ci[1] < 0 else "level (within the noise)"
-            out[label] = {"method": other, "auprc_diff": diff, "auprc_diff_ci": ci, "influcoder_is": state}
+            out[label] = {
+                "method": other,
+                "auprc_diff": diff,
+                "auprc_diff_ci": ci,
+                "influcoder_is": _state(ci, "better", "worse"),
+            }
     return out
 
 
@@ -70,13 +91,23 @@ def verdict_text(verdict: dict[str, Any]) -> list[str]:
     for key in ("vs_plain_encoder", "vs_best_cheap"):
         v = verdict.get(key)
         if v and not (key == "vs_best_cheap" and v["method"] == verdict.get("vs_plain_encoder", {}).get("method")):
-            ci = v["auprc_diff_ci"]
-            ci_text = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
             lines.append(
-                f"influcoder vs {v['method']}: AUPRC {v['auprc_diff']:+.3f}{ci_text} (95 % CI): "
-                f"influcoder is {v['influcoder_is']}."
+                f"influcoder vs {v['method']}: AUPRC {v['auprc_diff']:+.3f}{_ci_text(v['auprc_diff_ci'])} "
+                f"(95 % CI): influcoder is {v['influcoder_is']}."
             )
+    f = verdict.get("fidelity_vs_plain_encoder")
+    if f:
+        lines.append(
+            f"Fidelity to the teacher vs {f['method']} (held-out, paired): aggregated rho "
+            f"{f['spearman_aggregated_diff']:+.3f}{_ci_text(f['spearman_aggregated_diff_ci'])}, per-anchor "
+            f"{f['spearman_per_anchor_diff']:+.3f}{_ci_text(f['spearman_per_anchor_diff_ci'])} (95 % CI): "
+            f"influcoder is {f['influcoder_is']}."
+        )
     return lines
+
+
+def _ci_text(ci: Optional[list[float]]) -> str:
+    return f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
 
 
 def draw_spearman_by_epoch(ax, fit_metrics: dict[str, Any]) -> None:
@@ -132,14 +163,14 @@ def _plots(
         ax.set_title("Finding the label-1 rows (mean score over queries)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "pr_curves.png"), dpi=120)
+        _savefig(fig, storage.join(out_dir, "pr_curves.png"))
         plt.close(fig)
         made.append("pr_curves.png")
     if (fit_metrics or {}).get("epochs"):
         fig, ax = plt.subplots(figsize=(5.5, 4.0))
         draw_spearman_by_epoch(ax, fit_metrics)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "spearman_by_epoch.png"), dpi=120)
+        _savefig(fig, storage.join(out_dir, "spearman_by_epoch.png"))
         plt.close(fig)
         made.append("spearman_by_epoch.png")
     points = [(n, r) for n, r in metrics["methods"].items() if r.get("ms_per_sample")]
@@ -155,10 +186,17 @@ def _plots(
         ax.set_ylabel("AUPRC" if quality_key else "aggregated Spearman (held-out)")
         ax.set_title("Quality vs cost")
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "quality_vs_cost.png"), dpi=120)
+        _savefig(fig, storage.join(out_dir, "quality_vs_cost.png"))
         plt.close(fig)
         made.append("quality_vs_cost.png")
     return made
+
+
+def _savefig(fig, path: str) -> None:
+    """A PNG at `path`, local or on an object store."""
+    fs, p = storage.filesystem(path)
+    with fs.open_output_stream(p) as f:
+        fig.savefig(f, format="png", dpi=120)
 
 
 def write_report(
@@ -168,8 +206,8 @@ def write_report(
     eval_out_dir: str,
     upstream: dict[str, dict[str, Any]],
 ) -> str:
-    out_dir = storage.local_path(storage.join(eval_out_dir, "report"))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = storage.join(eval_out_dir, "report")  # local or a URI run_dir's (written through pyarrow)
+    storage.makedirs(out_dir)
     fit_path = storage.join(job.run_dir, "fit", "metrics.json")
     fit_metrics = storage.read_json(fit_path) if storage.exists(fit_path) else None
     plots = _plots(out_dir, metrics, curves, fit_metrics)
@@ -274,6 +312,5 @@ def write_report(
         "```",
         "",
     ]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    storage.write_text_atomic(storage.join(out_dir, "report.md"), "\n".join(lines))
     return out_dir

@@ -3,6 +3,11 @@
 Every path in a job goes through here so that one machine (local paths) and a cluster with
 shared object storage (URIs) run the same code. Credentials embedded in URIs are redacted
 before anything is logged or written to a manifest.
+
+Object stores get their credentials and endpoint from the standard environment chain of each
+library (pyarrow's S3 client, Lance's object_store): `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL` (a self-hosted or local S3 server), or an
+instance profile / `GOOGLE_APPLICATION_CREDENTIALS`. Nothing here reads or records their values.
 """
 
 from __future__ import annotations
@@ -29,10 +34,28 @@ def is_uri(path: str) -> bool:
     return bool(_URI.match(path)) and not path.startswith("file://")
 
 
+# Credentials the object-store clients read from the environment: their values are scrubbed from any
+# text redact() sees too (an error message of a client library may quote them).
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS_JSON",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+)
+
+
 def redact(text: str) -> str:
-    """Remove credentials from URIs (user:secret@host, ?secret=...) in any string."""
+    """Remove credentials from URIs (user:secret@host, ?secret=...) and the values of the credential
+    environment variables (SECRET_ENV) from any string."""
     text = _CREDENTIALS_IN_URI.sub(r"\g<scheme>***@", text)
-    return _SECRET_QUERY.sub(r"\1***", text)
+    text = _SECRET_QUERY.sub(r"\1***", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 8 and value in text:  # shorter values would blot out ordinary words
+            text = text.replace(value, "***")
+    return text
 
 
 def redact_obj(obj: Any) -> Any:
@@ -52,6 +75,10 @@ def join(base: str, *parts: str) -> str:
 
 
 def local_path(path: str) -> str:
+    """A local path (a `file://` URI stripped). An object-store URI is a bug in the caller: such paths
+    go through `filesystem()`, never through open()/os.*, which would make a local folder named `s3:`."""
+    if is_uri(path):
+        raise ValueError(f"internal error: local-only file access on {redact(path)}; use pipeline.storage")
     return path[len("file://") :] if path.startswith("file://") else path
 
 
@@ -107,6 +134,51 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_table(path: str, columns: list[str] | None = None):
+    """A Parquet file or folder (local or URI) as one Arrow table."""
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    return pq.read_table(p, columns=columns, filesystem=fs)
+
+
+def download_dir(path: str, local_dir: str) -> None:
+    """Copy a folder (local or URI) into a local folder, recursively."""
+    fs, p = filesystem(path)
+    pafs.copy_files(p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def upload_dir(local_dir: str, path: str) -> None:
+    """Copy a local folder to `path` (local or URI), recursively."""
+    fs, p = filesystem(path)
+    pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def listing_fingerprint(path: str) -> str:
+    """A cheap fingerprint of a folder's files (relative name, size, modification time), one listing
+    call: keys a local copy of a remote folder, which changes whenever any file is rewritten."""
+    import hashlib
+
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    files = sorted(
+        (i.path[len(p) :].lstrip("/"), i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File
+    )
+    return hashlib.sha256(json.dumps([path.rstrip("/"), files]).encode()).hexdigest()[:16]
+
+
+def lance_storage_options(uri: str) -> dict[str, str]:
+    """Options for Lance/LanceDB at `uri`. Credentials, region and endpoint come from Lance's own
+    environment chain (`AWS_*`); only plain-http endpoints (a local or in-cluster S3 server) need
+    saying, as `AWS_ALLOW_HTTP=true` would: pyarrow accepts them from `AWS_ENDPOINT_URL` alone."""
+    if not is_uri(uri):
+        return {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    if uri.startswith("s3://") and endpoint.startswith("http://"):
+        return {"allow_http": "true"}
+    return {}
+
+
 def delete_dir(path: str) -> None:
     fs, p = filesystem(path)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
@@ -135,8 +207,10 @@ def exclusive_lock(lock_path: str, what: str) -> Iterator[None]:
 
     Local paths use `fcntl.flock` (released by the kernel if the holder dies, so a crash never
     leaves a stale lock). A second writer waits, then sees the first one's finished work.
-    Object stores have no such primitive: writers there must be one per table (documented in the
-    README), and this is a no-op.
+    Object stores have no lock that a crashed holder releases (a lock object left by a killed job
+    would block the run_dir until someone deletes it by hand), so there this is a no-op: one job
+    per URI run_dir at a time (README, "Running on a cluster"). What stays safe without it: a stage
+    counts as finished only once its manifest exists, and LanceDB commits are atomic per version.
     """
     if is_uri(lock_path):
         yield

@@ -6,12 +6,16 @@
 - `tiny_teacher_dir` / `tiny_encoder_dir`: random tiny Llama / BERT folders with the real
   tokenizers (tests/tiny_models.py), built once per session.
 - `tiny_job`: a whole job on the fixture corpora with the tiny teacher and encoder.
+- `tiny_run`: that job (the cascade on) run once through every stage by `pipeline.run`, shared
+  read-only by the tests that inspect a finished run; a test that changes a run works on a
+  `copy_run` of it (one tiny job per session instead of one per test module).
 - `shared_data` and `demo_corpora` (`influcoder prepare --data` on all of ../shared/data): only for
   tests of prepare itself and real-model tests, which are marked `slow`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,7 +31,10 @@ FIXTURES = REPO / "tests" / "fixtures"
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run where CUDA exists and are skipped (with the reason) elsewhere."""
+    """GPU tests run where CUDA exists and are skipped (with the reason) elsewhere; in a pytest-xdist
+    worker (`make test`) the modules holding `slow` tests are queued first (see `xdist_unit`)."""
+    if hasattr(config, "workerinput"):
+        _slow_units_first(items)
     try:
         import torch
 
@@ -40,6 +47,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# `make test` runs two pytest-xdist workers. A work unit is a whole module (its module-scoped
+# fixtures are built once), and the modules that use one of these costly session fixtures (a whole
+# tiny job; a prepare of all of ../shared/data) form one unit, so that the fixture is built once.
+# (xdist's own `--dist loadgroup` marks do not group anything under pytest 9: it renames
+# `item._nodeid`, which pytest 9 no longer reads.)
+SHARED_UNITS = {
+    "tiny_run": ("test_show_api.py", "test_cascade.py", "test_filter.py"),
+    "demo_corpora": ("test_neardup_prepare.py", "test_prepare_cli.py"),
+}
+
+
+def xdist_unit(nodeid: str) -> str:
+    module = nodeid.split("::")[0]
+    return next((unit for unit, files in SHARED_UNITS.items() if Path(module).name in files), module)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: ignored where it is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """With `--dist loadscope`: units per `xdist_unit`, queued in collection order (`_slow_units_first`)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order `_slow_units_first` chose
+    return ModuleUnits(config, log)
+
+
+def _slow_units_first(items) -> None:
+    """Units holding `slow` tests first, so the short ones fill in at the end and neither worker is
+    left alone with a long test; and every user of a SHARED_UNITS fixture is listed there."""
+    for item in items:
+        for unit, files in SHARED_UNITS.items():
+            if unit in item.fixturenames and Path(item.nodeid.split("::")[0]).name not in files:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses the `{unit}` fixture: add its file to SHARED_UNITS[{unit!r}] in "
+                    "tests/conftest.py, so that the fixture is built once under pytest-xdist."
+                )
+    slow = {xdist_unit(item.nodeid) for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: xdist_unit(item.nodeid) not in slow)  # stable: file order otherwise
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +201,39 @@ def tiny_job_data(run_dir, tox: Path, teacher: str, encoder: str) -> dict:
         },
         "ray": {"num_cpus": 2},
     }
+
+
+def tiny_run_data(run_dir, tox: Path, teacher: str, encoder: str) -> dict:
+    """The job of `tiny_run`: `tiny_job_data` with one fit epoch, the cascade (score.rerank_top), a
+    selection for filter, and every eval method (their default list, which includes the cascade)."""
+    job = tiny_job_data(run_dir, tox, teacher, encoder)
+    job["fit"]["epochs"] = 1
+    job["score"].update(rerank_top=0.25, select_top_frac=0.2)
+    job["eval"] = {"recall_k": [5]}
+    return job
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir, ray_local) -> tuple[dict, dict]:
+    """`(job, out)`: the `tiny_run_data` job run once through every stage by `pipeline.run` (`out` is
+    what it returned: `{stage: {"path", "manifest", "seconds", "skipped"}}`). Read-only: a test that
+    runs a stage again or writes into the run works on `copy_run(job, its tmp_path)`."""
+    import pipeline
+
+    job = tiny_run_data(
+        tmp_path_factory.mktemp("tiny_run") / "run", fixture_corpora, tiny_teacher_dir, tiny_encoder_dir
+    )
+    out = pipeline.run(job)
+    assert all(not r["skipped"] for r in out.values())  # a fresh run_dir: every stage ran here
+    return job, out
+
+
+def copy_run(job: dict, dest: Path) -> dict:
+    """A private copy of a finished run_dir, and the job pointed at it: the shared run stays untouched."""
+    import shutil
+
+    shutil.copytree(job["run_dir"], dest)
+    return {**json.loads(json.dumps(job)), "run_dir": str(dest)}
 
 
 @pytest.fixture()

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import copy_run
 from pipeline import artifacts, cascade
 from pipeline.config import load_job
 from pipeline.errors import ConfigError
@@ -448,17 +449,15 @@ def test_eval_cascade_metrics_follow_the_cascade_rankings(tmp_path):
 
 @pytest.mark.slow  # a whole stage or job run
 @pytest.mark.timeout(600)
-def test_whole_job_with_the_cascade(tiny_job, ray_local):
-    """Every stage with score.rerank_top on the fixture corpora (tiny models): scores.parquet carries the
-    cascade, eval reports `cascade` next to the others, and eval's block is the score stage's."""
-    from pipeline.config import STAGES
-
-    data = json.loads(json.dumps(tiny_job))
-    data["fit"]["epochs"] = 1
-    data["score"].update(rerank_top=0.25, select_top_frac=0.1)
-    data["eval"] = {"methods": ["influcoder", "gradient", "bm25", "cascade"], "recall_k": [5]}
+def test_whole_job_with_the_cascade(tiny_run, tmp_path):
+    """Every stage with score.rerank_top on the fixture corpora (tiny models; conftest's shared
+    `tiny_run`, every eval method): scores.parquet carries the cascade, eval reports `cascade` next to
+    the others, and eval's block is the score stage's."""
+    shared, out = tiny_run
+    assert shared["score"]["rerank_top"] == 0.25  # the k asserted below
+    data = copy_run(shared, tmp_path / "run")  # eval reruns below: on a copy, the shared run stays as it is
     job = load_job(data=data)
-    manifests = {stage: artifacts.run_stage(job, stage) for stage in STAGES}
+    manifests = {stage: r["manifest"] for stage, r in out.items()}
     c = manifests["score"]["cascade"]
     n = manifests["score"]["rows"]["scored"]
     assert c["k"] == math.ceil(0.25 * n) and "fidelity_gate" in manifests["score"]

@@ -4,8 +4,9 @@ rows are counted and kept or left out per filter.keep_rejected; a new shard filt
 Hugging Face `save_to_disk` folder works as the corpus and the output loads back with `datasets` with
 the same features.
 
-Sketch and fit run once per module (the pool is its own dataset, so corpus changes never touch
-them); each test copies them into its own run_dir and runs encode, score and filter there."""
+Sketch and fit run once per session (conftest's `tiny_run`; the pool is its own dataset, so corpus
+changes never touch them); each test copies them into its own run_dir and runs encode, score and
+filter there."""
 
 from __future__ import annotations
 
@@ -39,12 +40,20 @@ def _fixture_rows(tox: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir, ray_local) -> dict:
-    """A run_dir with sketch and fit done, and the job's other settings."""
-    run = tmp_path_factory.mktemp("filter_base") / "run"
-    corpus = {"path": str(fixture_corpora / "corpus"), "id_column": "id", "encoder_text_column": "text"}
-    api.run(_job(run, corpus, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir), stages=["sketch", "fit"])
-    return {"run": run, "tox": fixture_corpora, "teacher": tiny_teacher_dir, "encoder": tiny_encoder_dir}
+def trained(tiny_run, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir) -> dict:
+    """A run_dir with sketch and fit done (conftest's shared `tiny_run`: the same sketch and fit
+    settings as `_job`, whose corpus changes never reach them), and the job's other settings."""
+    shared, _ = tiny_run
+    assert {k: shared[k] for k in ("sketch", "fit")} == {
+        k: _job(Path(shared["run_dir"]), {}, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir)[k]
+        for k in ("sketch", "fit")
+    }
+    return {
+        "run": Path(shared["run_dir"]),
+        "tox": fixture_corpora,
+        "teacher": tiny_teacher_dir,
+        "encoder": tiny_encoder_dir,
+    }
 
 
 def _new_run(trained: dict, tmp_path: Path, corpus: dict) -> dict:

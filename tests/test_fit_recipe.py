@@ -107,6 +107,27 @@ def test_spearman_with_ci_brackets_the_point_and_narrows_with_more_data():
     assert metrics.spearman_rows(pred, gt) == pytest.approx([metrics.spearman(p, g) for p, g in zip(pred, gt)])
 
 
+def test_paired_fidelity_difference_sees_what_overlapping_marginal_cis_hide():
+    rng = np.random.default_rng(1)
+    gt = rng.normal(size=(16, 128))
+    shared = rng.normal(size=gt.shape)  # noise both methods share: the paired difference cancels it
+    a = gt + shared + 0.5 * rng.normal(size=gt.shape)
+    b = gt + shared + 1.0 * rng.normal(size=gt.shape)
+    d = metrics.fidelity_difference(a, b, gt, resamples=400, seed=0)
+    ra, rb = (metrics.spearman_with_ci(p, gt, resamples=400, seed=0) for p in (a, b))
+    # The point difference is the difference of the two methods' own figures.
+    assert d["spearman_per_anchor_diff"] == pytest.approx(ra["spearman_per_anchor"] - rb["spearman_per_anchor"])
+    assert d["spearman_aggregated_diff"] == pytest.approx(ra["spearman_aggregated"] - rb["spearman_aggregated"])
+    # a is more faithful per anchor beyond the noise although the marginal CIs overlap.
+    assert d["spearman_per_anchor_diff_ci"][0] > 0
+    assert ra["spearman_per_anchor_ci"][0] < rb["spearman_per_anchor_ci"][1]
+    # Antisymmetric, and exactly 0 against itself.
+    back = metrics.fidelity_difference(b, a, gt, resamples=400, seed=0)
+    assert back["spearman_per_anchor_diff"] == pytest.approx(-d["spearman_per_anchor_diff"])
+    same = metrics.fidelity_difference(a, a, gt, resamples=50, seed=0)
+    assert same["spearman_aggregated_diff_ci"] == [0.0, 0.0] and same["spearman_per_anchor_diff"] == 0.0
+
+
 # --------------------------------------------------------------------------- validation split
 
 
@@ -196,3 +217,41 @@ def test_weight_interpolation_ends_are_the_two_models(minilm):
     key = next(k for k, v in start.items() if v.is_floating_point())
     assert torch.allclose(minilm.model.state_dict()[key], start[key] + 0.005, atol=1e-6)
     _load_mix(minilm, start, start, 1.0)
+
+
+def test_verdict_reads_paired_cis_for_auprc_and_fidelity():
+    from pipeline.report import verdict, verdict_text
+
+    def method(auprc):
+        return {"auprc": auprc}
+
+    results = {
+        "influcoder": {
+            **method(0.60),
+            "vs": {
+                "untrained_encoder": {
+                    "auprc_diff": -0.10,
+                    "auprc_diff_ci": [-0.20, -0.01],
+                    "heldout": {
+                        "spearman_aggregated_diff": 0.04,
+                        "spearman_aggregated_diff_ci": [0.01, 0.07],
+                        "spearman_per_anchor_diff": 0.02,
+                        "spearman_per_anchor_diff_ci": [-0.01, 0.05],
+                    },
+                },
+                "bm25": {"auprc_diff": 0.3, "auprc_diff_ci": [-0.1, 0.5]},
+            },
+        },
+        "untrained_encoder": method(0.70),
+        "bm25": method(0.30),
+    }
+    v = verdict(results)
+    assert v["best_auprc"] == "untrained_encoder"
+    assert v["vs_plain_encoder"]["influcoder_is"] == "worse"
+    assert v["fidelity_vs_plain_encoder"]["influcoder_is"] == "more faithful"
+    text = " ".join(verdict_text(v))
+    assert "AUPRC -0.100 [-0.200, -0.010]" in text and "influcoder is worse" in text
+    assert "aggregated rho +0.040 [+0.010, +0.070]" in text and "influcoder is more faithful" in text
+    # A CI straddling 0 is level, whichever way the point leans.
+    results["influcoder"]["vs"]["untrained_encoder"]["heldout"]["spearman_aggregated_diff_ci"] = [-0.01, 0.07]
+    assert verdict(results)["fidelity_vs_plain_encoder"]["influcoder_is"] == "level (within the noise)"

@@ -1,6 +1,7 @@
 """The Python entry point (`pipeline.run`), the evidence per query in the report, and
 `influcoder show RUN_DIR [--query ID] [--k N]`: the whole tiny job (tiny teacher and encoder, real Ray
-and LanceDB, the cascade on) runs once through `pipeline.run`; `show` reads its run_dir."""
+and LanceDB, the cascade on) runs once through `pipeline.run` (conftest's `tiny_run`, shared with other
+modules); `show` reads its run_dir."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_job_data
 
 import pipeline
 from pipeline import cli, evidence
@@ -23,14 +23,9 @@ from pipeline.errors import ArtifactMissingError, ConfigError
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir, ray_local):
-    tox = fixture_corpora
-    run = tmp_path_factory.mktemp("show_api") / "run"
-    job = tiny_job_data(run, tox, tiny_teacher_dir, tiny_encoder_dir)
-    job["fit"]["epochs"] = 1
-    job["score"].update(select_top_frac=0.2, rerank_top=8)
-    job["eval"] = {"recall_k": [5]}
-    return job, pipeline.run(job)  # a dict, every stage
+def finished(tiny_run):
+    """(job, what `pipeline.run(job)` returned): conftest's shared tiny run, cascade on, every stage."""
+    return tiny_run
 
 
 def _rows(path) -> dict[str, dict]:

@@ -45,7 +45,8 @@ from pipeline.config import JobConfig, stable_hash
 from pipeline.errors import ArtifactMissingError
 from pipeline.schema import CODE, ID, REJECTS, ROW, SOURCE
 from pipeline.progress import Progress
-from pipeline.stages.shared_encode import TRUNCATED, choose_precision, encode_stream, fit_encoder_dir, split_output
+from pipeline.models import local_model_dir
+from pipeline.stages.shared_encode import TRUNCATED, choose_precision, encode_stream, fit_encoder_path, split_output
 
 log = logging.getLogger("influcoder.encode")
 
@@ -167,7 +168,8 @@ def run(ctx) -> None:
     job: JobConfig = ctx.job
     cfg = job.encode
     files = corpus.discover(job.corpus, "corpus")
-    model_dir = fit_encoder_dir(job)
+    model_src = fit_encoder_path(job)  # what the actors open: a URI run_dir's copy on each node
+    model_dir = local_model_dir(model_src)  # this process's copy (the code spec is read from it)
     # Start Ray before LanceDB spins up its runtime threads: Ray forks helper processes.
     ensure_ray(job.ray)
     spec = code_spec(job, model_dir)
@@ -186,7 +188,7 @@ def run(ctx) -> None:
 
         # The run's compute precision (encode.dtype, gated on a corpus sample): codes and the score
         # stage's queries must share it, so files encoded in another precision are encoded again.
-        precision = choose_precision(job, model_dir, files) if files else {"requested": cfg.dtype, "dtype": None}
+        precision = choose_precision(job, model_src, files) if files else {"requested": cfg.dtype, "dtype": None}
 
         def done(p: str, f) -> bool:
             made_in = ledger.files.get(p, {}).get("precision")  # absent: encoded before it was recorded
@@ -214,7 +216,7 @@ def run(ctx) -> None:
             progress = Progress("encode: corpus rows", None if None in known else sum(known))
             for wave in waves(todo, WAVE_BYTES):
                 n, t = _encode_wave(
-                    job, wave, model_dir, spec, store, ledger, rejects_store, progress, precision["dtype"]
+                    job, wave, model_src, spec, store, ledger, rejects_store, progress, precision["dtype"]
                 )
                 written, truncated = written + n, truncated + t
                 if written and store.count_rows() >= 100_000:
@@ -248,7 +250,7 @@ def run(ctx) -> None:
             rows_per_s=round(written / encode_s, 2) if written and encode_s > 0 else None,
             index=index,
             precision=precision,
-            code_fidelity=_fidelity(job, files, model_dir, precision["dtype"]) if spec.code_dtype == "int8" else None,
+            code_fidelity=_fidelity(job, files, model_src, precision["dtype"]) if spec.code_dtype == "int8" else None,
         )
         if distinct is not None and distinct != total:
             from pipeline.errors import StageError

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import corpus, metrics, sampling, storage
 from pipeline.artifacts import StageRun
@@ -41,6 +40,7 @@ from pipeline.report import verdict, verdict_text
 from pipeline.textview import table_views
 from pipeline.schema import ID, LABEL, SKETCH, SPLIT, TEXT
 from pipeline.stages.shared_teacher import teacher_ms_per_row, teacher_sketch_groups
+from pipeline.stages.shared_encode import fit_encoder_dir
 
 log = logging.getLogger("influcoder.eval")
 
@@ -82,9 +82,7 @@ def distillation_exclusion(job: JobConfig, sketch_ids: dict[str, set[str]]) -> d
 def _sketch_ids(ctx: StageRun) -> dict[str, set[str]]:
     return {
         role: set(
-            pq.read_table(storage.local_path(storage.join(ctx.upstream_dir("sketch"), role)), columns=[ID])
-            .column(ID)
-            .to_pylist()
+            storage.read_table(storage.join(ctx.upstream_dir("sketch"), role), columns=[ID]).column(ID).to_pylist()
         )
         for role in ("anchors", "pool")
     }
@@ -142,7 +140,7 @@ def _queries(job: JobConfig) -> pa.Table:
 
 def _sketch_split(ctx: StageRun, role: str) -> tuple[list[str], pa.Table, np.ndarray]:
     """The held-out (eval) split of one side of the sketch artifact: ids, rows, sketches (id order)."""
-    t = pq.read_table(storage.local_path(storage.join(ctx.upstream_dir("sketch"), role)))
+    t = storage.read_table(storage.join(ctx.upstream_dir("sketch"), role))
     t = t.filter(pa.compute.equal(t.column(SPLIT), "eval"))
     t = t.take(pa.compute.sort_indices(t, sort_keys=[(ID, "ascending")]))
     ids = t.column(ID).to_pylist()
@@ -258,6 +256,10 @@ def _fidelity(pred: np.ndarray, gt: np.ndarray, seed: int) -> dict[str, Any]:
     return metrics.spearman_with_ci(pred, gt, resamples=BOOTSTRAP_RESAMPLES, seed=seed)
 
 
+def _fidelity_difference(pred_a: np.ndarray, pred_b: np.ndarray, gt: np.ndarray, seed: int) -> dict[str, Any]:
+    return metrics.fidelity_difference(pred_a, pred_b, gt, resamples=BOOTSTRAP_RESAMPLES, seed=seed)
+
+
 def _leakage(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> dict[str, int]:
     """Overlap (ids, normalised texts, near-duplicates) between evaluated rows/queries and distillation data."""
     from pipeline import neardup
@@ -266,7 +268,7 @@ def _leakage(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> dict[str, int]
     distill_ids, distill_texts = set(), set()
     near = neardup.NearDupIndex(seed=ctx.job.seed)  # the same definition `prepare` drops by
     for role in ("anchors", "pool"):
-        t = pq.read_table(storage.local_path(storage.join(ctx.upstream_dir("sketch"), role)), columns=[ID, TEXT])
+        t = storage.read_table(storage.join(ctx.upstream_dir("sketch"), role), columns=[ID, TEXT])
         distill_ids.update(t.column(ID).to_pylist())
         distill_texts.update(neardup.normalise(s) for s in t.column(TEXT).to_pylist())
         for i, s in enumerate(t.column(TEXT).to_pylist()):
@@ -331,7 +333,7 @@ def run(ctx: StageRun) -> None:
         methods,
     )
     threads = max(1, os.cpu_count() or 1)
-    fit_dir = storage.join(ctx.upstream_dir("fit"), "encoder")
+    fit_dir = fit_encoder_dir(job)  # a local folder (copied from a URI run_dir once per node)
     a_ids, a_rows, a_sk = _sketch_split(ctx, "anchors")
     p_ids, p_rows, p_sk = _sketch_split(ctx, "pool")
     a_texts, p_texts = a_rows.column(TEXT).to_pylist(), p_rows.column(TEXT).to_pylist()
@@ -403,13 +405,12 @@ def run(ctx: StageRun) -> None:
     baselines: dict[str, BaselineScores] = {}
     if "bm25" in methods:
         baselines["bm25"] = bm25_scores(q_texts, row_texts)
-        heldout_bm25 = bm25_scores(a_texts, p_texts).scores
-        results["bm25"] = {"heldout": _fidelity(heldout_bm25, heldout_gt, seed)}
+        heldout_pred["bm25"] = bm25_scores(a_texts, p_texts).scores
+        results["bm25"] = {"heldout": _fidelity(heldout_pred["bm25"], heldout_gt, seed)}
     if "random" in methods:
         baselines["random"] = random_scores(len(q_texts), len(row_texts), job.seed)
-        results["random"] = {
-            "heldout": _fidelity(random_scores(len(a_ids), len(p_ids), job.seed + 1).scores, heldout_gt, seed)
-        }
+        heldout_pred["random"] = random_scores(len(a_ids), len(p_ids), job.seed + 1).scores
+        results["random"] = {"heldout": _fidelity(heldout_pred["random"], heldout_gt, seed)}
     for name, b in baselines.items():
         per_query[name] = b.scores
         results[name].update(
@@ -453,6 +454,13 @@ def run(ctx: StageRun) -> None:
             for name, reps in auprc_reps.items()
             if name != "influcoder"
         }
+    if "influcoder" in heldout_pred:  # paired on the same resampled held-out anchors and pool rows
+        vs = results["influcoder"].setdefault("vs", {})
+        for name, pred in heldout_pred.items():
+            if name != "influcoder":
+                vs.setdefault(name, {})["heldout"] = _fidelity_difference(
+                    heldout_pred["influcoder"], pred, heldout_gt, seed
+                )
     out = {
         "methods": results,
         "verdict": verdict(results),
@@ -482,7 +490,7 @@ def _check_against_score_stage(ctx: StageRun, ids: list[str], influ: np.ndarray 
     path = storage.join(ctx.upstream_dir("score"), "scores.parquet")
     if influ is None or not storage.exists(path):
         return {"checked": False}
-    t = pq.read_table(storage.local_path(path), columns=[ID, "score"])
+    t = storage.read_table(path, columns=[ID, "score"])
     stored = dict(zip(t.column(ID).to_pylist(), t.column("score").to_pylist()))
     mine = influ.mean(axis=0)
     diffs = [abs(stored[i] - float(s)) for i, s in zip(ids, mine) if i in stored]
@@ -661,7 +669,7 @@ def _cascade_consistency(ctx: StageRun, ids: list[str], agg: np.ndarray, k: int)
     path = storage.join(ctx.upstream_dir("score"), "scores.parquet")
     if not storage.exists(path):
         return {"checked": False}
-    t = pq.read_table(storage.local_path(path))
+    t = storage.read_table(path)
     if "reranked" not in t.column_names:
         return {"checked": False, "reason": "the score stage ran without score.rerank_top"}
     if t.num_rows != len(ids):

@@ -181,6 +181,7 @@ def run(ctx: StageRun) -> None:
             "spearman_aggregated": exported["spearman_aggregated"],
             "spearman_aggregated_ci": exported["spearman_aggregated_ci"],
             "spearman_per_anchor": exported["spearman_per_anchor"],
+            "vs_untrained": exported["vs_untrained"],
             "untrained": history["untrained"],
             "truncated": truncated,
             "resumed_from_epochs": history["resumed_from_epochs"],
@@ -193,9 +194,10 @@ def run(ctx: StageRun) -> None:
         if fit.restore_best
         else "the last epoch"
     )
+    diff = exported["vs_untrained"]
     log.info(
         "fit: exported epoch %d (%s); held-out spearman aggregated %.3f %s, per-anchor %.3f "
-        "(starting encoder %.3f / %.3f)",
+        "(starting encoder %.3f / %.3f; paired gain %+.3f %s / %+.3f %s)",
         selected,
         how,
         exported["spearman_aggregated"],
@@ -203,6 +205,10 @@ def run(ctx: StageRun) -> None:
         exported["spearman_per_anchor"],
         history["untrained"]["spearman_aggregated"],
         history["untrained"]["spearman_per_anchor"],
+        diff["spearman_aggregated_diff"],
+        _ci_text(diff["spearman_aggregated_diff_ci"]),
+        diff["spearman_per_anchor_diff"],
+        _ci_text(diff["spearman_per_anchor_diff_ci"]),
     )
 
 
@@ -225,7 +231,7 @@ def _choose_and_export(
     from safetensors.torch import load_file
 
     from pipeline.encoder import TextEncoder
-    from pipeline.metrics import spearman_aggregated, spearman_per_anchor, spearman_with_ci
+    from pipeline.metrics import fidelity_difference, spearman_aggregated, spearman_per_anchor, spearman_with_ci
     from pipeline.stages.fit_worker import encoder_scores
 
     fit = job.fit
@@ -250,11 +256,16 @@ def _choose_and_export(
             candidates.append({"weight": w, "validation": score})
     # Ties go to the earlier candidate: the selected epoch, then the start, then larger weights.
     chosen = max(candidates, key=lambda c: c["validation"] if c["validation"] is not None else -2.0)
-    _load_mix(enc, start, tuned, chosen["weight"])
     with torch.inference_mode():
+        _load_mix(enc, start, tuned, 0.0)
+        start_pred = encoder_scores(enc, data.eval_anchors, data.eval_pool, fit.embed_batch_size)
+        _load_mix(enc, start, tuned, chosen["weight"])
         pred = encoder_scores(enc, data.eval_anchors, data.eval_pool, fit.embed_batch_size)
     exported = spearman_with_ci(pred, data.ground_truth, seed=job.seed)
     exported["validation"] = chosen["validation"]
+    # Paired on the same resampled held-out anchors and pool rows: whether distillation moved the
+    # encoder toward the teacher beyond the noise of the split (the two marginal CIs overlap widely).
+    exported["vs_untrained"] = fidelity_difference(pred, start_pred, data.ground_truth, seed=job.seed)
     _save_encoder(enc, out_dir)
     return {"weight": chosen["weight"], "candidates": candidates, "exported": exported}
 

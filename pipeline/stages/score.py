@@ -64,7 +64,7 @@ from pipeline.schema import (
     TEXT,
     TOPK,
 )
-from pipeline.stages.shared_encode import encode_stream, fit_encoder_dir, split_output
+from pipeline.stages.shared_encode import encode_stream, fit_encoder_path, split_output
 from pipeline.stages.shared_teacher import teacher_sketch_groups
 
 log = logging.getLogger("influcoder.score")
@@ -146,7 +146,7 @@ def run(ctx) -> None:
             f"LanceDB table `{job.encode.table}` holds codes of encoder {spec.encoder_fingerprint}, but the "
             f"finished encode stage recorded {enc.get('encoder_fingerprint')}; rerun `influcoder encode JOB.yaml`."
         )
-    model_dir = fit_encoder_dir(job)
+    model_dir = fit_encoder_path(job)  # the query-encoding actors open their node's copy
     # Queries in the codes' precision (a mismatch would skew scores silently); older encode
     # manifests without the record were made in float32.
     query_dtype = (enc.get("precision") or {}).get("dtype") or "float32"

@@ -59,9 +59,11 @@ class CodeEncoder:
         import torch
 
         from pipeline.encoder import TextEncoder
+        from pipeline.models import local_model_dir
 
         torch.set_num_threads(torch_threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        model_dir = local_model_dir(model_dir)  # a URI: this node's copy
         # compute_dtype is concrete (float32/bfloat16): the run's choice, made once by choose_precision.
         self.encoder = TextEncoder(
             model_dir, max_len, trust_remote_code=trust_remote_code, device=device, dtype=compute_dtype
@@ -186,10 +188,12 @@ def _precision_probe(
 
     from pipeline.encoder import TextEncoder
     from pipeline.hardware import native_bf16
+    from pipeline.models import local_model_dir
     from pipeline.textview import table_views
 
     torch.set_num_threads(torch_threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model_dir = local_model_dir(model_dir)  # a URI: this node's copy
     enc = TextEncoder(model_dir, max_len, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     record = enc.choose_precision(
         table_views(rows), table_views(queries, prefix=prefix), batch_size=batch_size, token_budget=token_budget
@@ -267,10 +271,20 @@ def split_output(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
     return split_by_reason(batch, corpus.REJECT_REASON)
 
 
-def fit_encoder_dir(job: JobConfig) -> str:
+def fit_encoder_path(job: JobConfig) -> str:
+    """Where the fit stage's exported encoder is (a URI under a URI run_dir). Ray actors and tasks take
+    this and open their node's copy (`models.local_model_dir`): cluster nodes share no disk."""
     path = storage.join(job.run_dir, "fit", "encoder")
     if not storage.exists(storage.join(path, "config.json")):
         raise ArtifactMissingError(
             f"the fitted encoder {storage.redact(path)} is missing; run `influcoder fit JOB.yaml` first."
         )
-    return storage.local_path(path)
+    return path
+
+
+def fit_encoder_dir(job: JobConfig) -> str:
+    """The fit stage's exported encoder as a folder this process can open (a URI run_dir's copy is
+    fetched once into the local model cache: `models.local_model_dir`)."""
+    from pipeline.models import local_model_dir
+
+    return local_model_dir(fit_encoder_path(job))

@@ -268,7 +268,7 @@ def teacher_sketch_groups(
     pending = []
     for name, recs in shards:
         if name in existing:
-            have = pq.read_table(storage.local_path(path(name)), columns=[ID]).column(ID).to_pylist()
+            have = storage.read_table(path(name), columns=[ID]).column(ID).to_pylist()
             if sorted(have) == sorted(r[ID] for r in recs):
                 continue  # finished by an earlier, interrupted run of the same stage identity
         pending.append((name, recs))
@@ -292,7 +292,7 @@ def teacher_sketch_groups(
         for name, recs in shards:
             if not name.startswith(group + "-"):
                 continue
-            t = pq.read_table(storage.local_path(path(name)), columns=[ID, SKETCH])
+            t = storage.read_table(path(name), columns=[ID, SKETCH])
             # Align by id, never by position: a shard's rows come back from the actors in any order
             # (Ray Data batches span shard blocks), so the file order is not the input order.
             pos = {rid: i for i, rid in enumerate(t.column(ID).to_pylist())}

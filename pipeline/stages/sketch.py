@@ -179,7 +179,7 @@ def run(ctx: StageRun) -> None:
 
     tables = {role: [] for role in ROLES}
     for name, _ in all_shards:
-        tables[name.split("-")[0]].append(pq.read_table(storage.local_path(storage.join(shard_dir, f"{name}.parquet"))))
+        tables[name.split("-")[0]].append(storage.read_table(storage.join(shard_dir, f"{name}.parquet")))
     counts: dict[str, dict[str, int]] = {}
     for role in ROLES:
         table = pa.concat_tables(tables[role]) if tables[role] else None
@@ -330,7 +330,7 @@ def _fidelity_check(
         return {"samples": 0, "precision_gate": {"rows": 0, "skipped": "fewer than 2 gate rows"}}
     sketches = {}
     for role in ROLES:
-        t = pq.read_table(storage.local_path(storage.join(out_dir, role, "part-00000.parquet")), columns=[ID, SKETCH])
+        t = storage.read_table(storage.join(out_dir, role, "part-00000.parquet"), columns=[ID, SKETCH])
         ids = t.column(ID).to_pylist()
         mat = np.asarray(t.column(SKETCH).combine_chunks().flatten()).reshape(len(ids), -1) if ids else None
         for i, rid in enumerate(ids):
