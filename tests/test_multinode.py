@@ -15,8 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,39 +24,11 @@ import pytest
 import yaml
 
 import proc_util
+from cluster_util import EXCLUDES, PYTHON, RAY, run, small_job
+import cluster_util
 from conftest import REPO
 
 pytestmark = [pytest.mark.timeout(480), pytest.mark.slow]
-
-VENV_BIN = Path(sys.executable).parent
-RAY = str(VENV_BIN / "ray")
-PYTHON = str(VENV_BIN / "python")  # absolute: the job's entrypoint must not depend on PATH (pitfall 4)
-EXCLUDES = {"excludes": [".git", ".venv", "runs", "data", "bench/out", ".pytest_cache", "*.egg-info"]}
-
-
-def _small(job: dict, run_dir: Path, ray_section: dict) -> dict:
-    job = json.loads(json.dumps(job))
-    job["run_dir"] = str(run_dir)
-    job["teacher"]["max_len"] = 32
-    job["sketch"].update(
-        {
-            "proj_dim": 256,
-            "train_anchors": 2,
-            "eval_anchors": 2,
-            "train_pool": 4,
-            "eval_pool": 2,
-            "rows_per_shard": 4,
-            "fidelity_samples": 0,
-        }
-    )
-    # Two train anchors, four train pool rows: one block (all anchors, every candidate) per epoch.
-    job["fit"] = {"epochs": 2, "block_anchors": 2, "block_candidates": 4, "val_frac": 0.0, "restore_best": False}
-    job["ray"] = ray_section
-    return job
-
-
-def _run(cmd: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _sketches(run_dir: Path, role: str) -> dict[str, tuple[str, np.ndarray]]:
@@ -90,52 +60,13 @@ def two_node_cluster():
             "TRANSFORMERS_OFFLINE": "1",
         }
     )
-    gcs_port, dash_port = proc_util.free_port(), proc_util.free_port()
-    # One temp dir per node: nodes sharing one would share the unpacked working_dir, and the worker
-    # node's runtime-env agent deletes it (the job driver's cwd!) when its actors exit.
-    common = ["--num-cpus=2", "--disable-usage-stats"]
     try:
-        head = _run(
-            [
-                RAY,
-                "start",
-                "--head",
-                "--node-ip-address=127.0.0.1",
-                f"--port={gcs_port}",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash_port}",
-                f"--ray-client-server-port={proc_util.free_port()}",
-                f"--dashboard-agent-listen-port={proc_util.free_port()}",
-                "--resources",
-                '{"head_node": 1}',
-                f"--temp-dir={tmp / 'ray'}",
-                *common,
-            ],
-            env,
-            timeout=180,
+        nodes = cluster_util.start_two_nodes(
+            {"env": env, "temp_dir": tmp / "ray"}, {"env": env, "temp_dir": tmp / "ray_worker"}
         )
-        assert head.returncode == 0, head.stdout + head.stderr
-        worker = _run(
-            [
-                RAY,
-                "start",
-                f"--address=127.0.0.1:{gcs_port}",
-                "--node-ip-address=127.0.0.1",
-                f"--dashboard-agent-listen-port={proc_util.free_port()}",
-                "--resources",
-                '{"worker_node": 1}',
-                f"--temp-dir={tmp / 'ray_worker'}",
-                *common,
-            ],
-            env,
-            timeout=180,
-        )
-        assert worker.returncode == 0, worker.stdout + worker.stderr
         yield {
             "env": env,
-            "gcs": f"127.0.0.1:{gcs_port}",
-            "dashboard": f"http://127.0.0.1:{dash_port}",
-            "dash_port": dash_port,
+            **nodes,
             "tmp": tmp,
             "tag": tag,
         }
@@ -151,7 +82,7 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
 
     # Both nodes joined: 4 CPUs, and each node's own custom resource.
     def both_nodes():  # the autoscaler's status report lags the join by a few seconds
-        out = _run([RAY, "status", f"--address={c['gcs']}"], env, timeout=60).stdout
+        out = run([RAY, "status", f"--address={c['gcs']}"], env, timeout=60).stdout
         return all(s in out for s in ("/4.0 CPU", "/1.0 head_node", "/1.0 worker_node")) and out
 
     proc_util.wait_for(both_nodes, 90, interval=2, what="both nodes in `ray status`")
@@ -168,11 +99,11 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
 
     # Token auth is on: a client without the token is refused.
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    refused = _run([RAY, "job", "list", "--address", c["dashboard"]], no_token, timeout=60)
+    refused = run([RAY, "job", "list", "--address", c["dashboard"]], no_token, timeout=60)
     assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
 
     cluster_job = tmp_path / "cluster.yaml"
-    cluster_job.write_text(yaml.safe_dump(_small(tiny_job, tmp_path / "cluster_run", {"address": "auto"})))
+    cluster_job.write_text(yaml.safe_dump(small_job(tiny_job, tmp_path / "cluster_run", {"address": "auto"})))
     submit = [
         RAY,
         "job",
@@ -192,7 +123,7 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
         "--to",
         "fit",
     ]
-    job = _run(submit, env, timeout=360)
+    job = run(submit, env, timeout=360)
     out = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in out, out[-6000:]
     assert "sketch: done" in out and "fit: done" in out
@@ -204,10 +135,10 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
 
     # The same job on an in-process Ray (a separate process with its own local Ray).
     local_job = tmp_path / "local.yaml"
-    local_job.write_text(yaml.safe_dump(_small(tiny_job, tmp_path / "local_run", {"num_cpus": 2})))
+    local_job.write_text(yaml.safe_dump(small_job(tiny_job, tmp_path / "local_run", {"num_cpus": 2})))
     local_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
     local_env["RAY_TMPDIR"] = str(c["tmp"])  # its session files stay in the test's temp dir
-    local = _run([PYTHON, "-m", "pipeline.cli", "run", str(local_job), "--to", "fit"], local_env, timeout=360)
+    local = run([PYTHON, "-m", "pipeline.cli", "run", str(local_job), "--to", "fit"], local_env, timeout=360)
     assert local.returncode == 0, (local.stdout + local.stderr)[-6000:]
 
     m_cluster = json.loads((tmp_path / "cluster_run" / "sketch" / "manifest.json").read_text())

@@ -16,8 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,46 +25,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import cluster_util
 import proc_util
 import s3_util
+from cluster_util import EXCLUDES, PYTHON, RAY, run, small_job
 from conftest import REPO
 from s3_util import BUCKET
 
 pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
 
-VENV_BIN = Path(sys.executable).parent
-RAY = str(VENV_BIN / "ray")
-PYTHON = str(VENV_BIN / "python")
-EXCLUDES = {"excludes": [".git", ".venv", "runs", "data", "bench/out", ".pytest_cache", "*.egg-info"]}
 STAGES_UP_TO = "score"
-
-
-def _small(job: dict, run_dir: str, ray_section: dict, data: dict[str, str]) -> dict:
-    """The tiny job, smaller (the cluster, not the models, is under test), reading `data[role]`."""
-    job = json.loads(json.dumps(job))
-    job["run_dir"] = run_dir
-    for role in ("anchors", "pool", "corpus"):
-        job[role]["path"] = data[role]
-    job["score"]["queries"]["path"] = data["queries"]
-    job["teacher"]["max_len"] = 32
-    job["sketch"].update(
-        {
-            "proj_dim": 256,
-            "train_anchors": 2,
-            "eval_anchors": 2,
-            "train_pool": 4,
-            "eval_pool": 2,
-            "rows_per_shard": 4,
-            "fidelity_samples": 0,
-        }
-    )
-    job["fit"] = {"epochs": 2, "block_anchors": 2, "block_candidates": 4, "val_frac": 0.0, "restore_best": False}
-    job["ray"] = ray_section
-    return job
-
-
-def _run(cmd: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -112,50 +80,14 @@ def private_nodes(s3_server):
                 "INFLUCODER_URI_GUARD_LOG": str(d / "guard.log"),
             },
         }
-    gcs_port, dash_port = proc_util.free_port(), proc_util.free_port()
-    common = ["--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     try:
-        head = _run(
-            [
-                RAY,
-                "start",
-                "--head",
-                f"--port={gcs_port}",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash_port}",
-                f"--ray-client-server-port={proc_util.free_port()}",
-                f"--dashboard-agent-listen-port={proc_util.free_port()}",
-                "--resources",
-                '{"head_node": 1}',
-                f"--temp-dir={nodes['head']['dir'] / 'ray'}",
-                *common,
-            ],
-            nodes["head"]["env"],
-            timeout=180,
-            cwd=nodes["head"]["dir"] / "cwd",
+        started = cluster_util.start_two_nodes(
+            *({"env": n["env"], "temp_dir": n["dir"] / "ray", "cwd": n["dir"] / "cwd"} for n in nodes.values())
         )
-        assert head.returncode == 0, head.stdout + head.stderr
-        worker = _run(
-            [
-                RAY,
-                "start",
-                f"--address=127.0.0.1:{gcs_port}",
-                f"--dashboard-agent-listen-port={proc_util.free_port()}",
-                "--resources",
-                '{"worker_node": 1}',
-                f"--temp-dir={nodes['worker']['dir'] / 'ray'}",
-                *common,
-            ],
-            nodes["worker"]["env"],
-            timeout=180,
-            cwd=nodes["worker"]["dir"] / "cwd",
-        )
-        assert worker.returncode == 0, worker.stdout + worker.stderr
         # The submitting client: the token, and nothing of the object store.
         client_env = {k: v for k, v in base.items()}
         yield {
-            "gcs": f"127.0.0.1:{gcs_port}",
-            "dashboard": f"http://127.0.0.1:{dash_port}",
+            **started,
             "nodes": nodes,
             "client_env": client_env,
             "tmp": tmp,
@@ -179,7 +111,7 @@ def test_two_nodes_without_shared_disk_match_in_process(
     c, ep = private_nodes, s3_server["endpoint"]
     env = c["client_env"]
     proc_util.wait_for(
-        lambda: "/4.0 CPU" in _run([RAY, "status", f"--address={c['gcs']}"], env, timeout=60).stdout,
+        lambda: "/4.0 CPU" in run([RAY, "status", f"--address={c['gcs']}"], env, timeout=60).stdout,
         90,
         interval=2,
         what="both nodes in `ray status`",
@@ -189,7 +121,7 @@ def test_two_nodes_without_shared_disk_match_in_process(
     remote_data = {r: s3_util.upload(ep, fixture_corpora / r, f"mn/data/{r}") + "/" for r in roles}
     run_uri = f"s3://{BUCKET}/mn/cluster_run"
     cluster_job = tmp_path / "cluster.yaml"
-    cluster_job.write_text(yaml.safe_dump(_small(tiny, run_uri, {"address": "auto"}, remote_data)))
+    cluster_job.write_text(yaml.safe_dump(small_job(tiny, run_uri, {"address": "auto"}, remote_data)))
     submit = [
         RAY,
         "job",
@@ -209,7 +141,7 @@ def test_two_nodes_without_shared_disk_match_in_process(
         "--to",
         STAGES_UP_TO,
     ]
-    job = _run(submit, env, timeout=900)
+    job = run(submit, env, timeout=900)
     out = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in out, out[-6000:]
     for stage in ("sketch", "fit", "encode", "score"):
@@ -230,10 +162,10 @@ def test_two_nodes_without_shared_disk_match_in_process(
     local_run = tmp_path / "local_run"
     local_data = {r: str(fixture_corpora / r) for r in roles}
     local_job = tmp_path / "local.yaml"
-    local_job.write_text(yaml.safe_dump(_small(tiny, str(local_run), {"num_cpus": 2}, local_data)))
+    local_job.write_text(yaml.safe_dump(small_job(tiny, str(local_run), {"num_cpus": 2}, local_data)))
     local_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
     local_env["RAY_TMPDIR"] = str(c["tmp"])
-    local = _run([PYTHON, "-m", "pipeline.cli", "run", str(local_job), "--to", STAGES_UP_TO], local_env, timeout=900)
+    local = run([PYTHON, "-m", "pipeline.cli", "run", str(local_job), "--to", STAGES_UP_TO], local_env, timeout=900)
     assert local.returncode == 0, (local.stdout + local.stderr)[-6000:]
 
     fs = s3_util.client(ep)
