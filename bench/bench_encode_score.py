@@ -5,7 +5,7 @@
         --scale 1000000 --encoder-max-len 16             # the issue's scale run: ~75 min on 2 CPUs
 
 Figures (printed, and written to bench/out/encode_score.json):
-1. encode: rows/s of the encode stage (Ray Data actors -> driver -> LanceDB merge_insert) vs a
+1. encode: rows/s of the encode stage (Ray Data actors -> writer tasks -> Lance fragments) vs a
    plain in-process batched loop of the same encoder on the same rows (target >= 0.8x).
 2. score: rows/s and GB/s of code bytes of the score stage's scan loop over a Lance table, for 1
    and 16 queries, vs the memory bandwidth measured here with a numpy copy (target >= 0.5x of the
@@ -254,11 +254,11 @@ def dir_bytes(path: str) -> int:
 
 
 def bench_score_and_storage(tmp: Path, n: int, dim: int = 384, query_counts=(1, 16)) -> dict:
-    """The score stage's scan loop (score.score_batches: Lance scan, exact mean/max, top-10 per query,
+    """The score stage's scan loop (score_scan.score_batches: Lance scan, exact mean/max, top-10 per query,
     the per-batch score table) on synthetic unit codes, vs the memcpy bound; with two ceilings
     measured alongside: the Lance scan alone, and the scoring kernel on codes already in memory."""
     from pipeline.codes import MultiTopK
-    from pipeline.stages.score import scan_columns, score_batches
+    from pipeline.stages.score_scan import scan_columns, score_batches
 
     rng = np.random.default_rng(1)
     bw = memcpy_gbps()
@@ -325,7 +325,7 @@ def faiss_peer(store, ds, dtype: str, dim: int, query_counts, rng_seed: int) -> 
         import faiss
     except ImportError:
         return {"skipped": 'faiss-cpu is not installed (bench-only: pip install -e ".[bench]"); no figure'}
-    from pipeline.stages.score import scan_columns
+    from pipeline.stages.score_scan import scan_columns
 
     codes16 = np.concatenate(
         [codes_from_arrow(b.column(1), dtype) for b in store.iter_batches(scan_columns(dtype), 65536, dataset=ds)]

@@ -1,7 +1,7 @@
 """The LanceDB table of corpus codes. The only module that imports lancedb.
 
 Table (default name `codes`, one row per corpus id):
-    id                   string                       corpus row id (merge key)
+    id                   string                       corpus row id (unique: `CodeStore.id_audit`)
     code                 fixed_size_list<T>[dim]      T = float16 | int8 | float32 (codes.py)
     source               string                       input file of the row
     row                  int64                        row number within that file
@@ -22,6 +22,7 @@ the table (see `Ledger`); it is reset whenever the table is replaced.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.codes import numpy_dtype
@@ -55,8 +57,6 @@ class CodeSpec:
     code_dtype: str
 
     def to_json(self) -> str:
-        import json
-
         return json.dumps(
             {"encoder_fingerprint": self.encoder_fingerprint, "dim": self.dim, "code_dtype": self.code_dtype},
             sort_keys=True,
@@ -64,8 +64,6 @@ class CodeSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "CodeSpec":
-        import json
-
         d = json.loads(text)
         return cls(d["encoder_fingerprint"], int(d["dim"]), d["code_dtype"])
 
@@ -103,15 +101,73 @@ def codes_from_arrow(col: pa.Array | pa.ChunkedArray, code_dtype: str) -> np.nda
 
 # Lance file format of the codes table. Scoring is a full scan of fixed-size float16 vectors, and the
 # v1 ("legacy") layout decodes them ~5x faster than v2.x on this stack (pylance 4.0.2, 200k x 384
-# float16: 4.8-5.3 GB/s vs 0.7-1.1 GB/s). merge_insert, delete, optimize and the IVF indexes all
+# float16: 4.8-5.3 GB/s vs 0.7-1.1 GB/s). Fragment writes, delete, compaction and the IVF indexes all
 # work on it (tests/test_encode_score.py).
 STORAGE_VERSION = "legacy"
 ROWS_PER_GROUP = 8192  # rows per Lance row group after compaction = rows per scanned batch
 SCAN_READAHEAD = 4  # batches decoded ahead of the scorer (Lance's threads overlap with the matmul)
+# Rows per Lance data file written by an encode worker (`write_code_fragments`): large fragments
+# scan fast and keep the manifest small (lance issues #3635, #5194: thousands of small fragments
+# slow every scan and commit), and compaction leaves fragments of this size alone.
+FRAGMENT_ROWS = 131072
+COMPACT_BELOW_ROWS = FRAGMENT_ROWS // 8
+
+
+def write_code_fragments(dataset_uri: str, rows: pa.Table, spec: CodeSpec) -> list[str]:
+    """Write code rows as new Lance data files of the table at `dataset_uri` and return their
+    fragment metadata (JSON). Nothing is visible until `CodeStore.commit_fragments` commits them; the
+    files of fragments never committed (a crash in between) hold no rows of any version.
+
+    Runs where the rows are (an encode worker), so codes never pass through the driver."""
+    from lance.fragment import write_fragments
+
+    schema = code_schema(spec)
+    frags = write_fragments(
+        rows.select(schema.names).cast(schema),
+        dataset_uri,
+        schema=schema,
+        max_rows_per_file=FRAGMENT_ROWS,
+        max_rows_per_group=ROWS_PER_GROUP,
+        data_storage_version=STORAGE_VERSION,
+        storage_options=storage.lance_storage_options(dataset_uri) or None,
+    )
+    return [json.dumps(f.to_json()) for f in frags]
+
+
+def open_dataset(dataset_uri: str, version: int):
+    """The codes table's Lance dataset at `version`, opened where this code runs (a scan worker)."""
+    import lance
+
+    return lance.dataset(
+        dataset_uri, version=version, storage_options=storage.lance_storage_options(dataset_uri) or None
+    )
+
+
+def fragment_rows(dataset) -> list[tuple[int, int]]:
+    """(fragment id, live rows) of each fragment of a dataset version, in table order."""
+    return [(f.fragment_id, f.count_rows()) for f in dataset.get_fragments()]
+
+
+def iter_fragment_batches(
+    dataset, fragment_ids: list[int], columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """Stream some fragments of a dataset version, in order, in Arrow batches of at most `batch_rows`."""
+    fragments = [dataset.get_fragment(i) for i in fragment_ids]
+    # `scanner`, not `to_batches`: pylance 4.0.2's to_batches swallows `fragments` and scans everything.
+    scanner = dataset.scanner(
+        columns=columns,
+        batch_size=batch_rows,
+        batch_readahead=SCAN_READAHEAD,
+        fragments=fragments,
+        scan_in_order=True,
+    )
+    for batch in scanner.to_batches():
+        if batch.num_rows:
+            yield batch
 
 
 class CodeStore:
-    """A LanceDB table of codes: create/replace by spec, idempotent upserts, bounded scans, index."""
+    """A LanceDB table of codes: create/replace by spec, atomic appends of worker-written fragments, scans, index."""
 
     def __init__(self, uri: str, table: str):
         import lancedb
@@ -183,11 +239,28 @@ class CodeStore:
 
     # ------------------------------------------------------------------ writes
 
-    def upsert(self, rows: pa.Table) -> dict[str, int]:
-        """Insert or replace rows by id: rerunning the same rows never duplicates them."""
-        rows = rows.select(self.table.schema.names).cast(self.table.schema)
-        res = self.table.merge_insert(ID).when_matched_update_all().when_not_matched_insert_all().execute(rows)
-        return {"inserted": int(res.num_inserted_rows), "updated": int(res.num_updated_rows)}
+    @property
+    def dataset_uri(self) -> str:
+        """Where the table's Lance dataset is: what workers write fragments to and scan."""
+        return self.dataset().uri
+
+    def commit_fragments(self, fragments: list[str]) -> int:
+        """Make fragments written by `write_code_fragments` part of the table in one atomic commit (a
+        Lance Append on top of the version this store has open); returns the new version."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        if not fragments:
+            return self.version
+        op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in fragments])
+        lance.LanceDataset.commit(
+            self.dataset_uri,
+            op,
+            read_version=self.version,
+            storage_options=storage.lance_storage_options(self.uri) or None,
+        )
+        self.table.checkout_latest()
+        return self.version
 
     def delete_sources(self, sources: list[str]) -> int:
         """Delete every row that came from one of `sources`; returns how many rows went."""
@@ -199,21 +272,19 @@ class CodeStore:
             self.table.delete(f"{SOURCE} IN ({quoted})")
         return before - self.count_rows()
 
-    def ensure_id_index(self) -> None:
-        """A BTree index on `id` keeps merge_insert from scanning the whole table per batch."""
-        from lancedb.index import BTree
-
-        if not any(ID in ix.columns and ix.index_type == "BTree" for ix in self.table.list_indices()):
-            self.table.create_index(ID, config=BTree())
-
     def optimize(self) -> None:
-        """Compact small fragments (many upserts make many) and fold new rows into the indices."""
+        """Compact the small fragments (wave tails, deletions) and fold new rows into the indices."""
+        # Only fragments far below FRAGMENT_ROWS are merged: compaction runs in this process, and
+        # rewriting the workers' large fragments would funnel every code through it after all.
         # Lance's own compaction would write 1,024-row groups, and a scan yields one batch per
         # group: 1,000 Python round trips per 1M rows. 8,192-row groups scan ~2x faster end to
         # end (bench/bench_encode_score.py); much larger groups fall out of cache and are slower.
-        self.dataset().optimize.compact_files(max_rows_per_group=ROWS_PER_GROUP)
+        ds = self.dataset()
+        ds.optimize.compact_files(target_rows_per_fragment=COMPACT_BELOW_ROWS, max_rows_per_group=ROWS_PER_GROUP)
         self.table.checkout_latest()
-        self.table.optimize()
+        if self.table.list_indices():
+            self.dataset().optimize.optimize_indices()
+            self.table.checkout_latest()
 
     # ------------------------------------------------------------------ reads
 
@@ -240,8 +311,6 @@ class CodeStore:
     def sources_of(self, ids: pa.Array, dataset=None) -> dict[str, list[str]]:
         """Input file (`source`) -> the given ids whose rows came from it. Streams (id, source) and keeps
         only the wanted rows, so memory follows `ids` (a selection, some top-k hits), not the table."""
-        import pyarrow.compute as pc
-
         out: dict[str, list[str]] = {}
         if len(ids) == 0:
             return out
@@ -252,15 +321,20 @@ class CodeStore:
                 out.setdefault(src, []).append(i)
         return out
 
-    def count_distinct_ids(self, max_rows: int = 2_000_000) -> Optional[int]:
-        """Exact number of distinct ids; None (not checked) above `max_rows` to keep memory bounded."""
+    def id_audit(self, max_rows: int = 2_000_000) -> Optional[dict[str, Any]]:
+        """{"distinct": number of distinct ids, "duplicates": [(id, [sources]), ...] (at most 20)};
+        None (not checked) above `max_rows` rows, to keep this process's memory bounded."""
         n = self.count_rows()
         if n > max_rows:
             return None
-        seen: set[str] = set()
-        for b in self.iter_batches([ID], 65536):
-            seen.update(b.column(0).to_pylist())
-        return len(seen)
+        t = self.dataset().to_table(columns=[ID, SOURCE])
+        counts = t.group_by(ID).aggregate([(SOURCE, "count")])
+        repeated = counts.filter(pc.greater(counts.column(f"{SOURCE}_count"), 1)).column(ID)
+        dup = t.filter(pc.is_in(t.column(ID), value_set=repeated.slice(0, 20)))
+        by_id: dict[str, list[str]] = {}
+        for i, src in zip(dup.column(ID).to_pylist(), dup.column(SOURCE).to_pylist()):
+            by_id.setdefault(i, []).append(src)
+        return {"distinct": counts.num_rows, "duplicates": sorted((i, sorted(s)) for i, s in by_id.items())}
 
     def sample(self, n: int, columns: list[str], seed: int = 0) -> pa.Table:
         total = self.count_rows()
@@ -310,8 +384,6 @@ class CodeStore:
         self, queries: np.ndarray, k: int, *, exact: bool, nprobes: int = 20, refine_factor: Optional[int] = None
     ) -> pa.Table:
         """Top-k rows per query (batched): columns query_index, id, score (cosine)."""
-        import pyarrow.compute as pc
-
         q = self.table.search(np.asarray(queries, np.float32), vector_column_name=CODE)
         q = q.distance_type("cosine").limit(k).select([ID, "_distance"])
         if exact:
@@ -357,7 +429,7 @@ class Ledger:
     """Input files whose rows are all in the table: `{path: {size, mtime, rows, rejects}}`.
 
     Stored as `<lancedb_uri>/<table>.ledger.json` (LanceDB ignores non-table files), written
-    atomically after each group of files is fully upserted, so after a crash the ledger never
+    atomically after each group of files is committed, so after a crash the ledger never
     claims a file whose rows are missing. `spec` and `text_key` (how texts are built from the
     corpus columns) guard it: a ledger for other codes or other texts is discarded.
     """

@@ -371,6 +371,11 @@ class ScoreConfig:
     """What the selected rows are for: ids to drop (e.g. toxic sources) or to keep."""
     batch_rows: int = field(default=65536, metadata=EXEC_ONLY)
     """Corpus rows per scoring batch (bounds memory)."""
+    scan: Literal["auto", "driver", "workers"] = field(default="auto", metadata=EXEC_ONLY)
+    """Where the pass over the codes runs: `driver` streams the table through the job's own process;
+    `workers` runs one Ray task per group of Lance fragments, each spilling sorted score runs under the
+    run dir, so the driver reads no codes (what a cluster needs); `auto` picks `workers` on a
+    multi-node cluster or from 2,000,000 rows. Same scores, ranks and top-k either way."""
     rerank_top: Optional[float] = None
     """Teacher re-rank cascade: a fraction in (0, 1) of the corpus rows, or a count >= 1. The teacher
     computes exact gradient influence (the sketch stage's cosine) of the encoder's top rows by mean

@@ -19,7 +19,6 @@ run that defined B is emptied each step, so every step makes progress.
 from __future__ import annotations
 
 import math
-import os
 from fractions import Fraction
 from typing import Iterator, Optional
 
@@ -27,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.schema import ID, RANK, SCORE
 
 SORT_KEYS = [(SCORE, "descending"), (ID, "ascending")]
@@ -47,7 +47,8 @@ def sort_run(table: pa.Table) -> pa.Table:
 
 
 class RunSpiller:
-    """Accumulates score rows and spills sorted runs `run-00000.parquet`, ... into `run_dir`."""
+    """Accumulates score rows and spills sorted runs `run-00000.parquet`, ... into `run_dir` (a local
+    folder or a URI: workers that score on other nodes spill where the merging driver can read)."""
 
     def __init__(self, run_dir: str, run_rows: int = DEFAULT_RUN_ROWS):
         self.run_dir = run_dir
@@ -56,7 +57,7 @@ class RunSpiller:
         self.rows = 0
         self._buf: list[pa.Table] = []
         self._buf_rows = 0
-        os.makedirs(run_dir, exist_ok=True)
+        storage.makedirs(run_dir)
 
     def add(self, table: pa.Table) -> None:
         self._buf.append(table)
@@ -69,8 +70,9 @@ class RunSpiller:
         if not self._buf_rows:
             return
         run = sort_run(pa.concat_tables(self._buf).combine_chunks())
-        path = os.path.join(self.run_dir, f"run-{len(self.paths):05d}.parquet")
-        pq.write_table(run, path)
+        path = storage.join(self.run_dir, f"run-{len(self.paths):05d}.parquet")
+        fs, p = storage.filesystem(path)
+        pq.write_table(run, p, filesystem=fs)
         self.paths.append(path)
         self._buf, self._buf_rows = [], 0
 
@@ -86,7 +88,7 @@ def merge_runs(paths: list[str], chunk_rows: Optional[int] = None) -> Iterator[p
     if not paths:
         return
     chunk_rows = chunk_rows or max(1024, min(65536, MERGE_BUDGET_ROWS // len(paths)))
-    readers = [pq.ParquetFile(p).iter_batches(batch_size=chunk_rows) for p in paths]
+    readers = [_open_run(p).iter_batches(batch_size=chunk_rows) for p in paths]
     bufs: list[Optional[pa.Table]] = [None] * len(paths)  # None: run exhausted
     next_rank = 1
 
@@ -138,6 +140,11 @@ def merge_runs(paths: list[str], chunk_rows: Optional[int] = None) -> Iterator[p
         chunk = sort_run(pa.concat_tables(out)) if len(out) > 1 else out[0]
         yield _with_ranks(chunk, next_rank)
         next_rank += chunk.num_rows
+
+
+def _open_run(path: str) -> pq.ParquetFile:
+    fs, p = storage.filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(p))
 
 
 def _with_ranks(table: pa.Table, first: int) -> pa.Table:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from pipeline.config import RayConfig
 from pipeline.errors import ResourceError
@@ -225,3 +228,52 @@ def shutdown_if_started() -> None:
         if ray.is_initialized():
             ray.shutdown()
         _started_here = False
+
+
+class _RowCounter:
+    """Rows finished by workers, summed (a Ray actor: see `remote_progress`)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += int(n)
+
+    def get(self) -> int:
+        return self.rows
+
+
+@contextmanager
+def remote_progress(progress, every_s: float = 1.0) -> Iterator[object]:
+    """A counter that workers tell how many rows they finished (`counter.add.remote(n)`, fire and
+    forget), relayed to `progress` (a `pipeline.progress.Progress`) by a driver thread. For passes
+    whose rows never reach the driver: the encode stage's workers write their codes themselves."""
+    import ray
+
+    counter = ray.remote(num_cpus=0)(_RowCounter).remote()
+    stop = threading.Event()
+    relayed = 0
+
+    def relay() -> None:
+        nonlocal relayed
+        try:
+            rows = ray.get(counter.get.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - progress is advisory: a slow answer skips one update
+            return
+        if rows > relayed:
+            progress.update(rows - relayed)
+            relayed = rows
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            relay()
+
+    thread = threading.Thread(target=loop, name="influcoder-progress", daemon=True)
+    thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        thread.join()
+        relay()
+        ray.kill(counter)

@@ -170,6 +170,14 @@ def test_encode_incremental_then_score(tmp_path, tiny_encoder_dir, ray_local):
         np.testing.assert_allclose([r["score"] for r in got], want, atol=1e-4)
         np.testing.assert_allclose([ref[by_id[r["id"]], j] for r in got], want, atol=1e-4)
 
+    # 4b. The same pass in Ray tasks that spill their runs under the work dir: the same files.
+    #     (score.scan is execution-only: the same identity, so the finished stage is removed first.)
+    shutil.rmtree(Path(job.run_dir) / "score")
+    mw = artifacts.run_stage(load_job(data=data, overrides=["score.scan=workers"]), "score")
+    assert ms["scan"]["where"] == "driver" and mw["scan"]["where"] == "workers" and mw["scan"]["tasks"] >= 1
+    assert pq.read_table(Path(job.run_dir) / "score" / "scores.parquet").equals(scores)
+    assert pq.read_table(Path(job.run_dir) / "score" / "topk.parquet").to_pylist() == topk
+
     # 5. ANN top-k through the index agrees with exact; curation selection of the top 10%.
     ms2 = artifacts.run_stage(
         load_job(data=data, overrides=["score.ann=true", "score.select_top_frac=0.1"]), "score", overwrite=True
@@ -211,14 +219,13 @@ from pipeline.codestore import CodeStore
 from pipeline.config import load_job
 from pipeline.stages import encode
 
-encode.WAVE_BYTES = 1      # one file per wave
-encode.WRITE_ROWS = 8      # many small LanceDB commits
-_upsert = CodeStore.upsert
-def slow_upsert(self, rows):  # a slow writer, so the test can kill the stage mid-way
-    out = _upsert(self, rows)
+encode.WAVE_BYTES = 1      # one file per wave: one commit per file
+_commit = CodeStore.commit_fragments
+def slow_commit(self, fragments):  # a slow committer, so the test can kill the stage mid-way
+    out = _commit(self, fragments)
     time.sleep(1.0)
     return out
-CodeStore.upsert = slow_upsert
+CodeStore.commit_fragments = slow_commit
 artifacts.run_stage(load_job(data=json.loads(sys.argv[1])), "encode")
 """
 

@@ -175,6 +175,11 @@ def test_two_nodes_without_shared_disk_match_in_process(
         m_local = json.loads((local_run / stage / "manifest.json").read_text())
         # (The config hashes differ by design: the inputs are read from other paths.)
         assert m_cluster.get("rows") == m_local.get("rows"), stage
+    # Two nodes: the score pass ran as Ray tasks spilling their runs to the bucket (score.scan auto);
+    # one node, a small table: in the driver. The same scores either way (checked below).
+    score_cluster = json.loads(s3_util.read(ep, "mn/cluster_run/score/manifest.json"))
+    assert score_cluster["scan"]["where"] == "workers" and score_cluster["scan"]["tasks"] >= 1
+    assert json.loads((local_run / "score" / "manifest.json").read_text())["scan"]["where"] == "driver"
     for role in ("anchors", "pool"):
         a = _table(f"{prefix}/sketch/{role}", ["id"], fs)
         b = _table(str(local_run / "sketch" / role), ["id"])

@@ -1,15 +1,24 @@
 """The encode stage: every corpus row -> one code in LanceDB, incrementally and crash-safely.
 
 Shape: Ray Data reads the corpus files and `map_batches` a stateful `CodeEncoder` actor (model
-loaded once per actor, GPU actors when the cluster has GPUs); the driver consumes the stream and is
-the single writer into LanceDB (`merge_insert` on id, so a crash + rerun never duplicates a row).
+loaded once per actor, GPU actors when the cluster has GPUs), then a fragment-writer task
+(`write_fragment_batch`) where the codes are: it writes them as Lance data files of the table
+(`codestore.write_code_fragments`, up to FRAGMENT_ROWS rows each) and returns only their metadata.
+Codes never pass through the driver: it commits each wave's fragments in one Lance Append and
+keeps the ledger. Progress comes from the actors (`ray_runtime.remote_progress`).
+
+Exactly once: the rows of every file to (re-)encode are deleted before its wave, a wave becomes
+visible in one atomic commit, and files are marked done in the ledger only after it. A crash before
+the commit leaves no rows (the written files belong to no version); a crash after it leaves rows the
+ledger does not claim, which the rerun deletes and encodes again. Rows are appended, not merged on
+id: a repeated corpus id (within a file or across files) fails the stage naming the files
+(`CodeStore.id_audit`) instead of one copy silently replacing the other.
 
 Incremental: the table's `Ledger` lists the files whose rows are all in the table (path, size,
 mtime). A run encodes only files missing from it, deletes the rows of files that changed or left
-the corpus, and marks files done one *wave* (whole files, up to WAVE_BYTES or WAVE_ROWS) at a time,
-after the wave's rows are upserted. A crash loses at most the wave in flight; its partial rows are deleted and
-re-encoded on the rerun. `input_fingerprint` lists the corpus files, so a new shard makes
-`run_stage` rerun this stage (without --overwrite), and only the new shard is encoded.
+the corpus, and marks files done one *wave* (whole files, up to WAVE_BYTES or WAVE_ROWS) at a time.
+`input_fingerprint` lists the corpus files, so a new shard makes `run_stage` rerun this stage
+(without --overwrite), and only the new shard is encoded.
 
 Rejected rows: per file, in `<table>.rejects/` next to the ledger (so rejects of files encoded by
 earlier runs are not lost), gathered into `encode/rejects.parquet` for the current corpus.
@@ -35,10 +44,12 @@ from pipeline.codestore import (
     CODE_SCALE,
     ENCODED_UTC,
     ENCODER_FINGERPRINT,
+    FRAGMENT_ROWS,
     CodeSpec,
     CodeStore,
     Ledger,
     codes_from_arrow,
+    write_code_fragments,
 )
 from pipeline.artifacts import utc_now
 from pipeline.config import JobConfig, stable_hash
@@ -46,7 +57,17 @@ from pipeline.errors import ArtifactMissingError
 from pipeline.schema import CODE, ID, REJECTS, ROW, SOURCE
 from pipeline.progress import Progress
 from pipeline.models import local_model_dir
-from pipeline.stages.shared_encode import TRUNCATED, choose_precision, encode_stream, fit_encoder_path, split_output
+from pipeline.ray_runtime import remote_progress
+from pipeline.stages.shared_encode import (
+    TRUNCATED,
+    choose_precision,
+    encode_stream,
+    encoded_dataset,
+    fit_encoder_path,
+    iter_stage,
+    split_output,
+)
+from pipeline.stages.shared_teacher import failure_marker
 
 log = logging.getLogger("influcoder.encode")
 
@@ -54,13 +75,6 @@ WAVE_BYTES = 256 * 1024 * 1024  # input bytes per wave: the unit of crash recove
 # ...and rows (known for Parquet): well-compressed text packs millions of rows into 256 MB, and a
 # crash would then redo all of them (a 1M-row T0 corpus is 192 MB of Parquet: a single wave).
 WAVE_ROWS = 250_000
-WRITE_ROWS = 8192  # rows per merge_insert (fewer, larger LanceDB commits)
-# Known limit: merge_insert joins each batch against the whole table, so its cost grows with the
-# table (~0.05 s per batch at 100k rows, ~0.55 s at 1M, with the id BTree). That is ~3 % of a 1M-row
-# CPU encode but would dominate at tens of millions of rows on GPUs. Since a wave's files are
-# deleted before they are encoded, an id can only collide across files: a plain append plus the
-# distinct-id check would do, at the cost of turning such a collision from "last write wins" into
-# an error after the fact.
 FIDELITY_ROWS = 256  # rows embedded in float32 to measure int8 ranking fidelity
 RECALL_QUERIES, RECALL_K = 100, 10
 
@@ -214,13 +228,12 @@ def run(ctx) -> None:
         if todo:
             known = [f.num_rows for f in todo]  # JSONL counts are unknown until read
             progress = Progress("encode: corpus rows", None if None in known else sum(known))
-            for wave in waves(todo, WAVE_BYTES):
-                n, t = _encode_wave(
-                    job, wave, model_src, spec, store, ledger, rejects_store, progress, precision["dtype"]
-                )
-                written, truncated = written + n, truncated + t
-                if written and store.count_rows() >= 100_000:
-                    store.ensure_id_index()
+            with remote_progress(progress) as counter:
+                for wave in waves(todo, WAVE_BYTES):
+                    n, t = _encode_wave(
+                        job, wave, model_src, spec, store, ledger, rejects_store, counter, precision["dtype"]
+                    )
+                    written, truncated = written + n, truncated + t
             progress.close()
             store.optimize()
         encode_s = time.perf_counter() - t0
@@ -229,7 +242,8 @@ def run(ctx) -> None:
         all_rejects = rejects_store.gather([f.path for f in files])
         ctx.write_rejects(all_rejects, total + all_rejects.num_rows, cfg.max_reject_frac, "encode: corpus")
         index = _maybe_index(job, store, spec, written)
-        distinct = store.count_distinct_ids()
+        audit = store.id_audit()
+        distinct = None if audit is None else audit["distinct"]
         ctx.record(
             rows={"encoded": written, "in_table": total, "rejected": all_rejects.num_rows},
             lancedb={
@@ -252,31 +266,72 @@ def run(ctx) -> None:
             precision=precision,
             code_fidelity=_fidelity(job, files, model_src, precision["dtype"]) if spec.code_dtype == "int8" else None,
         )
-        if distinct is not None and distinct != total:
-            from pipeline.errors import StageError
+        if audit is not None and audit["duplicates"]:
+            from pipeline.errors import InputDataError
 
-            raise StageError(f"encode: table `{cfg.table}` has {total} rows but {distinct} distinct ids.")
+            shown = "; ".join(f"id {i!r} in {', '.join(srcs)}" for i, srcs in audit["duplicates"][:5])
+            raise InputDataError(
+                f"encode: {total - distinct} corpus rows repeat the id of another row ({shown}). Every corpus "
+                f"row needs its own id: fix the files named and rerun `influcoder encode JOB.yaml`, or point "
+                f"corpus.id_column at a unique column and rerun with --overwrite."
+            )
 
 
 def _encode_wave(
-    job, wave, model_dir, spec, store, ledger, rejects_store, progress: Progress, compute_dtype: str
+    job, wave, model_src, spec, store, ledger, rejects_store, progress_counter, compute_dtype: str
 ) -> tuple[int, int]:
-    """Encode one wave of files in `compute_dtype`, upsert its rows, then mark the files done (with
-    the precision they were encoded in). Returns (rows, truncated)."""
-    ds = corpus.read_dataset(job.corpus, wave)
+    """Encode one wave of files in `compute_dtype`: workers write its codes as Lance fragments, this
+    process commits them in one Append, then marks the files done (with the precision they were
+    encoded in). Returns (rows, truncated)."""
+    ds = encoded_dataset(
+        job,
+        corpus.read_dataset(job.corpus, wave),
+        model_src,
+        spec.code_dtype,
+        compute_dtype=compute_dtype,
+        progress_counter=progress_counter,
+    ).map_batches(
+        write_fragment_batch,
+        fn_kwargs={"dataset_uri": store.dataset_uri, "spec_json": spec.to_json(), "stamp": utc_now()},
+        batch_size=FRAGMENT_ROWS,
+        batch_format="pyarrow",
+        num_cpus=WRITER_CPUS,
+    )
     per_file = {
         f.path: {"size": f.size, "mtime": f.mtime, "rows": 0, "rejects": 0, "precision": compute_dtype} for f in wave
     }
     rejects: dict[str, list[pa.Table]] = {f.path: [] for f in wave}
-    buf: list[pa.Table] = []
-    buffered = written = truncated = 0
-    stamp = utc_now()
+    fragments: list[str] = []
+    written = truncated = 0
+    for summary in iter_stage(ds, "encode"):
+        for r in summary.to_pylist():
+            fragments += json.loads(r["fragments"])
+            truncated += r["truncated"]
+            for src, (rows, rejected) in json.loads(r["counts"]).items():
+                per_file[src]["rows"] += rows
+                per_file[src]["rejects"] += rejected
+                written += rows
+            rej = pa.ipc.open_stream(r["rejects"]).read_all()
+            for src in set(rej.column(SOURCE).to_pylist()):
+                rejects[src].append(rej.filter(pc.equal(rej.column(SOURCE), src)))
+    # The wave's one commit: before it the table holds none of its rows, after it all of them.
+    store.commit_fragments(fragments)
+    rejects_store.write_many({s: pa.concat_tables(t) if t else REJECTS.empty_table() for s, t in rejects.items()})
+    ledger.mark_done({p: {**e, "done_utc": utc_now()} for p, e in per_file.items()})
+    log.debug("encode: wave of %d files done (%d rows, %d fragments)", len(wave), written, len(fragments))
+    return written, truncated
 
-    def flush() -> None:
-        nonlocal buf, buffered, written
-        if not buffered:
-            return
-        good = pa.concat_tables(buf)
+
+WRITER_CPUS = 0.25  # a fragment writer mostly waits on I/O; it must not hold back the encoder actors
+
+
+def write_fragment_batch(batch: pa.Table, dataset_uri: str, spec_json: str, stamp: str) -> pa.Table:
+    """Ray Data task, run where the codes are: write a batch of encoder output (up to FRAGMENT_ROWS
+    rows) as Lance fragments of the table, and return one summary row for the driver: the fragments'
+    metadata, per input file (rows written, rows rejected), truncated rows and the rejects (Arrow IPC)."""
+    try:
+        spec = CodeSpec.from_json(spec_json)
+        good, rej = split_output(batch)
         n = good.num_rows
         rows = pa.table(
             {
@@ -290,30 +345,25 @@ def _encode_wave(
                 ENCODED_UTC: pa.array([stamp] * n, pa.string()),
             }
         )
-        store.upsert(rows)
-        written += n
-        buf, buffered = [], 0
-
-    for batch in encode_stream(job, ds, model_dir, spec.code_dtype, compute_dtype=compute_dtype):
-        progress.update(batch.num_rows)
-        good, rej = split_output(batch)
-        truncated += int(pc.sum(good.column(TRUNCATED)).as_py() or 0)
-        for src, cnt in zip(*_value_counts(good.column(SOURCE))):
-            per_file[src]["rows"] += cnt
-        for src, cnt in zip(*_value_counts(rej.column(SOURCE))):
-            per_file[src]["rejects"] += cnt
-            rejects[src].append(rej.filter(pc.equal(rej.column(SOURCE), src)))
-        if good.num_rows:
-            buf.append(good)
-            buffered += good.num_rows
-        if buffered >= WRITE_ROWS:
-            flush()
-    flush()
-    # Only now are all of the wave's rows in the table: record its files as done.
-    rejects_store.write_many({s: pa.concat_tables(t) if t else REJECTS.empty_table() for s, t in rejects.items()})
-    ledger.mark_done({p: {**e, "done_utc": utc_now()} for p, e in per_file.items()})
-    log.debug("encode: wave of %d files done (%d rows)", len(wave), written)
-    return written, truncated
+        fragments = write_code_fragments(dataset_uri, rows, spec) if n else []
+        counts: dict[str, list[int]] = {}
+        for i, col in enumerate((good.column(SOURCE), rej.column(SOURCE))):
+            for src, cnt in zip(*_value_counts(col)):
+                counts.setdefault(src, [0, 0])[i] += cnt
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, REJECTS) as w:
+            w.write_table(rej.cast(REJECTS))
+        return pa.table(
+            {
+                "fragments": [json.dumps(fragments)],
+                "counts": [json.dumps(counts)],
+                "truncated": pa.array([int(pc.sum(good.column(TRUNCATED)).as_py() or 0)], pa.int64()),
+                "rejects": pa.array([sink.getvalue().to_pybytes()], pa.binary()),
+            }
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised with the input files named, for the driver's StageError
+        files = [str(s) for s in batch.column(SOURCE).unique().to_pylist()]
+        raise RuntimeError(f"{failure_marker('file', files)} {type(e).__name__}: {e}") from e
 
 
 def _value_counts(col) -> tuple[list, list]:

@@ -3,13 +3,13 @@
 1. Queries (`score.queries`, small) are read in-process, get `encoder.anchor_prefix`, and are
    embedded by the same `CodeEncoder` actors as the corpus (same fitted encoder), in the compute
    precision the encode stage recorded for the codes (`precision.dtype`: float32 or bfloat16).
-2. The driver streams the Lance table (pinned at the version the encode stage recorded) in Arrow
-   batches (a Lance row group: 8,192 rows after encode's compaction, capped by `score.batch_rows`),
-   decoded ahead by Lance's threads: per row the mean and max cosine over queries
-   (codes.exact_scores), per query an exact streaming top-k (codes.MultiTopK) from the same matmul.
-3. Scores are spilled as sorted runs and merged into global ranks (ranking.py), streamed into
-   `scores.parquet` (one file, written row group by row group, whatever N), together with the
-   curation selection `selected_ids.parquet`.
+2. One pass over the Lance table (pinned at the version the encode stage recorded), in this
+   process or in Ray tasks per fragment group (`score.scan`; score_scan.py): per row the mean and
+   max cosine over queries (codes.exact_scores), per query an exact streaming top-k
+   (codes.MultiTopK) from the same matmul, scores spilled as sorted runs.
+3. The runs are merged into global ranks (ranking.py), streamed into `scores.parquet` (one file,
+   written row group by row group, whatever N), together with the curation selection
+   `selected_ids.parquet`; the workers' partial top-k lists are merged exactly.
 
 `score.ann` swaps step 2's top-k for the vector index (nprobes + refine_factor); without an
 index (small or int8 tables) it falls back to exact top-k and says so in the manifest.
@@ -32,7 +32,7 @@ import logging
 import math
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,12 +40,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import cascade, corpus, storage
-from pipeline.codes import MultiTopK, exact_scores, ranking_order
-from pipeline.codestore import CODE_SCALE, CodeStore, codes_from_arrow
+from pipeline.codes import ranking_order
+from pipeline.codestore import CodeStore, codes_from_arrow
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputDataError
-from pipeline.progress import Progress
-from pipeline.ranking import RunSpiller, merge_runs, rows_for_fraction
+from pipeline.ranking import merge_runs, rows_for_fraction
 from pipeline.schema import (
     CODE,
     ID,
@@ -65,6 +64,7 @@ from pipeline.schema import (
     TOPK,
 )
 from pipeline.stages.shared_encode import encode_stream, fit_encoder_path, split_output
+from pipeline.stages.score_scan import choose_scan, scan_in_process, scan_on_workers
 from pipeline.stages.shared_teacher import teacher_sketch_groups
 
 log = logging.getLogger("influcoder.score")
@@ -158,17 +158,22 @@ def run(ctx) -> None:
     dataset = store.dataset().checkout_version(version)  # the snapshot the encode manifest describes
     n_total = dataset.count_rows()
     use_ann = cfg.ann and store.has_vector_index()
-    topk = None if use_ann else MultiTopK(len(query_ids), cfg.top_k)
+    top_k = None if use_ann else cfg.top_k
+    where = choose_scan(cfg.scan, n_total)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="influcoder-score-") as tmp:
-        spiller = RunSpiller(tmp)
-        batches = Progress("score: code rows", n_total).track(
-            store.iter_batches(scan_columns(spec.code_dtype), cfg.batch_rows, dataset=dataset)
-        )
-        scored, bytes_read, num_batches = score_batches(batches, queries, spec.code_dtype, topk, spiller.add)
+        if where == "workers":
+            # Runs go where every node can write and this process can read: the stage's work dir.
+            runs_dir = storage.join(ctx.work_dir, "runs")
+            storage.delete_dir(runs_dir)  # a crashed attempt's runs
+            scan = scan_on_workers(
+                store.dataset_uri, dataset, queries, spec.code_dtype, top_k, cfg.batch_rows, runs_dir
+            )
+        else:
+            scan = scan_in_process(store, dataset, queries, spec.code_dtype, top_k, cfg.batch_rows, tmp)
+        scored = scan.rows
         score_s = time.perf_counter() - t0  # the scan; sorting and merging the runs is rank_s
-        spiller.flush()
-        chunks, schema, cascade_rec = merge_runs(spiller.paths), SCORES, None
+        chunks, schema, cascade_rec = merge_runs(scan.run_paths), SCORES, None
         if cfg.rerank_top is not None:
             chunks, cascade_rec = _cascade(ctx, chunks, scored, query_ids)
             schema = SCORES_CASCADE
@@ -177,7 +182,7 @@ def run(ctx) -> None:
     rank_s = time.perf_counter() - t0 - score_s - teacher_s
 
     t1 = time.perf_counter()
-    topk_table = _ann_topk(store, queries, query_ids, cfg) if use_ann else _exact_topk(topk, query_ids)
+    topk_table = _ann_topk(store, queries, query_ids, cfg) if use_ann else _exact_topk(scan.topk, query_ids)
     with _writer(storage.join(ctx.out_dir, "topk.parquet"), TOPK) as w:
         w.write_table(topk_table)
     topk_s = time.perf_counter() - t1  # exact top-k was taken during the scan; this is the write
@@ -198,6 +203,7 @@ def run(ctx) -> None:
             **({"nprobes": cfg.nprobes, "refine_factor": cfg.refine_factor} if use_ann else {}),
         },
         selection=selection,
+        scan={"where": scan.where, "requested": cfg.scan, "tasks": scan.tasks, "runs": len(scan.run_paths)},
         fidelity_gate=gate,
         query_precision=query_dtype,
         **({"cascade": cascade_rec} if cascade_rec else {}),
@@ -206,43 +212,11 @@ def run(ctx) -> None:
             "rank_s": round(rank_s, 3),
             "topk_s": round(topk_s, 3),
             "rows_per_s": round(scored / score_s, 1) if score_s > 0 else None,
-            "code_bytes_read": int(bytes_read),
-            "scan_batches": num_batches,
-            "gb_per_s": round(bytes_read / score_s / 1e9, 3) if score_s > 0 else None,
+            "code_bytes_read": int(scan.code_bytes),
+            "scan_batches": scan.batches,
+            "gb_per_s": round(scan.code_bytes / score_s / 1e9, 3) if score_s > 0 else None,
         },
     )
-
-
-def scan_columns(code_dtype: str) -> list[str]:
-    """What a scoring scan reads: ids and codes, plus the per-row scales of int8 codes."""
-    return [ID, CODE, CODE_SCALE] if code_dtype == "int8" else [ID, CODE]
-
-
-def score_batches(
-    batches: Iterable[pa.RecordBatch],
-    queries: np.ndarray,
-    code_dtype: str,
-    topk: Optional[MultiTopK],
-    sink: Callable[[pa.Table], None],
-) -> tuple[int, int, int]:
-    """Score a stream of (id, code[, code_scale]) batches (`scan_columns`) against the queries.
-
-    Per batch, `sink` gets a table (id, score = mean cosine over queries, score_max) and `topk`
-    (when given) sees every [rows, Q] block of the score matrix. Returns (rows, code bytes, batches).
-    """
-    rows = nbytes = num_batches = 0
-    for batch in batches:
-        ids = batch.column(0)
-        codes = codes_from_arrow(batch.column(1), code_dtype)
-        scales = batch.column(2).to_numpy() if code_dtype == "int8" else None
-        # Arrow ids go to the top-k as is: only its few candidate rows become Python strings.
-        on_block = None if topk is None else (lambda off, s: topk.update(ids.slice(off, s.shape[0]), s))
-        mean, mx = exact_scores(queries, codes, scales, on_block=on_block)
-        sink(pa.table({ID: ids, SCORE: pa.array(mean), SCORE_MAX: pa.array(mx)}))
-        rows += batch.num_rows
-        nbytes += codes.nbytes + (scales.nbytes if scales is not None else 0)
-        num_batches += 1
-    return rows, nbytes, num_batches
 
 
 def _write_ranked(ctx, cfg, chunks: Iterable[pa.Table], n: int, schema: pa.Schema = SCORES) -> dict[str, Any]:
@@ -294,9 +268,9 @@ def _write_ranked(ctx, cfg, chunks: Iterable[pa.Table], n: int, schema: pa.Schem
     }
 
 
-def _exact_topk(topk: MultiTopK, query_ids: list[str]) -> pa.Table:
+def _exact_topk(results: list[tuple[np.ndarray, np.ndarray]], query_ids: list[str]) -> pa.Table:
     qid, ids, scores, ranks = [], [], [], []
-    for q, (top_ids, top_scores) in zip(query_ids, topk.results()):
+    for q, (top_ids, top_scores) in zip(query_ids, results):
         qid += [q] * len(top_ids)
         ids += list(top_ids)
         scores.append(top_scores)

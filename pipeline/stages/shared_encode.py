@@ -55,6 +55,7 @@ class CodeEncoder:
         trust_remote_code: bool = False,
         compute_dtype: str = "float32",
         token_budget: Optional[int] = None,
+        progress_counter=None,
     ):
         import torch
 
@@ -70,10 +71,14 @@ class CodeEncoder:
         )
         self.code_dtype, self.batch_size, self.prefix = code_dtype, batch_size, text_prefix
         self.token_budget = token_budget
+        self.progress_counter = progress_counter  # ray_runtime.remote_progress: rows that never reach the driver
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:
-            return self._encode(batch)
+            out = self._encode(batch)
+            if self.progress_counter is not None:
+                self.progress_counter.add.remote(batch.num_rows)
+            return out
         except Exception as e:  # noqa: BLE001 - re-raised with the input file named, for the driver's StageError
             files = [str(s) for s in batch.column(SOURCE).unique().to_pylist()]
             raise RuntimeError(f"{failure_marker('file', files)} {type(e).__name__}: {e}") from e
@@ -109,22 +114,22 @@ class CodeEncoder:
         )
 
 
-def encode_stream(
+def encoded_dataset(
     job: JobConfig,
     ds,
     model_dir: str,
     code_dtype: str,
     text_prefix: str = "",
-    stage: str = "encode",
     compute_dtype: str = "float32",
-) -> Iterator[pa.Table]:
-    """Map a dataset of canonical rows through CodeEncoder actors (sized by the `encode` config
-    section) computing in `compute_dtype` (float32/bfloat16: `choose_precision`'s answer); yield the
-    output batches. An actor's failure becomes a StageError naming `stage`."""
+    progress_counter=None,
+):
+    """`ds` (canonical rows) mapped through CodeEncoder actors (sized by the `encode` config section)
+    computing in `compute_dtype` (float32/bfloat16: `choose_precision`'s answer). Lazy: iterate it
+    with `iter_stage`, or map it further (the encode stage's fragment writers)."""
     from pipeline.ray_runtime import plan_actors
 
     plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, "encode")
-    out = ds.map_batches(
+    return ds.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={
             "model_dir": model_dir,
@@ -137,17 +142,37 @@ def encode_stream(
             "trust_remote_code": job.encoder.trust_remote_code,
             "compute_dtype": compute_dtype,
             "token_budget": job.encode.token_budget,
+            "progress_counter": progress_counter,
         },
         # A window of many passes: the encoder sorts it by token count and packs it to the budget.
         batch_size=job.encode.batch_size * WINDOW_BATCHES,
         batch_format="pyarrow",
         **plan.map_batches_kwargs(),
     )
+
+
+def iter_stage(ds, stage: str) -> Iterator[pa.Table]:
+    """Yield a mapped dataset's output batches; an actor's or task's failure becomes a StageError
+    naming `stage` (and the input file, when the failing batch named it)."""
     try:
-        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield batch
     except Exception as e:  # noqa: BLE001 - Ray wraps the actor's error in its own types
         raise actor_failure(stage, e, [], kind="file") from e
+
+
+def encode_stream(
+    job: JobConfig,
+    ds,
+    model_dir: str,
+    code_dtype: str,
+    text_prefix: str = "",
+    stage: str = "encode",
+    compute_dtype: str = "float32",
+) -> Iterator[pa.Table]:
+    """The code rows of `ds` (`encoded_dataset`), streamed to this process: for small inputs (the
+    score stage's queries, fidelity samples); the corpus's codes are written by workers."""
+    return iter_stage(encoded_dataset(job, ds, model_dir, code_dtype, text_prefix, compute_dtype), stage)
 
 
 def precision_sample(job: JobConfig, files: list) -> pa.Table:
