@@ -36,6 +36,10 @@ def main() -> int:
             "16",
         ],
     ]
+    # Issue 11: the write path at 100k and 1M rows (BENCH_WRITE_SIZES=100000,1000000,10000000 for the
+    # 10M run: ~8 GB of scratch), and the worker scan on one vs two local Ray nodes.
+    runs.append([py, "bench/bench_code_writes.py", "--sizes", os.environ.get("BENCH_WRITE_SIZES", "100000,1000000")])
+    runs.append([py, "bench/bench_scan_scaling.py"])
     demo = ROOT / "runs" / "demo" / "sketch" / "manifest.json"
     fit = [py, "bench/bench_fit_quality.py", "--sizes", "16,32,56"]
     runs.append(fit + (["--run-dir", "runs/demo"] if demo.exists() else ["--job", "jobs/demo.yaml"]))
