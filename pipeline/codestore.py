@@ -22,6 +22,7 @@ the table (see `Ledger`); it is reset whenever the table is replaced.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -285,6 +286,9 @@ class CodeStore:
         if self.table.list_indices():
             self.dataset().optimize.optimize_indices()
             self.table.checkout_latest()
+        # As LanceDB's own optimize does: versions older than a week go, and with them the data files
+        # no kept version references (replaced codes, and files a crash wrote but never committed).
+        self.dataset().cleanup_old_versions(older_than=datetime.timedelta(days=7))
 
     # ------------------------------------------------------------------ reads
 
