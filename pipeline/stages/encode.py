@@ -75,6 +75,7 @@ WAVE_BYTES = 256 * 1024 * 1024  # input bytes per wave: the unit of crash recove
 # ...and rows (known for Parquet): well-compressed text packs millions of rows into 256 MB, and a
 # crash would then redo all of them (a 1M-row T0 corpus is 192 MB of Parquet: a single wave).
 WAVE_ROWS = 250_000
+WRITER_CPUS = 0.25  # a fragment writer mostly waits on I/O; it must not hold back the encoder actors
 FIDELITY_ROWS = 256  # rows embedded in float32 to measure int8 ranking fidelity
 RECALL_QUERIES, RECALL_K = 100, 10
 
@@ -320,9 +321,6 @@ def _encode_wave(
     ledger.mark_done({p: {**e, "done_utc": utc_now()} for p, e in per_file.items()})
     log.debug("encode: wave of %d files done (%d rows, %d fragments)", len(wave), written, len(fragments))
     return written, truncated
-
-
-WRITER_CPUS = 0.25  # a fragment writer mostly waits on I/O; it must not hold back the encoder actors
 
 
 def write_fragment_batch(batch: pa.Table, dataset_uri: str, spec_json: str, stamp: str) -> pa.Table:
