@@ -275,8 +275,9 @@ class CodeStore:
 
     def optimize(self) -> None:
         """Compact the small fragments (wave tails, deletions) and fold new rows into the indices."""
-        # Only fragments far below FRAGMENT_ROWS are merged: compaction runs in this process, and
-        # rewriting the workers' large fragments would funnel every code through it after all.
+        # Only fragments far below FRAGMENT_ROWS are merged (and those with many deleted rows, i.e.
+        # re-encoded files, rewritten): compaction runs in this process, and rewriting the workers'
+        # large fragments would funnel every code through it after all.
         # Lance's own compaction would write 1,024-row groups, and a scan yields one batch per
         # group: 1,000 Python round trips per 1M rows. 8,192-row groups scan ~2x faster end to
         # end (bench/bench_encode_score.py); much larger groups fall out of cache and are slower.
