@@ -63,11 +63,11 @@ from pipeline.stages.shared_encode import (
     choose_precision,
     encode_stream,
     encoded_dataset,
+    failed_on_files,
     fit_encoder_path,
     iter_stage,
     split_output,
 )
-from pipeline.stages.shared_teacher import failure_marker
 
 log = logging.getLogger("influcoder.encode")
 
@@ -360,8 +360,7 @@ def write_fragment_batch(batch: pa.Table, dataset_uri: str, spec_json: str, stam
             }
         )
     except Exception as e:  # noqa: BLE001 - re-raised with the input files named, for the driver's StageError
-        files = [str(s) for s in batch.column(SOURCE).unique().to_pylist()]
-        raise RuntimeError(f"{failure_marker('file', files)} {type(e).__name__}: {e}") from e
+        raise failed_on_files(batch, e) from e
 
 
 def _value_counts(col) -> tuple[list, list]:

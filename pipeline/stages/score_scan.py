@@ -19,7 +19,6 @@ node or the table holds at least WORKERS_MIN_ROWS rows.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -39,8 +38,6 @@ from pipeline.codestore import (
 from pipeline.progress import Progress
 from pipeline.ranking import RunSpiller
 from pipeline.schema import CODE, ID, SCORE, SCORE_MAX
-
-log = logging.getLogger("influcoder.score")
 
 WORKERS_MIN_ROWS = 2_000_000  # `auto`: below this, on one node, the in-process scan is faster
 
@@ -98,18 +95,26 @@ def choose_scan(requested: str, num_rows: int) -> str:
     return "workers" if nodes > 1 or num_rows >= WORKERS_MIN_ROWS else "driver"
 
 
+def _score_into_runs(
+    batches: Iterable[pa.RecordBatch], queries: np.ndarray, code_dtype: str, top_k: Optional[int], run_dir: str
+) -> ScanResult:
+    """The pass itself, wherever it runs: scores spilled as sorted runs under `run_dir`, and the
+    exact top-k per query (when `top_k` is given)."""
+    topk = None if top_k is None else MultiTopK(len(queries), top_k)
+    spiller = RunSpiller(run_dir)
+    rows, nbytes, nbatches = score_batches(batches, queries, code_dtype, topk, spiller.add)
+    spiller.flush()
+    return ScanResult(rows, nbytes, nbatches, spiller.paths, None if topk is None else topk.results())
+
+
 def scan_in_process(
     store, dataset, queries: np.ndarray, code_dtype: str, top_k: Optional[int], batch_rows: int, run_dir: str
 ) -> ScanResult:
     """Stream the table version `dataset` through this process (see the module docstring)."""
-    topk = None if top_k is None else MultiTopK(len(queries), top_k)
-    spiller = RunSpiller(run_dir)
     batches = Progress("score: code rows", dataset.count_rows()).track(
         store.iter_batches(scan_columns(code_dtype), batch_rows, dataset=dataset)
     )
-    rows, nbytes, nbatches = score_batches(batches, queries, code_dtype, topk, spiller.add)
-    spiller.flush()
-    return ScanResult(rows, nbytes, nbatches, spiller.paths, None if topk is None else topk.results())
+    return _score_into_runs(batches, queries, code_dtype, top_k, run_dir)
 
 
 def fragment_groups(fragments: list[tuple[int, int]], target_rows: int = FRAGMENT_ROWS) -> list[list[int]]:
@@ -135,24 +140,22 @@ def _scan_task(
     top_k: Optional[int],
     batch_rows: int,
     run_dir: str,
-    torch_threads: int,
 ) -> dict[str, Any]:
-    """Ray task: score some fragments of the table version; spill sorted runs to `run_dir`."""
+    """Ray task (one CPU, so one torch thread): score some fragments of the table version, spilling
+    sorted runs to `run_dir`; returns the counts, the run paths and the partial top-k."""
     import torch
 
-    torch.set_num_threads(torch_threads)
-    dataset = open_dataset(dataset_uri, version)
-    topk = None if top_k is None else MultiTopK(len(queries), top_k)
-    spiller = RunSpiller(run_dir)
-    batches = iter_fragment_batches(dataset, fragment_ids, scan_columns(code_dtype), batch_rows)
-    rows, nbytes, nbatches = score_batches(batches, queries, code_dtype, topk, spiller.add)
-    spiller.flush()
+    torch.set_num_threads(1)
+    batches = iter_fragment_batches(
+        open_dataset(dataset_uri, version), fragment_ids, scan_columns(code_dtype), batch_rows
+    )
+    res = _score_into_runs(batches, queries, code_dtype, top_k, run_dir)
     return {
-        "rows": rows,
-        "code_bytes": nbytes,
-        "batches": nbatches,
-        "run_paths": spiller.paths,
-        "topk": None if topk is None else [(list(i), s.tolist()) for i, s in topk.results()],
+        "rows": res.rows,
+        "code_bytes": res.code_bytes,
+        "batches": res.batches,
+        "run_paths": res.run_paths,
+        "topk": None if res.topk is None else [(list(i), s.tolist()) for i, s in res.topk],
     }
 
 
@@ -174,7 +177,6 @@ def scan_on_workers(
 
     fragments = fragment_rows(dataset)
     groups = fragment_groups(fragments, task_rows)
-    rows_of = dict(fragments)
     # A task asks for one CPU, so its Lance decode pool gets one thread: by default Lance sizes it to
     # every core of the node, and N tasks on a node would then run N x cores threads (measured with
     # bench_scan_scaling.py: one node's rate unchanged, two nodes 1.32x -> 1.43x of one at 2M rows).
@@ -192,16 +194,15 @@ def scan_on_workers(
             top_k,
             batch_rows,
             storage.join(run_dir, f"task-{i:05d}"),
-            1,
-        ): (i, g)
+        ): i
         for i, g in enumerate(groups)
     }
-    progress = Progress("score: code rows", sum(rows_of.values()))
+    progress = Progress("score: code rows", sum(n for _, n in fragments))
     done: dict[int, dict[str, Any]] = {}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            i, g = pending.pop(ready[0])
+            i = pending.pop(ready[0])
             done[i] = ray.get(ready[0])
             progress.update(done[i]["rows"])
     except Exception as e:  # noqa: BLE001 - Ray wraps the task's error in its own types

@@ -80,8 +80,7 @@ class CodeEncoder:
                 self.progress_counter.add.remote(batch.num_rows)
             return out
         except Exception as e:  # noqa: BLE001 - re-raised with the input file named, for the driver's StageError
-            files = [str(s) for s in batch.column(SOURCE).unique().to_pylist()]
-            raise RuntimeError(f"{failure_marker('file', files)} {type(e).__name__}: {e}") from e
+            raise failed_on_files(batch, e) from e
 
     def _encode(self, batch: pa.Table) -> pa.Table:
         from pipeline.textview import table_views
@@ -112,6 +111,13 @@ class CodeEncoder:
                 corpus.REJECT_REASON: batch.column(corpus.REJECT_REASON),
             }
         )
+
+
+def failed_on_files(batch: pa.Table, error: Exception) -> RuntimeError:
+    """The error a worker raises for a batch it could not process: the batch's input files named in
+    front (`failure_marker`), so that `iter_stage`'s StageError can name them to the user."""
+    files = [str(s) for s in batch.column(SOURCE).unique().to_pylist()]
+    return RuntimeError(f"{failure_marker('file', files)} {type(error).__name__}: {error}")
 
 
 def encoded_dataset(
