@@ -1,7 +1,9 @@
 """Quality metrics shared by the fit stage (held-out Spearman) and the eval stage (METHOD.md 1f).
 
-Pure numpy/scipy/scikit-learn. Rank statistics come from scipy and sklearn rather than hand-written
-rank maths, so ties and edge cases follow their documented conventions.
+Pure numpy/scipy/scikit-learn. Ranks come from scipy's `rankdata` (average ranks for ties) and
+average precision from sklearn. The precision-recall curve and the bootstrap statistics are numpy
+re-statements of sklearn's and scipy's definitions, vectorised because a 95 % CI needs 1,000 of them
+per method; tests/test_metrics_fast.py holds them equal to the library calls, ties included.
 """
 
 from __future__ import annotations
@@ -66,15 +68,30 @@ def average_precision(labels: Sequence[int] | np.ndarray, scores: Sequence[float
 def pr_curve(
     labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(precision, recall, thresholds) from sklearn's precision_recall_curve."""
-    precision, recall, thresholds = skm.precision_recall_curve(np.asarray(labels), np.asarray(scores, dtype=np.float64))
-    return precision, recall, thresholds
+    """(precision, recall, thresholds), decreasing recall: sklearn's `precision_recall_curve`
+    (drop_intermediate=False), in numpy without its input validation, which cost ~2 ms a call and
+    dominated the bootstrap (1,000 curves per method). One point per distinct score, ties together;
+    tests/test_metrics_fast.py checks it against sklearn, ties included. Needs a positive label."""
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-D of one length; got {y.shape} and {s.shape}")
+    order = np.argsort(s, kind="stable")[::-1]
+    s, y = s[order], (y[order] == 1).astype(np.float64)
+    thresholds = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # the last index of each run of ties
+    tps = np.cumsum(y)[thresholds]
+    if tps[-1] == 0:
+        raise ValueError("a precision-recall curve needs at least one positive label")
+    fps = 1 + thresholds - tps
+    precision, recall = tps / (tps + fps), tps / tps[-1]
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], s[thresholds][::-1]
 
 
 def auprc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
-    """Trapezoidal area under the PR curve, `auc(recall, precision)`: DATE-LM's toxicity metric."""
+    """Trapezoidal area under the PR curve, `auc(recall, precision)`: DATE-LM's toxicity metric.
+    Raises ValueError without a positive label (a bootstrap resample without one counts as NaN)."""
     precision, recall, _ = pr_curve(labels, scores)
-    return float(skm.auc(recall, precision))
+    return float(-np.trapezoid(precision, recall))  # recall decreases along the curve
 
 
 def recall_at_k_per_query(
@@ -138,33 +155,46 @@ def _check_lengths(ranked: Sequence, relevant: Sequence) -> None:
 # --------------------------------------------------------------------------- uncertainty
 
 
-def spearman_rows(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Spearman rho of each row pair (average ranks for ties), vectorised; 0 where a row is constant
-    (the `spearman_per_anchor` convention)."""
-    rp = stats.rankdata(pred, axis=1)
-    rg = stats.rankdata(gt, axis=1)
-    rp = rp - rp.mean(axis=1, keepdims=True)
-    rg = rg - rg.mean(axis=1, keepdims=True)
-    denom = np.sqrt((rp * rp).sum(axis=1) * (rg * rg).sum(axis=1))
+def _rank_correlation(rp: np.ndarray, rg: np.ndarray) -> np.ndarray:
+    """Pearson correlation of two rank arrays along the last axis; NaN where either side is constant."""
+    rp = rp - rp.mean(axis=-1, keepdims=True)
+    rg = rg - rg.mean(axis=-1, keepdims=True)
+    denom = np.sqrt((rp * rp).sum(axis=-1) * (rg * rg).sum(axis=-1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (rp * rg).sum(axis=1) / denom
-    return np.where(denom > 0, rho, 0.0)
+        return np.where(denom > 0, (rp * rg).sum(axis=-1) / denom, np.nan)
+
+
+def spearman_rows(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row pair along the last axis (average ranks for ties), vectorised over
+    any leading axes; 0 where a row is constant (the `spearman_per_anchor` convention)."""
+    rho = _rank_correlation(stats.rankdata(pred, axis=-1), stats.rankdata(gt, axis=-1))
+    return np.nan_to_num(rho, nan=0.0)
+
+
+def bootstrap_indices(sizes: Sequence[int], resamples: int = 1000, seed: int = 0) -> list[np.ndarray]:
+    """One `[resamples, sizes[i]]` array of indices per axis, drawn with replacement. The same
+    (sizes, resamples, seed) give the same indices, so replicates of two methods computed alike are
+    paired (see `paired_difference`)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 63), 0x1B007]))
+    out = [np.empty((resamples, n), dtype=np.int64) for n in sizes]
+    for r in range(resamples):  # replicate by replicate, axis by axis: the draw order is part of the seed
+        for axis, n in enumerate(sizes):
+            out[axis][r] = rng.integers(0, n, n)
+    return out
 
 
 def bootstrap_replicates(
     statistic: Callable[..., float], sizes: Sequence[int], resamples: int = 1000, seed: int = 0
 ) -> np.ndarray:
-    """The statistic on `resamples` bootstrap resamples: each call gets one index array per axis,
-    drawn with replacement (`sizes[i]` draws from range(sizes[i])). Replicates where the statistic is
-    undefined come back NaN. The same (sizes, resamples, seed) give the same indices, so replicates of
-    two methods computed alike are paired (see `paired_difference`)."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 63), 0x1B007]))
+    """The statistic on `resamples` bootstrap resamples (`bootstrap_indices`): each call gets one
+    index array per axis. Replicates where the statistic is undefined (it raises ValueError, e.g. a
+    resample without a positive label) come back NaN."""
+    indices = bootstrap_indices(sizes, resamples, seed)
     out = np.empty(resamples, dtype=np.float64)
     for r in range(resamples):
-        idx = [rng.integers(0, n, n) for n in sizes]
         try:
-            out[r] = statistic(*idx)
-        except ValueError:  # e.g. a resample without a positive label
+            out[r] = statistic(*(axis[r] for axis in indices))
+        except ValueError:
             out[r] = float("nan")
     return out
 
@@ -190,16 +220,30 @@ def paired_difference(reps_a: np.ndarray, reps_b: np.ndarray, level: float = 0.9
     return percentile_ci(np.asarray(reps_a) - np.asarray(reps_b), level)
 
 
-def _fidelity_statistics(pred: np.ndarray, gt: np.ndarray) -> tuple[Callable[..., float], Callable[..., float]]:
-    """Aggregated and per-anchor Spearman of a resample (anchor indices, pool indices)."""
+# Resamples per chunk of the fidelity bootstrap: chunk x anchors x pool float64 values, ~32 MB a side.
+_FIDELITY_CHUNK_VALUES = 4_000_000
 
-    def aggregated(ia: np.ndarray, ip: np.ndarray) -> float:
-        rho = spearman(pred[np.ix_(ia, ip)].mean(axis=0), gt[np.ix_(ia, ip)].mean(axis=0))
-        return float("nan") if math.isnan(rho) else rho
 
-    def per_anchor(ia: np.ndarray, ip: np.ndarray) -> float:
-        return float(spearman_rows(pred[np.ix_(ia, ip)], gt[np.ix_(ia, ip)]).mean())
-
+def fidelity_replicates(
+    pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(aggregated, per-anchor) Spearman on each bootstrap resample of anchors and pool items, the
+    resamples ranked together in chunks (one scipy call per chunk, not two per resample).
+    Aggregated is NaN where a resample's anchor means are constant; per-anchor counts a constant
+    row as 0, as `spearman_per_anchor` does."""
+    pred, gt = _check_pair(pred, gt)
+    anchors, pool = bootstrap_indices(pred.shape, resamples, seed)
+    aggregated = np.empty(resamples, dtype=np.float64)
+    per_anchor = np.empty(resamples, dtype=np.float64)
+    step = max(1, _FIDELITY_CHUNK_VALUES // pred.size)
+    for start in range(0, resamples, step):
+        chunk = slice(start, start + step)
+        rows, cols = anchors[chunk][:, :, None], pool[chunk][:, None, :]
+        p, g = pred[rows, cols], gt[rows, cols]  # [chunk, anchors, pool]
+        per_anchor[chunk] = spearman_rows(p, g).mean(axis=-1)
+        aggregated[chunk] = _rank_correlation(
+            stats.rankdata(p.mean(axis=1), axis=-1), stats.rankdata(g.mean(axis=1), axis=-1)
+        )
     return aggregated, per_anchor
 
 
@@ -208,14 +252,13 @@ def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, se
     (both are samples: the anchors of the task, the rows of the corpus)."""
     pred, gt = _check_pair(pred, gt)
     mean, std = spearman_per_anchor(pred, gt)
-    aggregated, per_anchor = _fidelity_statistics(pred, gt)
-    sizes = pred.shape
+    aggregated, per_anchor = fidelity_replicates(pred, gt, resamples, seed)
     return {
         "spearman_aggregated": spearman_aggregated(pred, gt),
-        "spearman_aggregated_ci": bootstrap_ci(aggregated, sizes, resamples, seed),
+        "spearman_aggregated_ci": percentile_ci(aggregated),
         "spearman_per_anchor": mean,
         "spearman_per_anchor_std": std,
-        "spearman_per_anchor_ci": bootstrap_ci(per_anchor, sizes, resamples, seed),
+        "spearman_per_anchor_ci": percentile_ci(per_anchor),
     }
 
 
@@ -229,16 +272,12 @@ def fidelity_difference(
     lead counts only when its CI excludes 0."""
     pred_a, gt = _check_pair(pred_a, gt)
     pred_b, _ = _check_pair(pred_b, gt)
+    reps_a = fidelity_replicates(pred_a, gt, resamples, seed)
+    reps_b = fidelity_replicates(pred_b, gt, resamples, seed)
+    point_a = (spearman_aggregated(pred_a, gt), spearman_per_anchor(pred_a, gt)[0])
+    point_b = (spearman_aggregated(pred_b, gt), spearman_per_anchor(pred_b, gt)[0])
     out: dict[str, object] = {}
-    for name, stat_a, stat_b in zip(
-        ("spearman_aggregated", "spearman_per_anchor"),
-        _fidelity_statistics(pred_a, gt),
-        _fidelity_statistics(pred_b, gt),
-    ):
-        full = (np.arange(gt.shape[0]), np.arange(gt.shape[1]))
-        out[name + "_diff"] = float(stat_a(*full) - stat_b(*full))
-        out[name + "_diff_ci"] = paired_difference(
-            bootstrap_replicates(stat_a, gt.shape, resamples, seed),
-            bootstrap_replicates(stat_b, gt.shape, resamples, seed),
-        )
+    for i, name in enumerate(("spearman_aggregated", "spearman_per_anchor")):
+        out[name + "_diff"] = float(point_a[i] - point_b[i])
+        out[name + "_diff_ci"] = paired_difference(reps_a[i], reps_b[i])
     return out

@@ -1,0 +1,85 @@
+"""The vectorised metrics equal the library definitions they restate: the precision-recall curve and
+its area against sklearn, the bootstrap's Spearman replicates against scipy resample by resample."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from pipeline import metrics
+
+
+def _cases(rng: np.random.Generator):
+    for n, decimals in ((7, 3), (50, 1), (200, 0), (30, None)):
+        labels = (rng.random(n) < 0.3).astype(int)
+        labels[rng.integers(n)] = 1  # at least one positive
+        scores = rng.normal(size=n)
+        if decimals is None:
+            scores[:] = 0.25  # every score tied: one threshold
+        else:
+            scores = np.round(scores, decimals)  # coarse rounding: many ties
+        yield labels, scores
+
+
+def test_pr_curve_and_auprc_equal_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    for labels, scores in _cases(rng):
+        ours = metrics.pr_curve(labels, scores)
+        theirs = skm.precision_recall_curve(labels, scores)
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-15)
+        expected = skm.auc(theirs[1], theirs[0])
+        assert metrics.auprc(labels, scores) == pytest.approx(expected, abs=1e-15)
+
+
+def test_auprc_refuses_no_positive_and_the_bootstrap_counts_it_as_nan() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        metrics.auprc([0, 0, 0], [0.1, 0.2, 0.3])
+    labels = np.array([1, 0, 0, 0, 0, 0])
+    scores = np.array([0.9, 0.1, 0.2, 0.3, 0.4, 0.5])
+    reps = metrics.bootstrap_replicates(lambda ir: metrics.auprc(labels[ir], scores[ir]), [6], 200, seed=1)
+    (idx,) = metrics.bootstrap_indices([6], 200, seed=1)
+    without_positive = ~(idx == 0).any(axis=1)
+    assert without_positive.any() and (~without_positive).any()  # the seed draws both kinds
+    assert np.isnan(reps[without_positive]).all() and np.isfinite(reps[~without_positive]).all()
+    assert (reps[~without_positive] == 1.0).all()  # the positive scores highest in every resample
+
+
+def _scipy_replicate(pred, gt, ia, ip) -> tuple[float, float]:
+    p, g = pred[np.ix_(ia, ip)], gt[np.ix_(ia, ip)]
+    agg = metrics.spearman(p.mean(axis=0), g.mean(axis=0))  # scipy's spearmanr, NaN when constant
+    rows = [metrics.spearman(a, b) for a, b in zip(p, g)]
+    return float(agg), float(np.mean([0.0 if math.isnan(r) else r for r in rows]))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_fidelity_replicates_equal_scipy_resample_by_resample(ties: bool, monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    pred = rng.normal(size=(6, 15))
+    gt = pred + rng.normal(size=pred.shape)
+    if ties:
+        pred, gt = np.round(pred, 0), np.round(gt, 0)
+        pred[2] = 0.5  # a constant anchor row: per-anchor counts it 0
+    monkeypatch.setattr(metrics, "_FIDELITY_CHUNK_VALUES", pred.size * 7)  # several chunks
+    agg, per_anchor = metrics.fidelity_replicates(pred, gt, resamples=40, seed=3)
+    anchors, pool = metrics.bootstrap_indices(pred.shape, 40, seed=3)
+    for r in range(40):
+        want_agg, want_pa = _scipy_replicate(pred, gt, anchors[r], pool[r])
+        if math.isnan(want_agg):
+            assert math.isnan(agg[r])
+        else:
+            assert agg[r] == pytest.approx(want_agg, abs=1e-12)
+        assert per_anchor[r] == pytest.approx(want_pa, abs=1e-12)
+
+
+def test_bootstrap_indices_are_the_seeded_draws_in_order() -> None:
+    a1, p1 = metrics.bootstrap_indices((3, 5), 4, seed=9)
+    a2, p2 = metrics.bootstrap_indices((3, 5), 4, seed=9)
+    assert (a1 == a2).all() and (p1 == p2).all() and a1.shape == (4, 3) and p1.shape == (4, 5)
+    rng = np.random.default_rng(np.random.SeedSequence([9, 0x1B007]))
+    for r in range(4):  # replicate by replicate, axis by axis
+        assert (a1[r] == rng.integers(0, 3, 3)).all() and (p1[r] == rng.integers(0, 5, 5)).all()
+    assert not (metrics.bootstrap_indices((3, 5), 4, seed=10)[1] == p1).all()
