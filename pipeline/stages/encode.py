@@ -61,7 +61,7 @@ from pipeline.ray_runtime import remote_progress
 from pipeline.stages.shared_encode import (
     TRUNCATED,
     choose_precision,
-    encode_stream,
+    encode_small,
     encoded_dataset,
     failed_on_files,
     fit_encoder_path,
@@ -396,8 +396,6 @@ def _maybe_index(job: JobConfig, store: CodeStore, spec: CodeSpec, written: int)
 
 def _fidelity(job: JobConfig, files, model_dir: str, compute_dtype: str) -> dict[str, Any]:
     """Spearman of scores from int8 codes vs float32 embeddings of the same real rows."""
-    import ray.data
-
     sample = []
     for batch in corpus.iter_file(files[0], job.corpus):
         good = batch.filter(pc.is_null(batch.column(corpus.REJECT_REASON)))
@@ -407,7 +405,6 @@ def _fidelity(job: JobConfig, files, model_dir: str, compute_dtype: str) -> dict
     table = pa.concat_tables(sample).slice(0, FIDELITY_ROWS) if sample else None
     if table is None or table.num_rows < 8:
         return {"samples": 0, "reason": "too few rows in the first corpus file"}
-    stream = encode_stream(job, ray.data.from_arrow(table), model_dir, "float32", compute_dtype=compute_dtype)
-    out = pa.concat_tables(list(stream))
+    out = encode_small(job, table, model_dir, "float32", compute_dtype=compute_dtype)
     emb = codes_from_arrow(out.column(CODE), "float32")
     return quantization_fidelity(emb, "int8")

@@ -1,8 +1,9 @@
 """The score stage: every corpus code against the queries, exactly, in bounded memory.
 
 1. Queries (`score.queries`, small) are read in-process, get `encoder.anchor_prefix`, and are
-   embedded by the same `CodeEncoder` actors as the corpus (same fitted encoder), in the compute
-   precision the encode stage recorded for the codes (`precision.dtype`: float32 or bfloat16).
+   embedded by the same `CodeEncoder` as the corpus (same fitted encoder; in this process up to
+   `shared_encode.IN_PROCESS_MAX_ROWS` queries, else on its actors), in the compute precision the
+   encode stage recorded for the codes (`precision.dtype`: float32 or bfloat16).
 2. One pass over the Lance table (pinned at the version the encode stage recorded), in this
    process or in Ray tasks per fragment group (`score.scan`; score_scan.py): per row the mean and
    max cosine over queries (codes.exact_scores), per query an exact streaming top-k
@@ -63,7 +64,7 @@ from pipeline.schema import (
     TEXT,
     TOPK,
 )
-from pipeline.stages.shared_encode import encode_stream, fit_encoder_path, split_output
+from pipeline.stages.shared_encode import encode_small, fit_encoder_path, split_output
 from pipeline.stages.score_scan import choose_scan, scan_in_process, scan_on_workers
 from pipeline.stages.shared_teacher import teacher_sketch_groups
 
@@ -97,22 +98,18 @@ def _writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
 def embed_queries(ctx, job: JobConfig, model_dir: str, compute_dtype: str = "float32") -> tuple[np.ndarray, list[str]]:
     """float32 unit-norm query embeddings (computed in `compute_dtype`) and their ids; bad query rows
     go to score/rejects.parquet."""
-    import ray.data
-
     files = corpus.discover(job.score.queries, "score.queries")
     table = corpus.read_local(job.score.queries, files)
-    out = list(
-        encode_stream(
-            job,
-            ray.data.from_arrow(table),
-            model_dir,
-            "float32",
-            text_prefix=job.encoder.anchor_prefix,
-            stage="score",
-            compute_dtype=compute_dtype,
-        )
+    out = encode_small(
+        job,
+        table,
+        model_dir,
+        "float32",
+        text_prefix=job.encoder.anchor_prefix,
+        stage="score",
+        compute_dtype=compute_dtype,
     )
-    good, rejects = split_output(pa.concat_tables(out)) if out else (None, None)
+    good, rejects = split_output(out) if out.num_rows else (None, None)
     if rejects is not None:
         # The score stage has no reject limit of its own: its queries are held to the encode stage's.
         ctx.write_rejects(

@@ -3,7 +3,9 @@ stage (the corpus) and the score stage (the queries).
 
 `CodeEncoder` loads the encoder once per actor and turns canonical rows into codes; rejected rows
 pass through with a zero code and their reason. `encode_stream` maps a dataset through it and turns
-an actor's failure into a StageError naming the stage and the input file.
+an actor's failure into a StageError naming the stage and the input file; `encode_small` runs it in
+this process for a small table (the score stage's queries, the encode stage's fidelity sample),
+where an actor pool's start-up would cost more than the embedding.
 
 Precision: `choose_precision` decides once per encode run, on a seeded sample of the corpus and on
 the kind of device the actors get, whether `encode.dtype` may run in bf16 (the agreement gate in
@@ -24,7 +26,7 @@ from pipeline import corpus, storage
 from pipeline.codes import numpy_dtype, quantize
 from pipeline.codestore import CODE_SCALE, code_array
 from pipeline.config import JobConfig
-from pipeline.errors import ArtifactMissingError
+from pipeline.errors import ArtifactMissingError, StageError
 from pipeline.schema import CODE, ID, ROW, SOURCE, split_by_reason
 from pipeline.stages.shared_teacher import actor_failure, failure_marker
 
@@ -34,6 +36,9 @@ TRUNCATED = "truncated"
 WINDOW_BATCHES = 16  # rows per actor call = encode.batch_size x this: what is sorted and packed
 PRECISION_ROWS, PRECISION_QUERIES = 256, 8  # the agreement sample (rows scored against queries)
 PRECISION_POOL = 4096  # the sample is drawn from the first this-many good rows of the corpus
+# Up to this many rows are embedded in the calling process: starting an actor (a process importing
+# torch and transformers, loading the model) takes seconds, embedding a few hundred rows less.
+IN_PROCESS_MAX_ROWS = 2048
 
 
 class CodeEncoder:
@@ -48,7 +53,7 @@ class CodeEncoder:
         model_dir: str,
         max_len: int,
         code_dtype: str,
-        torch_threads: int,
+        torch_threads: Optional[int],
         batch_size: int,
         use_gpu: bool = False,
         text_prefix: str = "",
@@ -62,7 +67,8 @@ class CodeEncoder:
         from pipeline.encoder import TextEncoder
         from pipeline.models import local_model_dir
 
-        torch.set_num_threads(torch_threads)
+        if torch_threads is not None:  # None: in the caller's process, whose thread count stays its own
+            torch.set_num_threads(torch_threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model_dir = local_model_dir(model_dir)  # a URI: this node's copy
         # compute_dtype is concrete (float32/bfloat16): the run's choice, made once by choose_precision.
@@ -120,6 +126,25 @@ def failed_on_files(batch: pa.Table, error: Exception) -> RuntimeError:
     return RuntimeError(f"{failure_marker('file', files)} {type(error).__name__}: {error}")
 
 
+def encoder_kwargs(job: JobConfig, model_dir: str, code_dtype: str, text_prefix: str, compute_dtype: str) -> dict:
+    """CodeEncoder's constructor arguments for this job, wherever it runs (actors or this process)."""
+    from pipeline.ray_runtime import plan_actors
+
+    plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, "encode")
+    return {
+        "model_dir": model_dir,
+        "max_len": job.encoder.max_len,
+        "code_dtype": code_dtype,
+        "torch_threads": plan.torch_threads,
+        "batch_size": job.encode.batch_size,
+        "use_gpu": plan.use_gpu,
+        "text_prefix": text_prefix,
+        "trust_remote_code": job.encoder.trust_remote_code,
+        "compute_dtype": compute_dtype,
+        "token_budget": job.encode.token_budget,
+    }
+
+
 def encoded_dataset(
     job: JobConfig,
     ds,
@@ -135,21 +160,10 @@ def encoded_dataset(
     from pipeline.ray_runtime import plan_actors
 
     plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, "encode")
+    kwargs = encoder_kwargs(job, model_dir, code_dtype, text_prefix, compute_dtype)
     return ds.map_batches(
         CodeEncoder,
-        fn_constructor_kwargs={
-            "model_dir": model_dir,
-            "max_len": job.encoder.max_len,
-            "code_dtype": code_dtype,
-            "torch_threads": plan.torch_threads,
-            "batch_size": job.encode.batch_size,
-            "use_gpu": plan.use_gpu,
-            "text_prefix": text_prefix,
-            "trust_remote_code": job.encoder.trust_remote_code,
-            "compute_dtype": compute_dtype,
-            "token_budget": job.encode.token_budget,
-            "progress_counter": progress_counter,
-        },
+        fn_constructor_kwargs={**kwargs, "progress_counter": progress_counter},
         # A window of many passes: the encoder sorts it by token count and packs it to the budget.
         batch_size=job.encode.batch_size * WINDOW_BATCHES,
         batch_format="pyarrow",
@@ -176,9 +190,40 @@ def encode_stream(
     stage: str = "encode",
     compute_dtype: str = "float32",
 ) -> Iterator[pa.Table]:
-    """The code rows of `ds` (`encoded_dataset`), streamed to this process: for small inputs (the
-    score stage's queries, fidelity samples); the corpus's codes are written by workers."""
+    """The code rows of `ds` (`encoded_dataset`), streamed to this process: for inputs this process
+    may hold (`encode_small` above IN_PROCESS_MAX_ROWS rows); the corpus's codes are written by workers."""
     return iter_stage(encoded_dataset(job, ds, model_dir, code_dtype, text_prefix, compute_dtype), stage)
+
+
+def encode_small(
+    job: JobConfig,
+    table: pa.Table,
+    model_dir: str,
+    code_dtype: str,
+    text_prefix: str = "",
+    stage: str = "encode",
+    compute_dtype: str = "float32",
+) -> pa.Table:
+    """The code rows of a small canonical `table`: embedded in this process by the same CodeEncoder
+    when it has at most IN_PROCESS_MAX_ROWS rows, else through the actors (`encode_stream`). A
+    failure is a StageError naming the stage and the input files either way."""
+    if table.num_rows > IN_PROCESS_MAX_ROWS:
+        import ray.data
+
+        stream = encode_stream(
+            job, ray.data.from_arrow(table), model_dir, code_dtype, text_prefix, stage, compute_dtype
+        )
+        return pa.concat_tables(list(stream))
+    try:
+        # The caller's torch thread count stays its own (None): this is its process, not an actor's.
+        encoder = CodeEncoder(
+            **{**encoder_kwargs(job, model_dir, code_dtype, text_prefix, compute_dtype), "torch_threads": None}
+        )
+        return encoder(table)
+    except Exception as e:  # noqa: BLE001 - a batch's failure already names its input files
+        raise StageError(
+            f"{stage}: embedding {table.num_rows} rows in this process failed: {type(e).__name__}: {e}"
+        ) from e
 
 
 def precision_sample(job: JobConfig, files: list) -> pa.Table:
@@ -214,7 +259,8 @@ def _precision_probe(
     batch_size: int,
     token_budget: int,
 ) -> dict[str, Any]:
-    """Ray task: load the encoder on the actors' kind of device and run its precision gate."""
+    """Load the encoder on the actors' kind of device and run its precision gate: a Ray task for GPU
+    actors, a call in this process for CPU ones (its thread count is restored afterwards)."""
     import torch
 
     from pipeline.encoder import TextEncoder
@@ -222,21 +268,25 @@ def _precision_probe(
     from pipeline.models import local_model_dir
     from pipeline.textview import table_views
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    model_dir = local_model_dir(model_dir)  # a URI: this node's copy
-    enc = TextEncoder(model_dir, max_len, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
-    record = enc.choose_precision(
-        table_views(rows), table_views(queries, prefix=prefix), batch_size=batch_size, token_budget=token_budget
-    )
-    return {"native_bf16": native_bf16(enc.device_), **record}
+    try:
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        model_dir = local_model_dir(model_dir)  # a URI: this node's copy
+        enc = TextEncoder(model_dir, max_len, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        record = enc.choose_precision(
+            table_views(rows), table_views(queries, prefix=prefix), batch_size=batch_size, token_budget=token_budget
+        )
+        return {"native_bf16": native_bf16(enc.device_), **record}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def choose_precision(job: JobConfig, model_dir: str, files: list) -> dict[str, Any]:
     """The precision of this encode run (`encode.dtype` resolved and gated), as a manifest record.
 
-    `float32` asked for: no measurement. Otherwise one Ray task on the actors' kind of device embeds
-    a seeded corpus sample (`precision_sample`; its first PRECISION_QUERIES rows, with the anchor
+    `float32` asked for: no measurement. Otherwise a probe on the actors' kind of device (a Ray task
+    for GPU actors, this process for CPU ones) embeds a seeded corpus sample (`precision_sample`; its first PRECISION_QUERIES rows, with the anchor
     prefix, act as queries) in both precisions; the record's `dtype` is what every actor then uses.
     """
     from pipeline.ray_runtime import plan_actors
@@ -249,22 +299,30 @@ def choose_precision(job: JobConfig, model_dir: str, files: list) -> dict[str, A
     plan = plan_actors(cfg.use_gpu, cfg.num_actors, "encode")
     sample = precision_sample(job, files)
     nq = min(PRECISION_QUERIES, sample.num_rows // 4)
-    probe = ray.remote(_precision_probe).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
-    args = (model_dir, job.encoder.max_len, job.encoder.trust_remote_code, cfg.dtype, plan.use_gpu)
-    try:
-        record = ray.get(
-            probe.remote(
-                *args,
-                plan.torch_threads,
-                sample.slice(nq),
-                sample.slice(0, nq),
-                job.encoder.anchor_prefix,
-                cfg.batch_size,
-                cfg.token_budget,
-            )
-        )
-    except Exception as e:  # noqa: BLE001 - Ray wraps the task's error in its own types
-        raise actor_failure("encode", e, [], kind="file") from e
+    args = (
+        model_dir,
+        job.encoder.max_len,
+        job.encoder.trust_remote_code,
+        cfg.dtype,
+        plan.use_gpu,
+        plan.torch_threads,
+        sample.slice(nq),
+        sample.slice(0, nq),
+        job.encoder.anchor_prefix,
+        cfg.batch_size,
+        cfg.token_budget,
+    )
+    if plan.use_gpu:  # the actors' kind of device: a GPU worker
+        probe = ray.remote(_precision_probe).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+        try:
+            record = ray.get(probe.remote(*args))
+        except Exception as e:  # noqa: BLE001 - Ray wraps the task's error in its own types
+            raise actor_failure("encode", e, [], kind="file") from e
+    else:  # CPU actors: this process's CPU, without starting a worker only to load the model once more
+        try:
+            record = _precision_probe(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of the probe fails the stage, named
+            raise StageError(f"encode: the precision probe failed: {type(e).__name__}: {e}") from e
     record = {"requested": cfg.dtype, **record}
     agreement = record.get("agreement")
     if record.get("fell_back") and agreement and agreement["spearman_min"] is None:
