@@ -254,66 +254,64 @@ def _reference(job: JobConfig, plan: ActorPlan, selected: dict[str, list[dict]])
             "probe": "not run: fewer than 2 gate rows (sketch.fidelity_samples); auto means float32",
         }
 
-    # max_calls=1: the worker exits right after this one task instead of idling in Ray's pool with
-    # torch's thread pools alive (a reused/killed idle worker aborted at teardown in testing).
-    @ray.remote(num_cpus=plan.num_cpus if not plan.use_gpu else 1, num_gpus=plan.num_gpus, max_calls=1)
-    def exact(teacher, lora_seed, sketch_cfg, prompts, responses, threads, use_gpu):
-        import numpy as np
-        import torch
-
-        from pipeline.sketching import l2_normalize
-        from pipeline.teacher import TeacherSketcher, native_bf16, precision_check
-
-        # The reference is float32 whatever the stage runs in: it is what bf16 is measured against.
-        ts = TeacherSketcher(
-            dataclasses.replace(teacher, dtype="float32"),
-            proj_dim=sketch_cfg.proj_dim,
-            proj_seed=sketch_cfg.proj_seed,
-            lora_seed=lora_seed,
-            device="cuda" if use_gpu else "cpu",
-            torch_threads=threads,
-        )
-        accepted, _ = ts.examples(prompts, responses)  # a row without a loss span has no gradient to check
-        ok = sorted(accepted)
-        prompts, responses = [prompts[i] for i in ok], [responses[i] for i in ok]
-        if len(ok) < 2:
-            return (
-                ok,
-                None,
-                None,
-                ("float32" if teacher.dtype == "auto" else teacher.dtype),
-                "not run: fewer than 2 gate rows with a loss span",
-            )
-        grads = ts.exact_gradients(prompts, responses)
-        ref = l2_normalize(ts.sketcher.project(torch.from_numpy(grads).to(ts.device))).cpu().numpy()
-        chosen, probe = teacher.dtype, "not needed: teacher.dtype is explicit"
-        if teacher.dtype == "auto":
-            if not native_bf16(ts.device):
-                chosen, probe = "float32", f"not run: no native bf16 on {ts.device.type}"
-            else:
-                ts.autocast_dtype = torch.bfloat16  # same weights and adapter, bf16 compute
-                res = ts.sketch(prompts, responses, sketch_cfg.batch_size, sketch_cfg.token_budget)
-                full = np.zeros_like(ref)
-                full[res.ok_index] = res.sketches
-                probe = precision_check(full, ref, [str(i) for i in range(len(prompts))], sketch_cfg.fidelity_min_cos)
-                chosen = "bfloat16" if probe["passed"] else "float32"
-                probe = {k: probe[k] for k in ("rows", "min", "mean", "min_cos", "passed")}
-        return ok, grads, ref, chosen, probe
-
-    ok, grads, ref, chosen, probe = ray.get(
-        exact.remote(
-            job.teacher,
-            job.lora_seed,
-            job.sketch,
-            [r[PROMPT] for _, r in keyed],
-            [r[RESPONSE] for _, r in keyed],
-            plan.torch_threads,
-            plan.use_gpu,
-        )
+    args = (
+        job.teacher,
+        job.lora_seed,
+        job.sketch,
+        [r[PROMPT] for _, r in keyed],
+        [r[RESPONSE] for _, r in keyed],
     )
+    if plan.use_gpu:  # on the actors' kind of device: a GPU worker
+        # max_calls=1: the worker exits right after this one task instead of idling in Ray's pool with
+        # torch's thread pools alive (a reused/killed idle worker aborted at teardown in testing).
+        exact = ray.remote(num_cpus=1, num_gpus=plan.num_gpus, max_calls=1)(_exact_reference)
+        ok, grads, ref, chosen, probe = ray.get(exact.remote(*args, plan.torch_threads, True))
+    else:  # CPU actors: this process's CPU (its torch thread count untouched), no worker to start
+        ok, grads, ref, chosen, probe = _exact_reference(*args, None, False)
     if job.teacher.dtype == "auto":
         log.info("sketch: teacher.dtype=auto -> %s (bf16 probe: %s)", chosen, probe)
     return {"keyed": [keyed[i] for i in ok], "grads": grads, "ref": ref, "chosen": chosen, "probe": probe}
+
+
+def _exact_reference(teacher, lora_seed, sketch_cfg, prompts, responses, threads, use_gpu):
+    """The gate rows' float32 batch-size-1 gradients and CountSketches, and the precision to run in
+    (`_reference`). `threads` None keeps the calling process's torch thread count."""
+    import numpy as np
+    import torch
+
+    from pipeline.sketching import l2_normalize
+    from pipeline.teacher import TeacherSketcher, native_bf16, precision_check
+
+    # The reference is float32 whatever the stage runs in: it is what bf16 is measured against.
+    ts = TeacherSketcher(
+        dataclasses.replace(teacher, dtype="float32"),
+        proj_dim=sketch_cfg.proj_dim,
+        proj_seed=sketch_cfg.proj_seed,
+        lora_seed=lora_seed,
+        device="cuda" if use_gpu else "cpu",
+        torch_threads=threads,
+    )
+    accepted, _ = ts.examples(prompts, responses)  # a row without a loss span has no gradient to check
+    ok = sorted(accepted)
+    prompts, responses = [prompts[i] for i in ok], [responses[i] for i in ok]
+    if len(ok) < 2:
+        auto = "float32" if teacher.dtype == "auto" else teacher.dtype
+        return ok, None, None, auto, "not run: fewer than 2 gate rows with a loss span"
+    grads = ts.exact_gradients(prompts, responses)
+    ref = l2_normalize(ts.sketcher.project(torch.from_numpy(grads).to(ts.device))).cpu().numpy()
+    chosen, probe = teacher.dtype, "not needed: teacher.dtype is explicit"
+    if teacher.dtype == "auto":
+        if not native_bf16(ts.device):
+            chosen, probe = "float32", f"not run: no native bf16 on {ts.device.type}"
+        else:
+            ts.autocast_dtype = torch.bfloat16  # same weights and adapter, bf16 compute
+            res = ts.sketch(prompts, responses, sketch_cfg.batch_size, sketch_cfg.token_budget)
+            full = np.zeros_like(ref)
+            full[res.ok_index] = res.sketches
+            probe = precision_check(full, ref, [str(i) for i in range(len(prompts))], sketch_cfg.fidelity_min_cos)
+            chosen = "bfloat16" if probe["passed"] else "float32"
+            probe = {k: probe[k] for k in ("rows", "min", "mean", "min_cos", "passed")}
+    return ok, grads, ref, chosen, probe
 
 
 def _fidelity_check(
