@@ -104,7 +104,7 @@ def _table(path_or_table, sort: list[str], fs=None):
 
 
 def test_two_nodes_without_shared_disk_match_in_process(
-    private_nodes, s3_server, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir, tmp_path
+    private_nodes, s3_server, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir, tmp_path, ray_local
 ):
     from conftest import tiny_job_data
 
@@ -158,15 +158,14 @@ def test_two_nodes_without_shared_disk_match_in_process(
     # Nothing was written under a local folder named after the URI.
     assert not [p for p in c["tmp"].rglob("s3:")]
 
-    # The same job on an in-process Ray, with local paths.
+    # The same job on an in-process Ray (the test session's), with local paths.
+    import pipeline
+
     local_run = tmp_path / "local_run"
     local_data = {r: str(fixture_corpora / r) for r in roles}
-    local_job = tmp_path / "local.yaml"
-    local_job.write_text(yaml.safe_dump(small_job(tiny, str(local_run), {"num_cpus": 2}, local_data)))
-    local_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
-    local_env["RAY_TMPDIR"] = str(c["tmp"])
-    local = run([PYTHON, "-m", "pipeline.cli", "run", str(local_job), "--to", STAGES_UP_TO], local_env, timeout=900)
-    assert local.returncode == 0, (local.stdout + local.stderr)[-6000:]
+    pipeline.run(
+        small_job(tiny, str(local_run), {"num_cpus": 2}, local_data), stages=["sketch", "fit", "encode", STAGES_UP_TO]
+    )
 
     fs = s3_util.client(ep)
     prefix = f"{BUCKET}/mn/cluster_run"
