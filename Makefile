@@ -14,7 +14,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 QUIET := { grep -v "is ignored" || true; }   # drop pip's noise about the machine's extra indexes
 
-.PHONY: install demo lint test test-fast bench clean
+.PHONY: install demo lint test test-fast bench bench-peers clean
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ BENCH_SCALE ?= 1000000
 bench: install
 	$(BIN)/pip install -q -c constraints.txt -e ".[bench]" 2>&1 | $(QUIET)
 	BENCH_SCALE=$(BENCH_SCALE) $(BIN)/python bench/run_all.py
+
+# Bench-only peers in their own git-ignored venv (never .venv): Bergson for bench/bench_sketch.py
+# (`--bergson-python bench/.peer-venv/bin/python`).
+bench-peers:
+	bash bench/peers/install_bergson.sh
 
 clean:
 	rm -rf runs data/demo .pytest_cache

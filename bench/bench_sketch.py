@@ -16,9 +16,15 @@ measured in this run (2048² matmuls, best of the start and end). Every method's
 compared with the fp32 one-at-a-time sketches (min per-row cosine: the stage's precision gate
 quantity, pass mark 0.999).
 
-Peer: Bergson (per-sample gradient collection) is run only when ``--bergson-python`` names an
-interpreter that imports it (installed into a bench-only target dir, never a project dependency);
-otherwise the output says it did not run and why. No peer figure is ever filled in by hand.
+Peer: Bergson (PyPI ``bergson``, per-sample gradient collection) runs when ``--bergson-python`` names
+an interpreter that imports it: ``bash bench/peers/install_bergson.sh`` makes the bench-only
+bench/.peer-venv (never a project dependency). bench/peers/bergson_driver.py, in a subprocess under
+that interpreter, runs its ``collect_gradients`` on the same tokenised rows, the same model, our
+LoRA adapter's weights, the same token budget and thread count, after our methods (timing excludes
+its model load). ``--bergson-modes``: ``global`` (one projection of width d, as ours) and/or
+``per_module`` (its default two-sided projection, total width the nearest below d). Every
+configuration difference is printed and recorded (``BERGSON_DIFFERENCES``). Without a working peer
+the output says why and gives no figure; no peer figure is ever filled in by hand.
 Writes ``bench/out/sketch.json``. ``--quick`` uses fewer rows.
 """
 
@@ -30,7 +36,9 @@ import os
 import platform
 import random
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from pipeline.config import SketchConfig, TeacherConfig  # noqa: E402
 from pipeline.gradients import reference_per_sample_grads  # noqa: E402
@@ -73,30 +82,115 @@ def authors_reference(teacher: TeacherSketcher, prompts: list[str], responses: l
     return np.stack(out)
 
 
-def bergson_status(python: str | None) -> str:
-    """Why the peer did or did not run (this bench never runs it without a working interpreter)."""
-    if not python:
-        return (
-            "not run: no --bergson-python given (Bergson must be installed into a bench-only "
-            "environment or target dir, never the project's); no peer figure is reported"
-        )
-    import subprocess
+BERGSON_DIFFERENCES = [
+    "projection: ours a CountSketch (one signed hash per parameter, width d); Bergson a dense Rademacher "
+    "matrix per module, scaled 1/sqrt(width): `global` sums every module's projection into one vector of "
+    "width d (the same width); `per_module` (its default) projects each module's gradient two-sided to "
+    "p x p, p = floor(sqrt(d / modules)), so its total width is the nearest below d",
+    "normalisation: ours L2-normalises each sketch; Bergson stores raw projections (unit_normalize off; "
+    "normalising d floats is negligible either way)",
+    "gradients: ours per-sample LoRA gradients by vectorised autograd over the batch, head applied at "
+    "loss positions only; Bergson by forward/backward hooks on each LoRA linear (outer products of "
+    "activations and output gradients), full logits",
+    "precision: Bergson fp32 weights and compute (its bf16 mode stores the model in bf16, which is not "
+    "ours: fp32 weights under bf16 autocast); ours both fp32 and auto (bf16 autocast here)",
+    "batching: both pack length-sorted rows to the same token budget (Bergson: max_len x rows <= "
+    "token_batch_size; ours: the same bound, <= --max-rows rows); Bergson regenerates its global "
+    "projection matrix in blocks on every batch, so its cost per batch hardly depends on the rows in it",
+    "adapter: Bergson attaches its own fresh LoRA (r, alpha, dropout 0, all-linear, from "
+    "peft_init_kwargs) and then loads our adapter's weights, so both differentiate the same adapter",
+    "warm-up: ours warms every method up on two short rows; Bergson runs cold (its first-call costs are "
+    "small against a batch)",
+    "timing: Bergson's model load and adapter attach are excluded and reported as load_s; its timed "
+    "collect_gradients includes writing its small on-disk index (rows x width floats)",
+]
 
-    probe = subprocess.run(
-        [
-            python,
-            "-c",
-            "import bergson, sys; print(bergson.__version__ if hasattr(bergson, '__version__') else 'unknown')",
-        ],
-        capture_output=True,
-        text=True,
-    )
+
+def bergson_probe(python: str | None) -> tuple[str | None, str]:
+    """(version, why not) for the peer interpreter; the version is None when Bergson cannot run."""
+    if not python:
+        return None, (
+            "not run: no --bergson-python given (install it with `bash bench/peers/install_bergson.sh`, "
+            "then pass --bergson-python bench/.peer-venv/bin/python); no peer figure is reported"
+        )
+    try:
+        probe = subprocess.run(
+            [python, "-c", "import bergson; print(bergson.__version__)"], capture_output=True, text=True, timeout=300
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"not run: `{python}` could not be started: {e}"
     if probe.returncode != 0:
-        return f"not run: `{python} -c 'import bergson'` failed: {probe.stderr.strip().splitlines()[-1:]}"
-    return (
-        f"not run: bergson {probe.stdout.strip()} imports, but this bench has no tested driver for it "
-        f"yet; no peer figure is reported"
-    )
+        last = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return None, f"not run: `{python} -c 'import bergson'` failed: {last}"
+    return probe.stdout.strip(), ""
+
+
+def run_bergson(
+    python: str,
+    teacher: TeacherSketcher,
+    accepted: dict,
+    keys: list[int],
+    ours: dict[int, np.ndarray],
+    mode: str,
+    args: argparse.Namespace,
+) -> dict:
+    """One Bergson collection (driver subprocess under the peer interpreter) on exactly our rows.
+
+    Returns the driver's figures plus ``agreement``: how closely the pairwise cosines of Bergson's
+    projected gradients match those of our sketches (same gradients, independent projections, so
+    they agree up to the projections' noise, ~1/sqrt(width)); or ``{"error": why}``."""
+    with tempfile.TemporaryDirectory(prefix="bench-bergson-") as tmp:
+        rows_path, out_path, grads_path, adapter_path = (
+            Path(tmp) / n for n in ("rows.jsonl", "result.json", "grads.npy", "adapter.safetensors")
+        )
+        rows_path.write_text(
+            "".join(json.dumps({"input_ids": accepted[i].input_ids, "labels": accepted[i].labels}) + "\n" for i in keys)
+        )
+        lora = {n: p.detach().cpu().contiguous() for n, p in teacher.model.named_parameters() if "lora_" in n}
+        save_file(lora, str(adapter_path))  # safetensors: the peer loads tensors, never a pickle
+        cmd = [
+            python,
+            str(ROOT / "bench" / "peers" / "bergson_driver.py"),
+            "--model", teacher.model_path,
+            "--rows", str(rows_path),
+            "--out", str(out_path),
+            "--grads-out", str(grads_path),
+            "--threads", str(torch.get_num_threads()),
+            "--width", str(args.proj_dim),
+            "--projection-target", mode,
+            "--token-batch-size", str(args.token_budget),
+            "--max-batch-size", str(args.max_rows),
+            "--precision", "fp32",
+            "--lora-r", str(teacher.cfg.lora_rank),
+            "--lora-alpha", str(teacher.cfg.alpha),
+            "--adapter", str(adapter_path),
+        ]  # fmt: skip
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.bergson_timeout)
+        except subprocess.TimeoutExpired:
+            return {"mode": mode, "error": f"not run to the end: over --bergson-timeout {args.bergson_timeout} s"}
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not out_path.exists():
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            return {"mode": mode, "error": f"driver failed (exit {proc.returncode}): {tail}"}
+        res = json.loads(out_path.read_text())
+        theirs = np.load(grads_path)
+    theirs = theirs / np.maximum(np.linalg.norm(theirs, axis=1, keepdims=True), 1e-30)
+    mine = np.stack([ours[i] for i in keys])
+    mine = mine / np.maximum(np.linalg.norm(mine, axis=1, keepdims=True), 1e-30)
+    off = ~np.eye(len(keys), dtype=bool)
+    cos_theirs, cos_mine = (theirs @ theirs.T)[off], (mine @ mine.T)[off]
+    res["mode"] = mode
+    res["subprocess_wall_s"] = wall
+    res["load_avg_1m_start"], res["load_avg_1m_end"] = load0, os.getloadavg()[0]  # the machine is shared
+    res["tokens_per_s"] = res["tokens"] / res["collect_s"]
+    res["agreement"] = {
+        "pairs": int(off.sum()),
+        "pearson_pairwise_cos": float(np.corrcoef(cos_theirs, cos_mine)[0, 1]),
+        "max_abs_diff_pairwise_cos": float(np.abs(cos_theirs - cos_mine).max()),
+    }
+    return res
 
 
 def main() -> None:
@@ -111,10 +205,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--with-reference", action="store_true", help="also time the authors' bs-1 method (fp32)")
     ap.add_argument("--bergson-python", default=None, help="interpreter with bergson installed (peer run)")
+    ap.add_argument(
+        "--bergson-modes", default="global", help="comma-separated Bergson projection targets: global, per_module"
+    )
+    ap.add_argument("--bergson-timeout", type=int, default=1800, help="seconds per Bergson run before it is abandoned")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "sketch.json"))
     args = ap.parse_args()
     n = args.samples or (12 if args.quick else 32)
+    modes = [m.strip() for m in args.bergson_modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"global", "per_module"}:
+        ap.error(f"--bergson-modes={args.bergson_modes!r}: expected global and/or per_module, comma-separated")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -214,7 +315,34 @@ def main() -> None:
         len(b) * len(accepted[keys[b[0]]].input_ids)
         for b in token_budget_batches([len(accepted[i].input_ids) for i in keys], args.token_budget, args.max_rows)
     )
-    peer = bergson_status(args.bergson_python)
+    bergson_version, peer = bergson_probe(args.bergson_python)
+    peer_runs = []
+    if bergson_version is not None:
+        for mode in modes:  # after ours, one at a time: the machine has 2 cores
+            peer_runs.append(
+                run_bergson(args.bergson_python, teacher, accepted, keys, sketches["fp32 token-budget"], mode, args)
+            )
+        ok = any("error" not in r for r in peer_runs)
+        peer = f"bergson {bergson_version} ran" if ok else f"bergson {bergson_version}: no figure (every run failed)"
+    auto_method = "bf16 token-budget" if native_bf16(torch.device("cpu")) else "fp32 token-budget"
+    side_by_side = []
+    for r in peer_runs:
+        if "error" in r:
+            continue
+        for label, method in (("fp32", "fp32 token-budget"), (f"auto ({by[auto_method]['precision']})", auto_method)):
+            side_by_side.append(
+                {
+                    "ours": f"{label} token-budget",
+                    "bergson": f"{r['mode']} (width {r['grad_dim']}, fp32)",
+                    "ours_tokens_per_s": by[method]["tokens_per_s"],
+                    "bergson_tokens_per_s": r["tokens_per_s"],
+                    "ratio": by[method]["tokens_per_s"] / r["tokens_per_s"],
+                    # CPU seconds (all threads) of the timed part: steadier than wall time on a shared machine
+                    "ratio_cpu_time": r["collect_cpu_s"] / by[method]["cpu_s"],
+                    "target": 3.0,
+                    "meets_target": by[method]["tokens_per_s"] / r["tokens_per_s"] >= 3.0,
+                }
+            )
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     print(
@@ -242,6 +370,31 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     print(f"peer Bergson: {peer}")
+    for r in peer_runs:
+        if "error" in r:
+            print(f"  {r['mode']}: no figure: {r['error']}")
+            continue
+        ag = r["agreement"]
+        print(
+            f"  {r['mode']}: {r['rows']} rows, {r['tokens']} tokens in {r['batches']} batches "
+            f"({r['padded_tokens']} padded), width {r['grad_dim']} over {r['lora_modules']} LoRA modules "
+            f"({r['lora_params']:,} params), threads {r['threads']}, torch {r['torch']}: load {r['load_s']:.1f} s, "
+            f"collect {r['collect_s']:.1f} s (cpu {r['collect_cpu_s']:.1f} s) = {r['tokens_per_s']:.1f} tokens/s "
+            f"(load avg {r['load_avg_1m_start']:.1f} -> {r['load_avg_1m_end']:.1f}); "
+            f"pairwise-cosine agreement with our sketches: Pearson {ag['pearson_pairwise_cos']:.4f}, "
+            f"max |diff| {ag['max_abs_diff_pairwise_cos']:.4f} over {ag['pairs']} pairs"
+        )
+    if peer_runs:
+        print("  configuration differences (ours vs Bergson):")
+        for d in BERGSON_DIFFERENCES:
+            print(f"  - {d}")
+    for row in side_by_side:
+        print(
+            f"ours {row['ours']} {row['ours_tokens_per_s']:.0f} tokens/s vs Bergson {row['bergson']} "
+            f"{row['bergson_tokens_per_s']:.1f} tokens/s: {row['ratio']:.1f}x "
+            f"(target >= {row['target']:.0f}x: {'met' if row['meets_target'] else 'MISSED'}; "
+            f"by CPU seconds {row['ratio_cpu_time']:.1f}x)"
+        )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +426,9 @@ def main() -> None:
                 "reps": args.reps,
                 "ratios": ratios,
                 "peer_bergson": peer,
+                "peer_bergson_runs": peer_runs,
+                "peer_bergson_differences": BERGSON_DIFFERENCES if peer_runs else [],
+                "side_by_side": side_by_side,
             },
             indent=2,
         )

@@ -19,7 +19,9 @@ from conftest import REPO
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 PYTHON = str(VENV_BIN / "python")  # absolute: the job's entrypoint must not depend on PATH (pitfall 4)
-EXCLUDES = {"excludes": [".git", ".venv", "runs", "data", "bench/out", ".pytest_cache", "*.egg-info"]}
+EXCLUDES = {
+    "excludes": [".git", ".venv", "bench/.peer-venv", "runs", "data", "bench/out", ".pytest_cache", "*.egg-info"]
+}
 
 
 def run(cmd: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
