@@ -42,11 +42,10 @@ lint: install
 
 # Every test (what CI runs). Tests marked `slow` use the real models, start their own Ray clusters or
 # processes, or run whole stages/jobs (tiny models); the rest is `make test-fast`.
-# `make test TEST_WORKERS=2` runs two pytest-xdist workers: much of a slow test is waiting (Ray, actor
-# and process start-up), which the other worker fills; tests/conftest.py makes the work units (whole
-# modules; the users of a costly session fixture together) and queues the slow ones first. Serial by
-# default until a full parallel run has been timed and seen stable on the 2-core CI machine.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers by default: much of a slow test is waiting (Ray, actor and process
+# start-up), which the other worker fills; tests/conftest.py makes the work units (whole modules; the
+# users of a costly session fixture together) and queues the slow ones first. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: install lint
 	$(BIN)/python -m pytest -q -x --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) tests
 
