@@ -68,7 +68,9 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--seed", type=int, default=0, help="torch seed set before the adapter is attached")
-    ap.add_argument("--adapter", default=None, help="torch.save'd {param name: tensor} of LoRA weights to load")
+    ap.add_argument(
+        "--adapter", default=None, help="safetensors file of {param name: tensor}: the LoRA weights to load"
+    )
     args = ap.parse_args()
 
     import torch
