@@ -126,11 +126,9 @@ def failed_on_files(batch: pa.Table, error: Exception) -> RuntimeError:
     return RuntimeError(f"{failure_marker('file', files)} {type(error).__name__}: {error}")
 
 
-def encoder_kwargs(job: JobConfig, model_dir: str, code_dtype: str, text_prefix: str, compute_dtype: str) -> dict:
-    """CodeEncoder's constructor arguments for this job, wherever it runs (actors or this process)."""
-    from pipeline.ray_runtime import plan_actors
-
-    plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, "encode")
+def encoder_kwargs(job: JobConfig, plan, model_dir: str, code_dtype: str, text_prefix: str, compute_dtype: str) -> dict:
+    """CodeEncoder's constructor arguments for this job and actor plan, wherever it runs (actors or
+    this process)."""
     return {
         "model_dir": model_dir,
         "max_len": job.encoder.max_len,
@@ -160,7 +158,7 @@ def encoded_dataset(
     from pipeline.ray_runtime import plan_actors
 
     plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, "encode")
-    kwargs = encoder_kwargs(job, model_dir, code_dtype, text_prefix, compute_dtype)
+    kwargs = encoder_kwargs(job, plan, model_dir, code_dtype, text_prefix, compute_dtype)
     return ds.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={**kwargs, "progress_counter": progress_counter},
@@ -214,11 +212,13 @@ def encode_small(
             job, ray.data.from_arrow(table), model_dir, code_dtype, text_prefix, stage, compute_dtype
         )
         return pa.concat_tables(list(stream))
+    from pipeline.ray_runtime import plan_actors
+
+    plan = plan_actors(job.encode.use_gpu, job.encode.num_actors, "encode")
+    kwargs = encoder_kwargs(job, plan, model_dir, code_dtype, text_prefix, compute_dtype)
     try:
         # The caller's torch thread count stays its own (None): this is its process, not an actor's.
-        encoder = CodeEncoder(
-            **{**encoder_kwargs(job, model_dir, code_dtype, text_prefix, compute_dtype), "torch_threads": None}
-        )
+        encoder = CodeEncoder(**{**kwargs, "torch_threads": None})
         return encoder(table)
     except Exception as e:  # noqa: BLE001 - a batch's failure already names its input files
         raise StageError(
@@ -252,7 +252,7 @@ def _precision_probe(
     trust_remote_code: bool,
     dtype: str,
     use_gpu: bool,
-    torch_threads: int,
+    torch_threads: Optional[int],
     rows: pa.Table,
     queries: pa.Table,
     prefix: str,
@@ -260,7 +260,7 @@ def _precision_probe(
     token_budget: int,
 ) -> dict[str, Any]:
     """Load the encoder on the actors' kind of device and run its precision gate: a Ray task for GPU
-    actors, a call in this process for CPU ones (its thread count is restored afterwards)."""
+    actors, a call in this process for CPU ones (`torch_threads` None: its thread count stays its own)."""
     import torch
 
     from pipeline.encoder import TextEncoder
@@ -268,26 +268,24 @@ def _precision_probe(
     from pipeline.models import local_model_dir
     from pipeline.textview import table_views
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)
-    try:
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        model_dir = local_model_dir(model_dir)  # a URI: this node's copy
-        enc = TextEncoder(model_dir, max_len, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
-        record = enc.choose_precision(
-            table_views(rows), table_views(queries, prefix=prefix), batch_size=batch_size, token_budget=token_budget
-        )
-        return {"native_bf16": native_bf16(enc.device_), **record}
-    finally:
-        torch.set_num_threads(threads)
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model_dir = local_model_dir(model_dir)  # a URI: this node's copy
+    enc = TextEncoder(model_dir, max_len, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    record = enc.choose_precision(
+        table_views(rows), table_views(queries, prefix=prefix), batch_size=batch_size, token_budget=token_budget
+    )
+    return {"native_bf16": native_bf16(enc.device_), **record}
 
 
 def choose_precision(job: JobConfig, model_dir: str, files: list) -> dict[str, Any]:
     """The precision of this encode run (`encode.dtype` resolved and gated), as a manifest record.
 
     `float32` asked for: no measurement. Otherwise a probe on the actors' kind of device (a Ray task
-    for GPU actors, this process for CPU ones) embeds a seeded corpus sample (`precision_sample`; its first PRECISION_QUERIES rows, with the anchor
-    prefix, act as queries) in both precisions; the record's `dtype` is what every actor then uses.
+    for GPU actors, this process for CPU ones) embeds a seeded corpus sample (`precision_sample`; its
+    first PRECISION_QUERIES rows, with the anchor prefix, act as queries) in both precisions; the
+    record's `dtype` is what every actor then uses.
     """
     from pipeline.ray_runtime import plan_actors
 
@@ -299,28 +297,17 @@ def choose_precision(job: JobConfig, model_dir: str, files: list) -> dict[str, A
     plan = plan_actors(cfg.use_gpu, cfg.num_actors, "encode")
     sample = precision_sample(job, files)
     nq = min(PRECISION_QUERIES, sample.num_rows // 4)
-    args = (
-        model_dir,
-        job.encoder.max_len,
-        job.encoder.trust_remote_code,
-        cfg.dtype,
-        plan.use_gpu,
-        plan.torch_threads,
-        sample.slice(nq),
-        sample.slice(0, nq),
-        job.encoder.anchor_prefix,
-        cfg.batch_size,
-        cfg.token_budget,
-    )
+    model = (model_dir, job.encoder.max_len, job.encoder.trust_remote_code, cfg.dtype, plan.use_gpu)
+    sample_args = (sample.slice(nq), sample.slice(0, nq), job.encoder.anchor_prefix, cfg.batch_size, cfg.token_budget)
     if plan.use_gpu:  # the actors' kind of device: a GPU worker
         probe = ray.remote(_precision_probe).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
         try:
-            record = ray.get(probe.remote(*args))
+            record = ray.get(probe.remote(*model, plan.torch_threads, *sample_args))
         except Exception as e:  # noqa: BLE001 - Ray wraps the task's error in its own types
             raise actor_failure("encode", e, [], kind="file") from e
     else:  # CPU actors: this process's CPU, without starting a worker only to load the model once more
         try:
-            record = _precision_probe(*args)
+            record = _precision_probe(*model, None, *sample_args)
         except Exception as e:  # noqa: BLE001 - any failure of the probe fails the stage, named
             raise StageError(f"encode: the precision probe failed: {type(e).__name__}: {e}") from e
     record = {"requested": cfg.dtype, **record}
