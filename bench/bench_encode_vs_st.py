@@ -126,6 +126,10 @@ def main() -> int:
     texts = t0_texts(args.rows)
     fp32 = TextEncoder(model_dir, args.max_len, dtype="float32")
     auto = TextEncoder(model_dir, args.max_len, dtype="auto")
+    if fp32.plain_model is not None:  # a blended export (fit.blend): SentenceTransformer loads one half
+        print("the export is blended (two transformers); both sides run its distilled half alone", flush=True)
+        fp32.drop_blend()
+        auto.drop_blend()
     tokens = int(sum(len(ids) for ids in fp32.features(texts)[0]["input_ids"]))
     params = matmul_params(fp32.model)
 

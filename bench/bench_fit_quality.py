@@ -96,6 +96,8 @@ RECIPES: dict[str, list[str]] = {
     "validated": ["fit.dropout=0", "fit.val_frac=0.25", "fit.restore_best=true"],
     "validated_no_interpolation": ["fit.dropout=0", "fit.val_frac=0.25", "fit.restore_best=true", "fit.interpolate=[]"],
     "no_dropout": ["fit.dropout=0"],
+    # The last epoch, blended in score space with the starting encoder at a weight chosen on validation.
+    "blend": ["fit.val_frac=0.25", "fit.blend=[0.1,0.2,0.3,0.4,0.5,0.6]"],
 }
 
 
@@ -168,6 +170,39 @@ def cached_curve(job, weights: str) -> dict:
     return curve
 
 
+def application_metrics(app_job, model_dirs: dict[str, str]) -> dict[str, dict[str, float]]:
+    """AUPRC (95 % bootstrap CI), Recall@10 and MRR of each encoder folder on `app_job`'s labelled
+    corpus and queries (what eval measures), and its AUPRC's paired difference from the plain
+    starting encoder's ("plain", as its users run it: plain texts). Blended exports load as blends."""
+    import pyarrow.compute as pcmp
+
+    from pipeline.encoder import TextEncoder
+    from pipeline.metrics import paired_difference
+    from pipeline.models import resolve_encoder
+    from pipeline.schema import LABEL, TEXT
+    from pipeline.stages import eval as ev
+    from pipeline.textview import table_views
+
+    rows, queries = ev._eval_rows(app_job), ev._queries(app_job)
+    labels = pcmp.fill_null(rows.column(LABEL).cast(pa.int64()), 0).to_numpy().astype(int)
+    ids = rows.column(ID).to_pylist()
+    dirs = {"plain": resolve_encoder(app_job.encoder.model), **model_dirs}  # plain first: the others pair with it
+    out, reps = {}, {}
+    for name, model_dir in dirs.items():
+        enc = TextEncoder(model_dir, app_job.encoder.max_len, dtype="auto")
+        if name == "plain":
+            q, r = queries.column(TEXT).to_pylist(), rows.column(TEXT).to_pylist()
+        else:
+            q, r = table_views(queries, app_job.encoder.anchor_prefix), table_views(rows)
+        scores = enc.embed(q, batch_size=32) @ enc.embed(r, batch_size=32).T
+        m, reps[name] = ev._application_metrics(scores, labels, ids, [10], app_job.seed)
+        out[name] = {k: m[k] for k in ("auprc", "auprc_ci", "recall@10", "mrr")}
+        if name != "plain":
+            out[name]["auprc_vs_plain"] = m["auprc"] - out["plain"]["auprc"]
+            out[name]["auprc_vs_plain_ci"] = paired_difference(reps[name], reps["plain"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -185,6 +220,12 @@ def main() -> None:
         "--interpolate",
         default="",
         help="also measure fixed weight-space mixes of the starting and exported encoders, e.g. 0.25,0.5,0.75",
+    )
+    ap.add_argument(
+        "--application",
+        default="",
+        help="a job YAML with a labelled corpus and queries (e.g. jobs/demo.yaml): also measure each "
+        "export's AUPRC, Recall@10 and MRR there, beside the plain starting encoder's",
     )
     ap.add_argument("--reuse", action="store_true", help="keep a (size, recipe, seed) fit that already finished")
     ap.add_argument(
@@ -246,6 +287,8 @@ def main() -> None:
                         "vs_untrained": exported.get("vs_untrained"),
                         "selected_epoch": m["selected_epoch"],
                         "interpolation_weight": m.get("interpolation_weight"),
+                        "blend_weight": m.get("blend_weight", 0.0),
+                        "run_dir": str(job.run_dir),
                         "last_epoch": m["epochs"][-1],
                         "timings": m["timings"],
                         "stage_wall_s": round(wall, 1),
@@ -256,7 +299,7 @@ def main() -> None:
                     f"n={n} {recipe} seed {seed}: agg {m['untrained']['spearman_aggregated']:+.3f} -> "
                     f"{exported['spearman_aggregated']:+.3f}, per-anchor {m['untrained']['spearman_per_anchor']:+.3f}"
                     f" -> {exported['spearman_per_anchor']:+.3f} (epoch {m['selected_epoch']}, "
-                    f"w {m.get('interpolation_weight')}, {wall:.0f} s); paired gain agg "
+                    f"w {m.get('interpolation_weight')}, blend {m.get('blend_weight', 0.0)}, {wall:.0f} s); paired gain agg "
                     f"{_gain_text(exported, 'spearman_aggregated')}, per-anchor {_gain_text(exported, 'spearman_per_anchor')}",
                     flush=True,
                 )
@@ -268,7 +311,7 @@ def main() -> None:
     print("held-out Spearman, mean ± 95 % t-interval over seeds (start = the plain starting encoder)")
     print(
         f"{'anchors x pool':>14} {'recipe':<17} {'agg start':>9} {'agg exported':>16} {'PA start':>9} "
-        f"{'PA exported':>16} {'epochs chosen':>14} {'seeds >/< start':>16}"
+        f"{'PA exported':>16} {'epochs chosen':>14} {'blends chosen':>16} {'seeds >/< start':>16}"
     )
     for n in sizes:
         for recipe in recipes:
@@ -281,6 +324,7 @@ def main() -> None:
                 f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} {rs[0]['untrained']['spearman_aggregated']:>+9.3f} "
                 f"{agg[0]:>+8.3f} ± {agg[1]:.3f} {rs[0]['untrained']['spearman_per_anchor']:>+9.3f} "
                 f"{pa_[0]:>+8.3f} ± {pa_[1]:.3f} {str([r['selected_epoch'] for r in rs]):>14} "
+                f"{str([r.get('blend_weight', 0.0) for r in rs]):>16} "
                 f"{_beyond_noise(rs, 'spearman_aggregated') + ' agg, ' + _beyond_noise(rs, 'spearman_per_anchor') + ' PA':>16}"
             )
     if args.interpolate:
@@ -299,6 +343,37 @@ def main() -> None:
                     p_ = t_interval([r["interpolation_heldout"][w]["spearman_per_anchor"] for r in rs])
                     cells.append(f"{a[0]:+.3f}±{a[1]:.3f}/{p_[0]:+.3f}")
                 print(f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} " + " ".join(f"{c:>21}" for c in cells))
+    if args.application:
+        app_job = load_job(args.application)
+        app = application_metrics(app_job, {r["run_dir"]: str(Path(r["run_dir"]) / "fit" / "encoder") for r in results})
+        for r in results:
+            r["application"] = app[r["run_dir"]]
+        plain = app["plain"]
+        print(
+            f"\napplication: {args.application} (labelled corpus and queries; AUPRC with its 95 % bootstrap CI and "
+            f"its paired difference from the plain encoder's, mean ± 95 % t-interval over seeds for the means)"
+        )
+        print(
+            f"  plain starting encoder: AUPRC {plain['auprc']:.3f} [{plain['auprc_ci'][0]:.3f}, "
+            f"{plain['auprc_ci'][1]:.3f}], Recall@10 {plain['recall@10']:.3f}, MRR {plain['mrr']:.3f}"
+        )
+        for n in sizes:
+            for recipe in recipes:
+                rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
+                if not rs:
+                    continue
+                au = t_interval([r["application"]["auprc"] for r in rs])
+                per_seed = ", ".join(
+                    f"{a['auprc']:.3f} ({a['auprc_vs_plain']:+.3f} [{a['auprc_vs_plain_ci'][0]:+.3f}, "
+                    f"{a['auprc_vs_plain_ci'][1]:+.3f}])"
+                    for a in (r["application"] for r in rs)
+                )
+                rec = t_interval([r["application"]["recall@10"] for r in rs])
+                mrr = t_interval([r["application"]["mrr"] for r in rs])
+                print(
+                    f"  {n:>3} {recipe:<10} AUPRC {au[0]:.3f} ± {au[1]:.3f}  Recall@10 {rec[0]:.3f}  MRR {mrr[0]:.3f}  "
+                    f"per seed (vs plain): {per_seed}"
+                )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(

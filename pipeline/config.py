@@ -267,6 +267,12 @@ class FitConfig:
     """Weights w tried between the starting encoder and the best epoch, (1 - w) * start + w * best
     (weight-space ensembling: keeps what the encoder knew while adding what the teacher taught);
     chosen on validation with w = 0 and w = 1 always candidates. [] disables."""
+    blend: list[float] = field(default_factory=list)
+    """Weights b of the starting encoder tried on the validation split in a score-space blend with the
+    distilled one: the codes become [sqrt(1 - b) * distilled, sqrt(b) * plain], so a score is
+    (1 - b) * distilled cosine + b * plain cosine, and b = 0 (the distilled encoder alone) is always a
+    candidate. A chosen b > 0 keeps what the starting encoder knew where the teacher agrees with it
+    and costs twice the code width and two forward passes per encoded row. Needs val_frac > 0."""
     num_workers: Optional[int] = None
     """Ray Train workers; default one per GPU, else 1 on small CPU clusters. It changes results, so it is
     part of fit's config hash: each worker takes one anchor block per optimiser step (DDP averages them),
@@ -298,6 +304,18 @@ class FitConfig:
         _fraction(self, "alpha")
         _fraction(self, "warmup_frac", "hard_ratio", "dropout", closed_right=False)
         _require(0.0 <= self.val_frac < 0.9, "val_frac", self.val_frac, "a number in [0, 0.9)")
+        _require(
+            all(isinstance(b, (int, float)) and 0.0 < b < 1.0 for b in self.blend),
+            "blend",
+            self.blend,
+            "a list of numbers in (0, 1)",
+        )
+        _require(
+            not (self.blend and self.val_frac == 0),
+            "blend",
+            self.blend,
+            "an empty list when val_frac is 0 (the blend weight is chosen on the validation split; set val_frac)",
+        )
         _require(
             not (self.restore_best and self.val_frac == 0),
             "restore_best",

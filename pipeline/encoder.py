@@ -16,6 +16,13 @@ Speed without changing what is computed beyond a measured tolerance (`embed`):
   against queries with float32's (per-query Spearman >= MIN_SPEARMAN, top-10 overlap >=
   MIN_TOPK_OVERLAP) and falls back to float32 on a miss.
 - SDPA attention where the architecture has it.
+
+A blended export (fit's `fit.blend`, chosen on validation) keeps the starting encoder beside the
+distilled one: the folder holds BLEND_FILE and the starting weights under BLEND_DIR, and the codes
+are [sqrt(1 - b) * distilled, sqrt(b) * plain], so a dot product of two codes is
+(1 - b) * distilled cosine + b * plain cosine (a score-space mix: what the starting encoder knew
+stays, what the teacher taught is added). Both halves share the tokenizer (the distilled model is a
+fine-tune of the plain one), so one tokenisation feeds both forward passes.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -32,7 +40,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from pipeline.batching import token_budget_batches
 from pipeline.hardware import autocast_dtype, encoder_autocast_bf16, precision_name
-from pipeline.models import model_fingerprint
+from pipeline.models import BLEND_DIR, BLEND_FILE, model_fingerprint
 from pipeline.textview import EncoderInput, PairView, text_views, tokenize_views, view_text  # noqa: F401
 
 log = logging.getLogger("influcoder.encode")
@@ -45,10 +53,33 @@ MIN_TOPK_OVERLAP = 0.9
 AGREEMENT_TOPK = 10
 
 
+def read_blend(model_dir: str) -> Optional[dict[str, Any]]:
+    """The blend record of an exported encoder folder, or None for a plain (unblended) model."""
+    path = os.path.join(model_dir, BLEND_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        blend = json.load(f)
+    weight = blend.get("plain_weight")
+    if not isinstance(weight, (int, float)) or not 0.0 < weight < 1.0:
+        raise ValueError(f"{path}: plain_weight must be a number in (0, 1), got {weight!r}")
+    return blend
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average of the token states that are not padding (pad states never leak into the mean)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def _load_model(model_dir: str, trust_remote_code: bool) -> torch.nn.Module:
+    """The float32 transformer of a folder, with SDPA attention where its architecture has it."""
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
+    try:
+        return AutoModel.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError) as e:  # an architecture without an SDPA path: its own default
+        log.info("encoder %s has no SDPA attention (%s); using its default kernel", model_dir, e)
+        return AutoModel.from_pretrained(model_dir, **kwargs)
 
 
 class TextEncoder(torch.nn.Module):
@@ -72,14 +103,16 @@ class TextEncoder(torch.nn.Module):
         self.model_dir = model_dir
         self.max_len = max_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
-        try:
-            self.model = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
-        except (ValueError, ImportError) as e:  # an architecture without an SDPA path: its own default
-            log.info("encoder %s has no SDPA attention (%s); using its default kernel", model_dir, e)
-            self.model = AutoModel.from_pretrained(model_dir, **kwargs)
+        self.model = _load_model(model_dir, trust_remote_code)
         self.device_ = torch.device(device)
         self.model.to(self.device_)
+        blend = read_blend(model_dir)
+        self.blend_weight = float(blend["plain_weight"]) if blend else 0.0
+        # Kept off the module tree (a plain attribute): fit's gradients and state dicts see only `model`.
+        self.__dict__["plain_model"] = None
+        if blend:
+            plain = _load_model(os.path.join(model_dir, blend.get("plain_dir", BLEND_DIR)), trust_remote_code)
+            self.__dict__["plain_model"] = plain.to(self.device_).eval()
         self.autocast_dtype = (
             (torch.bfloat16 if encoder_autocast_bf16(self.device_) else None)
             if dtype is None
@@ -88,7 +121,8 @@ class TextEncoder(torch.nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        """Code width: the hidden size, twice it for a blended export."""
+        return int(self.model.config.hidden_size) * (2 if self.plain_model is not None else 1)
 
     @property
     def precision(self) -> str:
@@ -137,7 +171,16 @@ class TextEncoder(torch.nn.Module):
         return self._forward_tokens(self.tokenize(texts)[0])
 
     def _forward_tokens(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(
+        codes = self._embed_with(self.model, enc)
+        if self.plain_model is None:
+            return codes
+        b = self.blend_weight
+        plain = self._embed_with(self.plain_model, enc)
+        return torch.cat([codes * (1.0 - b) ** 0.5, plain * b**0.5], dim=-1)
+
+    @staticmethod
+    def _embed_with(model, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(
             input_ids=enc["input_ids"],
             attention_mask=enc["attention_mask"],
             **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}),
@@ -221,12 +264,35 @@ class TextEncoder(torch.nn.Module):
                 record["reason"] = f"{wanted} ranks the sample unlike float32"
         return {**record, "dtype": self.precision, "agreement": agreement, "fell_back": not passed}
 
+    def blend_with(self, plain_model: torch.nn.Module, weight: float) -> None:
+        """Blend this encoder's codes with `plain_model`'s (the starting encoder; see the module doc)."""
+        if not 0.0 < weight < 1.0:
+            raise ValueError(f"blend weight must be in (0, 1), got {weight}")
+        self.__dict__["plain_model"] = plain_model.to(self.device_).eval()
+        self.blend_weight = float(weight)
+
+    def drop_blend(self) -> None:
+        """Embed with the distilled half alone (one transformer, as AutoModel and SentenceTransformer load it)."""
+        self.__dict__["plain_model"] = None
+        self.blend_weight = 0.0
+
     def save(self, out_dir: str) -> None:
-        """Export a folder that AutoModel and SentenceTransformer both load (safetensors only)."""
+        """Export a folder that AutoModel and SentenceTransformer both load (safetensors only).
+
+        A blended encoder also writes the starting encoder under BLEND_DIR and BLEND_FILE: AutoModel and
+        SentenceTransformer then load the distilled half only; `TextEncoder` loads the blend."""
         os.makedirs(out_dir, exist_ok=True)
+        blend_path = os.path.join(out_dir, BLEND_FILE)
+        if os.path.exists(blend_path):  # a stale blend from an earlier export into the same folder
+            os.remove(blend_path)
+            shutil.rmtree(os.path.join(out_dir, BLEND_DIR), ignore_errors=True)
+        if self.plain_model is not None:
+            self.plain_model.save_pretrained(os.path.join(out_dir, BLEND_DIR), safe_serialization=True)
+            with open(blend_path, "w") as f:
+                json.dump({"plain_weight": self.blend_weight, "plain_dir": BLEND_DIR}, f, indent=2)
         self.model.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
-        dim = self.dim
+        dim = int(self.model.config.hidden_size)  # the distilled half's (SentenceTransformer loads that)
         os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
         with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
             json.dump(

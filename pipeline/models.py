@@ -197,6 +197,10 @@ def check_model(name: str, key: str) -> None:
     )
 
 
+BLEND_FILE = "influcoder_blend.json"
+"""In an exported encoder folder: {"plain_weight": b, "plain_dir": BLEND_DIR}; the codes blend the
+distilled encoder with the starting one kept under BLEND_DIR (`pipeline.encoder`)."""
+BLEND_DIR = "plain"
 MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".bin", ".pt", ".gguf", ".txt", ".model"}
 _RACY_S = 2.0  # a file changed this recently may change again within the clock's granularity
 
@@ -215,6 +219,8 @@ def model_fingerprint(path_or_id: str) -> str:
             h.update(f.name.encode())
             h.update(str(f.stat().st_size).encode())
             h.update(_file_digest(f).encode())
+    if (p / BLEND_FILE).is_file():  # a blended export: its starting encoder is part of the model
+        h.update(model_fingerprint(str(p / BLEND_DIR)).encode())
     return h.hexdigest()[:16]
 
 

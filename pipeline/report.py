@@ -199,6 +199,23 @@ def _savefig(fig, path: str) -> None:
         fig.savefig(f, format="png", dpi=120)
 
 
+def export_text(fit_metrics: dict[str, Any]) -> str:
+    """What `influcoder` scores with: the fit's export, as fit/metrics.json records it."""
+    sel = fit_metrics.get("selected_epoch")
+    text = f"`influcoder` scores with the fit's export: epoch {sel} ({'the starting encoder' if sel == 0 else 'distilled'})"
+    w = fit_metrics.get("interpolation_weight", 1.0)
+    if w not in (None, 1.0):
+        text += f", weight-interpolated {w:.2f} of the way from the starting encoder"
+    b = fit_metrics.get("blend_weight") or 0.0
+    if b:
+        text += (
+            f"; its scores blend the distilled encoder's cosine with the plain starting encoder's at weight "
+            f"{b:.2f} for the plain one, chosen on the validation split (codes of twice the width, two forward "
+            "passes per row)"
+        )
+    return text + "."
+
+
 def write_report(
     job: JobConfig,
     metrics: dict[str, Any],
@@ -248,7 +265,7 @@ def write_report(
         "",
     ]
     lines += ["**Verdict.** " + " ".join(verdict_text(metrics.get("verdict", {}))), ""]
-    lines += [""]
+    lines += [export_text(fit_metrics), ""] if fit_metrics else [""]
     if ratio:
         lines += [
             f"Per scored sample, influcoder is **{ratio:.0f}×** faster than the gradient teacher on this machine "

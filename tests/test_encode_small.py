@@ -40,10 +40,20 @@ def _by_id(table):
     return table.take(pc.sort_indices(table, [(ID, "ascending")]))
 
 
-def test_in_process_equals_the_actors(tmp_path, fixture_corpora, tiny_encoder_dir, ray_local, monkeypatch) -> None:
-    job = _job(tmp_path, fixture_corpora, tiny_encoder_dir)
+@pytest.mark.parametrize("export", ["plain", "blended"])
+def test_in_process_equals_the_actors(
+    tmp_path, fixture_corpora, tiny_encoder_dir, ray_local, monkeypatch, export
+) -> None:
+    from tiny_models import build_blended_encoder
+
+    from pipeline.encoder import TextEncoder
+
+    model_dir = tiny_encoder_dir
+    if export == "blended":  # fit's score-space blend: the actors load both halves from the folder
+        model_dir = str(build_blended_encoder(tmp_path / "blended", tiny_encoder_dir, 0.3))
+    job = _job(tmp_path, fixture_corpora, model_dir)
     table = _queries(job)
-    args = (job, table, tiny_encoder_dir, "float32")
+    args = (job, table, model_dir, "float32")
     here = _by_id(shared_encode.encode_small(*args, text_prefix="q: ", stage="score"))
     monkeypatch.setattr(shared_encode, "IN_PROCESS_MAX_ROWS", 0)  # the same table through the actors
     actors = _by_id(shared_encode.encode_small(*args, text_prefix="q: ", stage="score"))
@@ -55,6 +65,7 @@ def test_in_process_equals_the_actors(tmp_path, fixture_corpora, tiny_encoder_di
     a, b = codes_from_arrow(here.column(CODE), "float32"), codes_from_arrow(actors.column(CODE), "float32")
     np.testing.assert_allclose(a, b, atol=1e-5)  # torch thread counts may differ between the processes
     assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-4)
+    assert a.shape[1] == TextEncoder(model_dir, 16).dim == (64 if export == "blended" else 32)
 
 
 def test_in_process_failure_is_a_stage_error_naming_the_file(tmp_path, fixture_corpora, tiny_encoder_dir) -> None:

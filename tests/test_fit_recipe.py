@@ -6,6 +6,8 @@ Real MiniLM tokenizer/weights where real behaviour is asserted (loading takes ~1
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -255,3 +257,50 @@ def test_verdict_reads_paired_cis_for_auprc_and_fidelity():
     # A CI straddling 0 is level, whichever way the point leans.
     results["influcoder"]["vs"]["untrained_encoder"]["heldout"]["spearman_aggregated_diff_ci"] = [-0.01, 0.07]
     assert verdict(results)["fidelity_vs_plain_encoder"]["influcoder_is"] == "level (within the noise)"
+
+
+# --------------------------------------------------------------------------- score-space blend
+
+
+def test_blended_export_scores_mix_the_two_encoders(tmp_path, tiny_encoder_dir):
+    """codes = [sqrt(1-b) distilled, sqrt(b) plain]: a code dot product is (1-b) cos_d + b cos_p."""
+    from tiny_models import build_blended_encoder
+    from transformers import AutoModel
+
+    from pipeline.encoder import BLEND_FILE, TextEncoder
+    from pipeline.models import model_fingerprint
+
+    folder = build_blended_encoder(tmp_path / "blend", tiny_encoder_dir, 0.3)
+    texts = ["one sentence", "another, longer sentence about cats", "Q: 2 + 2?\nA: 4", "x"]
+    blended = TextEncoder(str(folder), max_len=64, dtype="float32")
+    plain = TextEncoder(tiny_encoder_dir, max_len=64, dtype="float32").embed(texts)
+    codes = blended.embed(texts)
+    assert codes.shape == (4, 2 * plain.shape[1]) and blended.dim == codes.shape[1]
+    np.testing.assert_allclose(np.linalg.norm(codes, axis=1), 1.0, atol=1e-5)
+    # The folder's top level is the distilled half alone (what AutoModel and SentenceTransformer load).
+    half = TextEncoder(str(folder), max_len=64, dtype="float32")
+    half.drop_blend()
+    distilled = half.embed(texts)
+    assert np.abs(distilled - plain).max() > 1e-3  # the two halves differ
+    np.testing.assert_allclose(codes @ codes.T, 0.7 * distilled @ distilled.T + 0.3 * plain @ plain.T, atol=1e-5)
+    assert AutoModel.from_pretrained(folder).config.hidden_size == plain.shape[1]
+    # The kept starting encoder is part of the model's identity: changing it changes the fingerprint.
+    before = model_fingerprint(str(folder))
+    stored = json.loads((folder / BLEND_FILE).read_text())
+    (folder / BLEND_FILE).write_text(json.dumps({**stored, "plain_weight": 0.6}))
+    assert model_fingerprint(str(folder)) != before
+    # Re-exporting an unblended encoder into the folder drops the stale blend.
+    TextEncoder(tiny_encoder_dir, max_len=64).save(str(folder))
+    assert not (folder / BLEND_FILE).exists() and not (folder / "plain").exists()
+    assert TextEncoder(str(folder), max_len=64).dim == plain.shape[1]
+
+
+def test_blend_needs_a_validation_split_and_weights_in_the_open_unit_interval():
+    from pipeline.config import FitConfig, _FieldError
+
+    with pytest.raises(_FieldError, match="val_frac"):
+        FitConfig(blend=[0.3])
+    for bad in ([0.0], [1.0], [1.5], ["a"]):
+        with pytest.raises(_FieldError):
+            FitConfig(val_frac=0.25, blend=bad)
+    assert FitConfig(val_frac=0.25, blend=[0.2, 0.4]).blend == [0.2, 0.4]

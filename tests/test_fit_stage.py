@@ -240,7 +240,16 @@ def test_two_workers_reach_the_same_quality_band_and_restore_best(resumed_fit, s
     run_dir = _copy_run(sketched_run, tmp_path / "run")
     # Also exercises the validated recipe: the exported candidate (epoch 0 included, then weight
     # interpolations) is the best one on the validation split, never chosen on the held-out split.
-    job2 = _job(run_dir, num_workers=2, restore_best=True, val_frac=0.25, dropout=0.0, select_best_on="per_anchor")
+    # It also tries score-space blends with the starting encoder (fit.blend) on the same split.
+    job2 = _job(
+        run_dir,
+        num_workers=2,
+        restore_best=True,
+        val_frac=0.25,
+        dropout=0.0,
+        select_best_on="per_anchor",
+        blend=[0.3, 0.6],
+    )
     artifacts.run_stage(job2, "fit")
     one = json.loads((Path(job1.run_dir) / "fit" / "metrics.json").read_text())
     two = json.loads((run_dir / "fit" / "metrics.json").read_text())
@@ -254,6 +263,10 @@ def test_two_workers_reach_the_same_quality_band_and_restore_best(resumed_fit, s
     assert two["splits"]["val_anchors"] == 6 and two["splits"]["train_anchors"] == SIZES["train_anchors"] - 6
     chosen = max(two["candidates"], key=lambda c: c["validation"])
     assert two["interpolation_weight"] == chosen["weight"] and two["exported"]["validation"] == chosen["validation"]
+    assert sorted(c["blend"] for c in two["candidates"] if "blend" in c) == [0.3, 0.6]
+    assert two["blend_weight"] == chosen.get("blend", 0.0)
+    blend_file = run_dir / "fit" / "encoder" / "influcoder_blend.json"
+    assert blend_file.exists() == (two["blend_weight"] > 0)
     lo, hi = two["exported"]["spearman_aggregated_ci"]
     assert lo <= two["exported"]["spearman_aggregated"] <= hi
     # The two runs differ in recipe (one has no validation split, so 6 more train anchors): their

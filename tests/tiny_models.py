@@ -107,3 +107,23 @@ def randomise_lora_b(teacher, seed: int = 1) -> None:
         for name, p in teacher.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def build_blended_encoder(out: Path, plain_dir: str, weight: float, seed: int = 1) -> Path:
+    """A blended export as fit writes one (`fit.blend`): a perturbed copy of `plain_dir` as the
+    "distilled" half, `plain_dir`'s weights kept beside it, blend weight `weight`."""
+    import copy
+
+    import torch
+
+    from pipeline.encoder import TextEncoder
+
+    enc = TextEncoder(plain_dir, max_len=64)
+    plain = copy.deepcopy(enc.model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in enc.model.parameters():
+            p.add_(0.05 * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=gen))
+    enc.blend_with(plain, weight)
+    enc.save(str(out))
+    return out

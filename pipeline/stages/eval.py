@@ -390,6 +390,8 @@ def run(ctx: StageRun) -> None:
             "seconds": time.perf_counter() - t0,
             "precision": precision,
         }
+        if name == "influcoder":  # a blended export scores (1 - b) distilled + b plain cosine (fit.blend)
+            results[name]["blend_weight"] = ((ctx.upstream.get("fit") or {}).get("fit") or {}).get("blend_weight", 0.0)
     if "gradient" in methods:
         t0 = time.perf_counter()
         gq, gr, teacher = _gradient_method(ctx, rows, queries)
@@ -513,6 +515,12 @@ def _headline(out: dict[str, Any]) -> str:
             f"{r.get('ms_per_sample', float('nan')):>9.3f} {r.get('bytes_per_sample', 0):>7.0f}"
         )
     lines += verdict_text(out.get("verdict", {}))
+    blend = (out["methods"].get("influcoder") or {}).get("blend_weight")
+    if blend:
+        lines.append(
+            f"influcoder's scores blend the distilled encoder with the plain one, weight {blend:.2f} for the "
+            "plain one (chosen on fit's validation split)."
+        )
     ratio = out["speed"].get("influcoder_vs_gradient_ms_ratio")
     if ratio:
         lines.append(f"influcoder scores a sample {ratio:.0f}x faster than the gradient teacher.")

@@ -21,6 +21,7 @@ in `fit_worker.py`; this module plans the workers, runs the TorchTrainer and exp
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -157,6 +158,7 @@ def run(ctx: StageRun) -> None:
         "epochs": epochs,
         "selected_epoch": selected,
         "interpolation_weight": choice["weight"],
+        "blend_weight": choice["blend"],
         "candidates": choice["candidates"],
         "exported": choice["exported"],
         "restore_best": fit.restore_best,
@@ -178,6 +180,7 @@ def run(ctx: StageRun) -> None:
             "selected_epoch": selected,
             "restore_best": fit.restore_best,
             "interpolation_weight": choice["weight"],
+            "blend_weight": choice["blend"],
             "spearman_aggregated": exported["spearman_aggregated"],
             "spearman_aggregated_ci": exported["spearman_aggregated_ci"],
             "spearman_per_anchor": exported["spearman_per_anchor"],
@@ -194,6 +197,8 @@ def run(ctx: StageRun) -> None:
         if fit.restore_best
         else "the last epoch"
     )
+    if choice["blend"]:
+        how += f"; scores blended with the starting encoder's, weight {choice['blend']:.2f} (chosen on validation)"
     diff = exported["vs_untrained"]
     log.info(
         "fit: exported epoch %d (%s); held-out spearman aggregated %.3f %s, per-anchor %.3f "
@@ -224,8 +229,11 @@ def _choose_and_export(
     Candidates: the starting encoder (w = 0), the selected epoch (w = 1) and, with restore_best, the
     weight interpolations (1 - w) * start + w * selected for w in `fit.interpolate`. Interpolating in
     weight space keeps what the starting encoder knew while adding what the teacher taught, and
-    costs one forward pass of the validation split per w. Only the validation split chooses; the
-    held-out split is then measured once, on the exported encoder.
+    costs one forward pass of the validation split per w. With `fit.blend`, also the score-space
+    blends of the selected epoch with the starting encoder, (1 - b) * distilled + b * plain cosine
+    (`pipeline.encoder`): their validation scores are mixes of two predictions, computed once.
+    Only the validation split chooses; the held-out split is then measured once, on the exported
+    encoder.
     """
     import torch
     from safetensors.torch import load_file
@@ -254,11 +262,16 @@ def _choose_and_export(
                 else spearman_per_anchor(pred, data.val_truth)[0]
             )
             candidates.append({"weight": w, "validation": score})
-    # Ties go to the earlier candidate: the selected epoch, then the start, then larger weights.
+    if weights and fit.blend and data.val_anchors is not None:
+        candidates += _blend_candidates(enc, start, tuned, data, fit)
+    # Ties go to the earlier candidate: the selected epoch, then the start, then larger weights, then blends.
     chosen = max(candidates, key=lambda c: c["validation"] if c["validation"] is not None else -2.0)
+    blend = chosen.get("blend", 0.0)
     with torch.inference_mode():
         _load_mix(enc, start, tuned, 0.0)
         start_pred = encoder_scores(enc, data.eval_anchors, data.eval_pool, fit.embed_batch_size)
+        if blend:
+            enc.blend_with(copy.deepcopy(enc.model), blend)  # the starting weights, kept beside the tuned ones
         _load_mix(enc, start, tuned, chosen["weight"])
         pred = encoder_scores(enc, data.eval_anchors, data.eval_pool, fit.embed_batch_size)
     exported = spearman_with_ci(pred, data.ground_truth, seed=job.seed)
@@ -267,7 +280,31 @@ def _choose_and_export(
     # encoder toward the teacher beyond the noise of the split (the two marginal CIs overlap widely).
     exported["vs_untrained"] = fidelity_difference(pred, start_pred, data.ground_truth, seed=job.seed)
     _save_encoder(enc, out_dir)
-    return {"weight": chosen["weight"], "candidates": candidates, "exported": exported}
+    return {"weight": chosen["weight"], "blend": blend, "candidates": candidates, "exported": exported}
+
+
+def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit) -> list[dict[str, Any]]:
+    """Validation scores of (1 - b) * selected + b * starting encoder's cosines, b in `fit.blend`."""
+    import torch
+
+    from pipeline.metrics import spearman_aggregated, spearman_per_anchor
+    from pipeline.stages.fit_worker import encoder_scores
+
+    with torch.inference_mode():
+        _load_mix(enc, start, tuned, 0.0)
+        plain = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
+        _load_mix(enc, start, tuned, 1.0)
+        distilled = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
+    out = []
+    for b in sorted(fit.blend):
+        pred = (1.0 - b) * distilled + b * plain
+        score = (
+            spearman_aggregated(pred, data.val_truth)
+            if fit.select_best_on == "aggregated"
+            else spearman_per_anchor(pred, data.val_truth)[0]
+        )
+        out.append({"weight": 1.0, "blend": b, "validation": score})
+    return out
 
 
 def _load_mix(enc, start: dict, tuned: dict, weight: float) -> None:
