@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactMissingError, ConfigError
 
 log = logging.getLogger("influcoder.models")
 
@@ -201,6 +201,19 @@ BLEND_FILE = "influcoder_blend.json"
 """In an exported encoder folder: {"plain_weight": b, "plain_dir": BLEND_DIR}; the codes blend the
 distilled encoder with the starting one kept under BLEND_DIR (`pipeline.encoder`)."""
 BLEND_DIR = "plain"
+
+
+def code_dim(model_dir: str) -> int:
+    """Width of the codes an encoder folder gives: its hidden size, twice it for a blended export
+    (read from config.json alone, without loading the model)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    key = next((k for k in ("hidden_size", "dim", "d_model") if k in cfg), None)
+    if key is None:
+        raise ArtifactMissingError(f"{model_dir}/config.json has no hidden_size; cannot size the code column.")
+    return int(cfg[key]) * (2 if os.path.isfile(os.path.join(model_dir, BLEND_FILE)) else 1)
+
+
 MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".bin", ".pt", ".gguf", ".txt", ".model"}
 _RACY_S = 2.0  # a file changed this recently may change again within the clock's granularity
 

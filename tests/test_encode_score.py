@@ -212,6 +212,31 @@ def test_encode_incremental_then_score(tmp_path, tiny_encoder_dir, ray_local):
     assert ms8["lancedb"]["code_dtype"] == "int8"
 
 
+@pytest.mark.slow  # a whole stage run
+def test_blended_export_encodes_and_scores(tmp_path, tiny_encoder_dir, ray_local):
+    """A blended fit export (fit.blend): codes twice the width, scored like its own embeddings."""
+    from tiny_models import build_blended_encoder
+
+    job = load_job(data=make_job(tmp_path, tiny_encoder_dir, shards=1, rows_per_shard=40))
+    artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
+    artifacts.run_stage(
+        job,
+        "fit",
+        runner=lambda ctx: build_blended_encoder(Path(ctx.out_dir) / "encoder", tiny_encoder_dir, 0.4),
+    )
+    dim = 2 * encoder_dim(job)
+    m = artifacts.run_stage(job, "encode")
+    assert m["rows"]["in_table"] == 39 and m["bytes_per_row"] == 2 * dim
+    t = table_rows(job)
+    assert t.schema.field("code").type == pa.list_(pa.float16(), dim)
+    artifacts.run_stage(job, "score")
+    ref, _, ids = numpy_scores(job, t)  # the queries embedded by the blended encoder, in numpy
+    scores = pq.read_table(Path(job.run_dir) / "score" / "scores.parquet")
+    by_id = {i: k for k, i in enumerate(ids)}
+    rows = [by_id[i] for i in scores.column("id").to_pylist()]
+    np.testing.assert_allclose(scores.column("score").to_numpy(), ref[rows].mean(1), atol=1e-3)
+
+
 KILL_SCRIPT = """
 import json, sys, time
 from pipeline import artifacts

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from typing import Any, Iterator
 
@@ -53,7 +52,6 @@ from pipeline.codestore import (
 )
 from pipeline.artifacts import utc_now
 from pipeline.config import JobConfig, stable_hash
-from pipeline.errors import ArtifactMissingError
 from pipeline.schema import CODE, ID, REJECTS, ROW, SOURCE
 from pipeline.progress import Progress
 from pipeline.models import local_model_dir
@@ -83,18 +81,9 @@ RECALL_QUERIES, RECALL_K = 100, 10
 # --------------------------------------------------------------------------- stage helpers
 
 
-def encoder_dim(model_dir: str) -> int:
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    for key in ("hidden_size", "dim", "d_model"):
-        if key in cfg:
-            return int(cfg[key])
-    raise ArtifactMissingError(f"{model_dir}/config.json has no hidden_size; cannot size the code column.")
-
-
 def code_spec(job: JobConfig, model_dir: str) -> CodeSpec:
     """What the codes are: the encoder (weights + max_len), the text view of the corpus, the dtype."""
-    from pipeline.models import model_fingerprint
+    from pipeline.models import code_dim, model_fingerprint
 
     view = {
         k: getattr(job.corpus, k)
@@ -102,7 +91,7 @@ def code_spec(job: JobConfig, model_dir: str) -> CodeSpec:
     }
     return CodeSpec(
         encoder_fingerprint=f"{model_fingerprint(model_dir)}-len{job.encoder.max_len}-view{stable_hash(view)[:8]}",
-        dim=encoder_dim(model_dir),
+        dim=code_dim(model_dir),
         code_dtype=job.encode.code_dtype,
     )
 

@@ -4,7 +4,9 @@ Reads `sketch/anchors/*.parquet` and `sketch/pool/*.parquet`, trains `TextEncode
 block loss of `pipeline.distill` on the train split (train anchors x train pool), evaluates the
 held-out eval split (eval anchors x eval pool) after every epoch, and writes:
 
-- `fit/encoder/`: the exported encoder (loads with `AutoModel` and `SentenceTransformer`);
+- `fit/encoder/`: the exported encoder (loads with `AutoModel` and `SentenceTransformer`); when a
+  score-space blend with the starting encoder won on validation (`fit.blend`), also that encoder under
+  `plain/` and the blend weight in `influcoder_blend.json` (`TextEncoder` loads both halves);
 - `fit/metrics.json`: `untrained` (epoch 0) and per-epoch validation and held-out Spearman, the
   candidates compared on validation and the one exported (`exported`: its held-out Spearman with
   bootstrap 95 % CIs, beside the starting encoder's), split sizes, timings, truncation counts;
@@ -239,7 +241,7 @@ def _choose_and_export(
     from safetensors.torch import load_file
 
     from pipeline.encoder import TextEncoder
-    from pipeline.metrics import fidelity_difference, spearman_aggregated, spearman_per_anchor, spearman_with_ci
+    from pipeline.metrics import fidelity_difference, spearman_with_ci
     from pipeline.stages.fit_worker import encoder_scores
 
     fit = job.fit
@@ -256,12 +258,7 @@ def _choose_and_export(
         for w in sorted(fit.interpolate, reverse=True):
             _load_mix(enc, start, tuned, w)
             pred = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
-            score = (
-                spearman_aggregated(pred, data.val_truth)
-                if fit.select_best_on == "aggregated"
-                else spearman_per_anchor(pred, data.val_truth)[0]
-            )
-            candidates.append({"weight": w, "validation": score})
+            candidates.append({"weight": w, "validation": _validation_score(pred, data, fit)})
     if weights and fit.blend and data.val_anchors is not None:
         candidates += _blend_candidates(enc, start, tuned, data, fit)
     # Ties go to the earlier candidate: the selected epoch, then the start, then larger weights, then blends.
@@ -287,7 +284,6 @@ def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit) -> list
     """Validation scores of (1 - b) * selected + b * starting encoder's cosines, b in `fit.blend`."""
     import torch
 
-    from pipeline.metrics import spearman_aggregated, spearman_per_anchor
     from pipeline.stages.fit_worker import encoder_scores
 
     with torch.inference_mode():
@@ -295,16 +291,19 @@ def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit) -> list
         plain = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
         _load_mix(enc, start, tuned, 1.0)
         distilled = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
-    out = []
-    for b in sorted(fit.blend):
-        pred = (1.0 - b) * distilled + b * plain
-        score = (
-            spearman_aggregated(pred, data.val_truth)
-            if fit.select_best_on == "aggregated"
-            else spearman_per_anchor(pred, data.val_truth)[0]
-        )
-        out.append({"weight": 1.0, "blend": b, "validation": score})
-    return out
+    return [
+        {"weight": 1.0, "blend": b, "validation": _validation_score((1.0 - b) * distilled + b * plain, data, fit)}
+        for b in sorted(fit.blend)
+    ]
+
+
+def _validation_score(pred, data: FitData, fit) -> float:
+    """The validation Spearman that `fit.select_best_on` names (what every export candidate is chosen by)."""
+    from pipeline.metrics import spearman_aggregated, spearman_per_anchor
+
+    if fit.select_best_on == "aggregated":
+        return spearman_aggregated(pred, data.val_truth)
+    return spearman_per_anchor(pred, data.val_truth)[0]
 
 
 def _load_mix(enc, start: dict, tuned: dict, weight: float) -> None:
