@@ -56,7 +56,11 @@ def hash_order_key(seed: int, key: str) -> int:
 
 
 def write_parts(rows: list[dict[str, Any]], out_dir: str, rows_per_file: int = 10000) -> int:
-    """Write rows as part-XXXXX.parquet files (atomic per directory: temp dir, then rename)."""
+    """Write rows as part-XXXXX.parquet files (atomic per directory: temp dir, then rename).
+
+    An output that already holds the same bytes is left as it is: stages identify their input files
+    by size and modification time, so rewriting identical files would make a rerun of `make demo`
+    (which prepares first) recompute every finished stage."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -64,9 +68,23 @@ def write_parts(rows: list[dict[str, Any]], out_dir: str, rows_per_file: int = 1
         chunk = rows[i : i + rows_per_file]
         table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in OUT_SCHEMA} for r in chunk], schema=OUT_SCHEMA)
         pq.write_table(table, os.path.join(tmp, f"part-{i // rows_per_file:05d}.parquet"))
+    if _same_files(tmp, out_dir):
+        shutil.rmtree(tmp)
+        return len(rows)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.rename(tmp, out_dir)
     return len(rows)
+
+
+def _same_files(a: str, b: str) -> bool:
+    """Whether two folders hold the same file names with the same bytes."""
+    import filecmp
+
+    if not os.path.isdir(b) or sorted(os.listdir(a)) != sorted(os.listdir(b)):
+        return False
+    names = sorted(os.listdir(a))
+    match, _, _ = filecmp.cmpfiles(a, b, names, shallow=False)
+    return len(match) == len(names)
 
 
 # --------------------------------------------------------------------------- shared datasets

@@ -168,3 +168,25 @@ def test_status(tmp_path, capsys):
     assert main(["status", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "sketch  done" in out and "fit     not run" in out
+
+
+def test_preparing_the_same_rows_again_leaves_the_files_untouched(tmp_path):
+    """Stages identify input files by size and mtime: `make demo` prepares before every run, and
+    rewriting identical files made a rerun recompute every finished stage."""
+    from pipeline.prepare import write_parts
+
+    rows = [{"id": f"r{i}", "text": f"row {i}", "source": "s"} for i in range(25)]
+    out = tmp_path / "role"
+    write_parts(rows, str(out), rows_per_file=10)
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()}
+    assert len(before) == 3
+    write_parts(rows, str(out), rows_per_file=10)
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()} == before
+    assert not (tmp_path / "role.tmp").exists()
+    rows[7]["text"] = "changed"
+    write_parts(rows, str(out), rows_per_file=10)
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()}
+    assert after.keys() == before.keys() and after != before
+    import pyarrow.parquet as pq
+
+    assert "changed" in pq.read_table(out).column("text").to_pylist()
