@@ -44,6 +44,13 @@ def _state(ci: Optional[list[float]], better: str, worse: str) -> str:
     return better if ci and ci[0] > 0 else worse if ci and ci[1] < 0 else "level (within the noise)"
 
 
+def _fidelity_state(aggregated_ci: Optional[list[float]], per_anchor_ci: Optional[list[float]]) -> str:
+    """Both fidelity readings in words; one phrase when they agree."""
+    agg = _state(aggregated_ci, "more faithful", "less faithful")
+    per_anchor = _state(per_anchor_ci, "more faithful", "less faithful")
+    return agg if agg == per_anchor else f"{agg} on the aggregated ranking, {per_anchor} per anchor"
+
+
 def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Which method finds the label-1 rows best (AUPRC), how influcoder stands against the plain
     starting encoder and the best cheap method, and whether it is more faithful to the teacher than
@@ -60,7 +67,7 @@ def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "spearman_aggregated_diff_ci": ci,
             "spearman_per_anchor_diff": plain["spearman_per_anchor_diff"],
             "spearman_per_anchor_diff_ci": plain["spearman_per_anchor_diff_ci"],
-            "influcoder_is": _state(ci, "more faithful", "less faithful"),
+            "influcoder_is": _fidelity_state(ci, plain["spearman_per_anchor_diff_ci"]),
         }
     scored = {n: r for n, r in results.items() if r.get("auprc") is not None}
     if not scored:

@@ -381,7 +381,10 @@ def run(ctx: StageRun) -> None:
         )
         per_query[name] = q @ r.T
         heldout_pred[name] = qa @ pr.T
-        code_bytes = (ctx.upstream.get("encode") or {}).get("bytes_per_row") or dim * 2
+        # influcoder's codes are what encode stored; a plain encoder's would be float16 of its own width
+        # (a blended influcoder export is twice as wide as the plain encoder it started from).
+        stored = (ctx.upstream.get("encode") or {}).get("bytes_per_row") if name == "influcoder" else None
+        code_bytes = stored or dim * 2
         results[name] = {
             "heldout": _fidelity(qa @ pr.T, heldout_gt, seed),
             "ms_per_sample": ms,
