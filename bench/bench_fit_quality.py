@@ -101,6 +101,15 @@ RECIPES: dict[str, list[str]] = {
 }
 
 
+def by_size_and_recipe(results: list[dict], sizes: list[int], recipes: list[str]):
+    """(train size, recipe, that cell's runs over seeds), in the order asked, cells without runs skipped."""
+    for n in sizes:
+        for recipe in recipes:
+            rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
+            if rs:
+                yield n, recipe, rs
+
+
 def t_interval(values: list[float]) -> tuple[float, float]:
     """Mean and 95 % t half-width over seeds (0 for a single seed)."""
     x = np.asarray(values, dtype=np.float64)
@@ -313,36 +322,28 @@ def main() -> None:
         f"{'anchors x pool':>14} {'recipe':<17} {'agg start':>9} {'agg exported':>16} {'PA start':>9} "
         f"{'PA exported':>16} {'epochs chosen':>14} {'blends chosen':>16} {'seeds >/< start':>16}"
     )
-    for n in sizes:
-        for recipe in recipes:
-            rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
-            if not rs:
-                continue
-            agg = t_interval([r["exported"]["spearman_aggregated"] for r in rs])
-            pa_ = t_interval([r["exported"]["spearman_per_anchor"] for r in rs])
-            print(
-                f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} {rs[0]['untrained']['spearman_aggregated']:>+9.3f} "
-                f"{agg[0]:>+8.3f} ± {agg[1]:.3f} {rs[0]['untrained']['spearman_per_anchor']:>+9.3f} "
-                f"{pa_[0]:>+8.3f} ± {pa_[1]:.3f} {str([r['selected_epoch'] for r in rs]):>14} "
-                f"{str([r.get('blend_weight', 0.0) for r in rs]):>16} "
-                f"{_beyond_noise(rs, 'spearman_aggregated') + ' agg, ' + _beyond_noise(rs, 'spearman_per_anchor') + ' PA':>16}"
-            )
+    for n, recipe, rs in by_size_and_recipe(results, sizes, recipes):
+        agg = t_interval([r["exported"]["spearman_aggregated"] for r in rs])
+        pa_ = t_interval([r["exported"]["spearman_per_anchor"] for r in rs])
+        print(
+            f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} {rs[0]['untrained']['spearman_aggregated']:>+9.3f} "
+            f"{agg[0]:>+8.3f} ± {agg[1]:.3f} {rs[0]['untrained']['spearman_per_anchor']:>+9.3f} "
+            f"{pa_[0]:>+8.3f} ± {pa_[1]:.3f} {str([r['selected_epoch'] for r in rs]):>14} "
+            f"{str([r.get('blend_weight', 0.0) for r in rs]):>16} "
+            f"{_beyond_noise(rs, 'spearman_aggregated') + ' agg, ' + _beyond_noise(rs, 'spearman_per_anchor') + ' PA':>16}"
+        )
     if args.interpolate:
         ws = sorted(results[0]["interpolation_heldout"], key=float)
         print("\nfixed weight-space mixes (1 - w) * start + w * exported, held-out aggregated / per-anchor Spearman,")
         print("mean ± 95 % t-interval over seeds (w = 0: the starting encoder, w = 1: the exported one)")
         print(f"{'anchors x pool':>14} {'recipe':<17} " + " ".join(f"{'w=' + w:>21}" for w in ws))
-        for n in sizes:
-            for recipe in recipes:
-                rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
-                if not rs:
-                    continue
-                cells = []
-                for w in ws:
-                    a = t_interval([r["interpolation_heldout"][w]["spearman_aggregated"] for r in rs])
-                    p_ = t_interval([r["interpolation_heldout"][w]["spearman_per_anchor"] for r in rs])
-                    cells.append(f"{a[0]:+.3f}±{a[1]:.3f}/{p_[0]:+.3f}")
-                print(f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} " + " ".join(f"{c:>21}" for c in cells))
+        for n, recipe, rs in by_size_and_recipe(results, sizes, recipes):
+            cells = []
+            for w in ws:
+                a = t_interval([r["interpolation_heldout"][w]["spearman_aggregated"] for r in rs])
+                p_ = t_interval([r["interpolation_heldout"][w]["spearman_per_anchor"] for r in rs])
+                cells.append(f"{a[0]:+.3f}±{a[1]:.3f}/{p_[0]:+.3f}")
+            print(f"{n:>5} x {rs[0]['train_pool']:<6} {recipe:<17} " + " ".join(f"{c:>21}" for c in cells))
     if args.application:
         app_job = load_job(args.application)
         app = application_metrics(app_job, {r["run_dir"]: str(Path(r["run_dir"]) / "fit" / "encoder") for r in results})
@@ -357,23 +358,19 @@ def main() -> None:
             f"  plain starting encoder: AUPRC {plain['auprc']:.3f} [{plain['auprc_ci'][0]:.3f}, "
             f"{plain['auprc_ci'][1]:.3f}], Recall@10 {plain['recall@10']:.3f}, MRR {plain['mrr']:.3f}"
         )
-        for n in sizes:
-            for recipe in recipes:
-                rs = [r for r in results if r["train_anchors"] == n and r["recipe"] == recipe]
-                if not rs:
-                    continue
-                au = t_interval([r["application"]["auprc"] for r in rs])
-                per_seed = ", ".join(
-                    f"{a['auprc']:.3f} ({a['auprc_vs_plain']:+.3f} [{a['auprc_vs_plain_ci'][0]:+.3f}, "
-                    f"{a['auprc_vs_plain_ci'][1]:+.3f}])"
-                    for a in (r["application"] for r in rs)
-                )
-                rec = t_interval([r["application"]["recall@10"] for r in rs])
-                mrr = t_interval([r["application"]["mrr"] for r in rs])
-                print(
-                    f"  {n:>3} {recipe:<10} AUPRC {au[0]:.3f} ± {au[1]:.3f}  Recall@10 {rec[0]:.3f}  MRR {mrr[0]:.3f}  "
-                    f"per seed (vs plain): {per_seed}"
-                )
+        for n, recipe, rs in by_size_and_recipe(results, sizes, recipes):
+            au = t_interval([r["application"]["auprc"] for r in rs])
+            per_seed = ", ".join(
+                f"{a['auprc']:.3f} ({a['auprc_vs_plain']:+.3f} [{a['auprc_vs_plain_ci'][0]:+.3f}, "
+                f"{a['auprc_vs_plain_ci'][1]:+.3f}])"
+                for a in (r["application"] for r in rs)
+            )
+            rec = t_interval([r["application"]["recall@10"] for r in rs])
+            mrr = t_interval([r["application"]["mrr"] for r in rs])
+            print(
+                f"  {n:>3} {recipe:<10} AUPRC {au[0]:.3f} ± {au[1]:.3f}  Recall@10 {rec[0]:.3f}  MRR {mrr[0]:.3f}  "
+                f"per seed (vs plain): {per_seed}"
+            )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(
