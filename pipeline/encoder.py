@@ -63,6 +63,8 @@ def read_blend(model_dir: str) -> Optional[dict[str, Any]]:
     weight = blend.get("plain_weight")
     if not isinstance(weight, (int, float)) or not 0.0 < weight < 1.0:
         raise ValueError(f"{path}: plain_weight must be a number in (0, 1), got {weight!r}")
+    if blend.get("plain_dir", BLEND_DIR) != BLEND_DIR:  # the kept encoder lives inside the export, nowhere else
+        raise ValueError(f"{path}: plain_dir must be {BLEND_DIR!r}, got {blend.get('plain_dir')!r}")
     return blend
 
 
@@ -111,7 +113,7 @@ class TextEncoder(torch.nn.Module):
         # Kept off the module tree (a plain attribute): fit's gradients and state dicts see only `model`.
         self.__dict__["plain_model"] = None
         if blend:
-            plain = _load_model(os.path.join(model_dir, blend.get("plain_dir", BLEND_DIR)), trust_remote_code)
+            plain = _load_model(os.path.join(model_dir, BLEND_DIR), trust_remote_code)
             self.__dict__["plain_model"] = plain.to(self.device_).eval()
         self.autocast_dtype = (
             (torch.bfloat16 if encoder_autocast_bf16(self.device_) else None)

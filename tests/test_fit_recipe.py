@@ -295,6 +295,10 @@ def test_blended_export_scores_mix_the_two_encoders(tmp_path, tiny_encoder_dir):
     stored = json.loads((folder / BLEND_FILE).read_text())
     (folder / BLEND_FILE).write_text(json.dumps({**stored, "plain_weight": 0.6}))
     assert model_fingerprint(str(folder)) != before
+    # The kept encoder is read from inside the export only.
+    (folder / BLEND_FILE).write_text(json.dumps({**stored, "plain_dir": "../elsewhere"}))
+    with pytest.raises(ValueError, match="plain_dir"):
+        TextEncoder(str(folder), max_len=64)
     # Re-exporting an unblended encoder into the folder drops the stale blend.
     TextEncoder(tiny_encoder_dir, max_len=64).save(str(folder))
     assert not (folder / BLEND_FILE).exists() and not (folder / "plain").exists()
