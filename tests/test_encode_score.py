@@ -270,21 +270,26 @@ def test_encode_resumes_after_kill(tmp_path, tiny_encoder_dir, ray_local):
     job = load_job(data=data)
     fake_upstream(job)
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, json.dumps(data)],
-        cwd=str(REPO),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log_path = tmp_path / "encode_subprocess.log"  # kept for the failure message: a dead subprocess says why
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILL_SCRIPT, json.dumps(data)],
+            cwd=str(REPO),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         # A guard against a hang, not a speed check: the loop ends at the first committed rows. The
         # subprocess starts its own Ray and actor, which `make test`'s second xdist worker slows down.
         deadline = time.time() + 300
         while _count(job) == 0 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert proc.poll() is None, "the encode subprocess ended before the test could kill it"
+        assert proc.poll() is None, (
+            f"the encode subprocess ended (rc {proc.returncode}) before the test could kill it; its output ends:\n"
+            + log_path.read_text(errors="replace")[-3000:]
+        )
         assert _count(job) > 0
     finally:
         # SIGKILL the subprocess's whole session (its driver and the Ray it started): a hard crash.
