@@ -109,12 +109,10 @@ class TextEncoder(torch.nn.Module):
         self.device_ = torch.device(device)
         self.model.to(self.device_)
         blend = read_blend(model_dir)
-        self.blend_weight = float(blend["plain_weight"]) if blend else 0.0
-        # Kept off the module tree (a plain attribute): fit's gradients and state dicts see only `model`.
-        self.__dict__["plain_model"] = None
+        self._set_plain(None, 0.0)
         if blend:
             plain = _load_model(os.path.join(model_dir, BLEND_DIR), trust_remote_code)
-            self.__dict__["plain_model"] = plain.to(self.device_).eval()
+            self._set_plain(plain, float(blend["plain_weight"]))
         self.autocast_dtype = (
             (torch.bfloat16 if encoder_autocast_bf16(self.device_) else None)
             if dtype is None
@@ -270,13 +268,17 @@ class TextEncoder(torch.nn.Module):
         """Blend this encoder's codes with `plain_model`'s (the starting encoder; see the module doc)."""
         if not 0.0 < weight < 1.0:
             raise ValueError(f"blend weight must be in (0, 1), got {weight}")
-        self.__dict__["plain_model"] = plain_model.to(self.device_).eval()
-        self.blend_weight = float(weight)
+        self._set_plain(plain_model, weight)
 
     def drop_blend(self) -> None:
         """Embed with the distilled half alone (one transformer, as AutoModel and SentenceTransformer load it)."""
-        self.__dict__["plain_model"] = None
-        self.blend_weight = 0.0
+        self._set_plain(None, 0.0)
+
+    def _set_plain(self, plain_model: Optional[torch.nn.Module], weight: float) -> None:
+        # Kept off the module tree (set through __dict__, not registered as a submodule): fit's
+        # gradients and state dicts see only `model`.
+        self.__dict__["plain_model"] = None if plain_model is None else plain_model.to(self.device_).eval()
+        self.blend_weight = float(weight)
 
     def save(self, out_dir: str) -> None:
         """Export a folder that AutoModel and SentenceTransformer both load (safetensors only).

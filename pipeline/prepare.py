@@ -80,9 +80,9 @@ def _same_files(a: str, b: str) -> bool:
     """Whether two folders hold the same file names with the same bytes."""
     import filecmp
 
-    if not os.path.isdir(b) or sorted(os.listdir(a)) != sorted(os.listdir(b)):
-        return False
     names = sorted(os.listdir(a))
+    if not os.path.isdir(b) or names != sorted(os.listdir(b)):
+        return False
     match, _, _ = filecmp.cmpfiles(a, b, names, shallow=False)
     return len(match) == len(names)
 
