@@ -1,10 +1,10 @@
 """The teacher re-rank cascade (score.rerank_top) and the score stage's fidelity gate.
 
 - pipeline/cascade.py (pure numpy): checked against brute-force Python sorts on seeded random data.
-- The score stage end to end on a tiny GSM8K corpus (`slow`): local Ray, real MiniLM (encode), real
-  LanceDB, the real SmolLM2 teacher (short max_len), checked against the teacher run directly. The
-  fit stage is a stand-in that exports the offline MiniLM and writes a fit/metrics.json, so
-  manifests and identities are the real ones.
+- The score stage end to end on a tiny GSM8K corpus (`slow`): local Ray, real LanceDB, the tiny
+  random teacher and encoder built from configs (the stage's logic is under test, not the models),
+  checked against the teacher run directly. The fit stage is a stand-in that exports the tiny encoder
+  and writes a fit/metrics.json, so manifests and identities are the real ones.
 - eval's cascade block on synthetic scores, and the whole job with the cascade on the fixture
   corpora with the tiny models (`tiny_job`).
 """
@@ -224,7 +224,7 @@ def _gsm8k(shared_data: Path, split: str, n: int) -> list[dict]:
         return [json.loads(line) for line in f.readlines()[:n]]
 
 
-def _cascade_job(tmp: Path, shared_data: Path, n_rows: int, n_queries: int) -> dict:
+def _cascade_job(tmp: Path, shared_data: Path, n_rows: int, n_queries: int, teacher: str, encoder: str) -> dict:
     corpus = tmp / "corpus"
     corpus.mkdir(parents=True)
     rows = [{**r, "rid": f"row{i:03d}"} for i, r in enumerate(_gsm8k(shared_data, "train", n_rows))]
@@ -239,9 +239,9 @@ def _cascade_job(tmp: Path, shared_data: Path, n_rows: int, n_queries: int) -> d
         "run_dir": str(tmp / "run"),
         "corpus": {"path": str(corpus), "id_column": "rid", **mapping},
         "anchors": {"path": str(tmp / "queries"), **mapping},
-        "teacher": {"model": "smollm2-135m-instruct", "max_len": 48},
+        "teacher": {"model": teacher, "max_len": 48},
         "sketch": {"batch_size": 4, "proj_dim": 1024, "rows_per_shard": 4},
-        "encoder": {"model": "all-minilm-l6-v2", "max_len": MAX_LEN},
+        "encoder": {"model": encoder, "max_len": MAX_LEN},
         "encode": {"batch_size": 32, "index": "none"},
         "score": {"queries": {"path": str(tmp / "queries"), "id_column": "qid", **mapping}, "top_k": 3},
         "ray": {"num_cpus": 2},
@@ -249,12 +249,11 @@ def _cascade_job(tmp: Path, shared_data: Path, n_rows: int, n_queries: int) -> d
 
 
 def _fake_upstream(job, fit_metrics: dict) -> None:
-    """sketch: an empty stage; fit: the offline MiniLM exported as the 'fitted' encoder + metrics.json."""
+    """sketch: an empty stage; fit: the job's starting encoder exported as the 'fitted' one + metrics.json."""
     from pipeline.encoder import TextEncoder
-    from pipeline.models import resolve_encoder
 
     def fit(ctx):
-        TextEncoder(resolve_encoder("all-minilm-l6-v2"), MAX_LEN).save(os.path.join(ctx.out_dir, "encoder"))
+        TextEncoder(job.encoder.model, MAX_LEN).save(os.path.join(ctx.out_dir, "encoder"))
         Path(ctx.out_dir, "metrics.json").write_text(json.dumps(fit_metrics))
 
     artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
@@ -276,9 +275,13 @@ def _teacher(job):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_score_cascade_reranks_the_top_rows_by_the_teacher(tmp_path, shared_data, ray_local):
+def test_score_cascade_reranks_the_top_rows_by_the_teacher(
+    tmp_path, shared_data, tiny_teacher_dir, tiny_encoder_dir, ray_local
+):
     n, k = 24, 6
-    data = _cascade_job(tmp_path, shared_data, n_rows=n, n_queries=3)
+    data = _cascade_job(
+        tmp_path, shared_data, n_rows=n, n_queries=3, teacher=tiny_teacher_dir, encoder=tiny_encoder_dir
+    )
     data["score"].update(rerank_top=k, select_top_frac=0.125)  # selects ceil(3) rows: inside the block
     job = load_job(data=data)
     _fake_upstream(
@@ -331,13 +334,15 @@ def test_score_cascade_reranks_the_top_rows_by_the_teacher(tmp_path, shared_data
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_cascade_teacher_shards_resume(tmp_path, shared_data, ray_local):
+def test_cascade_teacher_shards_resume(tmp_path, shared_data, tiny_teacher_dir, tiny_encoder_dir, ray_local):
     """A shard file with the expected ids is reused as is (a crash does not redo it); one with other
     ids (another shard size, another block) is recomputed."""
     from pipeline.schema import ID, SKETCH
     from pipeline.stages.shared_teacher import teacher_sketch_groups
 
-    data = _cascade_job(tmp_path, shared_data, n_rows=6, n_queries=1)
+    data = _cascade_job(
+        tmp_path, shared_data, n_rows=6, n_queries=1, teacher=tiny_teacher_dir, encoder=tiny_encoder_dir
+    )
     job = load_job(data=data)
     recs = [
         {

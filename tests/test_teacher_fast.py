@@ -3,8 +3,8 @@
 - token-budget batching: the packing itself (pure), and sketches that do not depend on it;
 - bf16 compute (autocast forward/backward, fp32 head/loss/per-sample products/sketch): per-row
   cosine with the CountSketch of the fp32 batch-size-1 reference gradient >= 0.999;
-- the sketch stage on both precisions: shard/worker/batching invariance, the precision recorded in
-  the manifest, and the precision gate failing the stage (naming rows and the fix) on a miss.
+- the sketch stage on both precisions (shard/worker/batching invariance, the precision recorded, the
+  gate failing the stage on a miss) is in test_sketch_stage.py.
 
 Tiny random Llama (tests/tiny_models.py via conftest's `tiny_teacher_dir`) for all but one check;
 the real SmolLM2 check is marked `slow`.
@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tiny_models import randomise_lora_b  # noqa: E402
 
 from pipeline.config import TeacherConfig  # noqa: E402
-from pipeline.errors import ConfigError, StageError  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.sketching import l2_normalize  # noqa: E402
 from pipeline.teacher import (
     TeacherSketcher,
@@ -169,93 +169,6 @@ def test_precision_check_names_the_rows_that_miss(reference) -> None:
     nan = reference.copy()
     nan[0] = np.nan
     assert precision_check(nan, reference, ids)["failed"][0] == "r0"  # NaN never passes
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def _stage_sketches(run_dir: str) -> dict[str, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    out = {}
-    for role in ("anchors", "pool"):
-        t = pq.read_table(f"{run_dir}/sketch/{role}")
-        mat = np.asarray(t.column("sketch").combine_chunks().flatten()).reshape(t.num_rows, -1)
-        out.update({f"{role}/{i}": v for i, v in zip(t.column("id").to_pylist(), mat)})
-    return out
-
-
-@pytest.fixture(scope="module")
-def stage_runs(tmp_path_factory, fixture_corpora, tiny_teacher_dir, ray_local) -> dict[str, tuple[dict, dict]]:
-    """The sketch stage in both precisions, plus each with other shards, batches and actors."""
-    from pipeline.artifacts import run_stage
-    from pipeline.config import load_job
-
-    base = tmp_path_factory.mktemp("fast_sketch")
-    tox = fixture_corpora
-    runs = {}
-    for dtype in PRECISIONS:
-        for layout, sketch in {
-            "a": {"batch_size": 64, "token_budget": 512, "rows_per_shard": 8, "num_actors": 1},
-            "b": {"batch_size": 1, "rows_per_shard": 5, "num_actors": 2},
-        }.items():
-            data = {
-                "run_dir": str(base / f"{dtype}-{layout}"),
-                "seed": 0,
-                "anchors": {"path": str(tox / "anchors"), "id_column": "id", "encoder_text_column": "text"},
-                "pool": {"path": str(tox / "pool"), "id_column": "id", "encoder_text_column": "text"},
-                "corpus": {"path": str(tox / "corpus"), "id_column": "id", "encoder_text_column": "text"},
-                "teacher": {"model": tiny_teacher_dir, "max_len": 48, "dtype": dtype},
-                "sketch": {
-                    "proj_dim": 1024,
-                    "train_anchors": 6,
-                    "train_pool": 8,
-                    "eval_anchors": 2,
-                    "eval_pool": 4,
-                    "fidelity_samples": 4,
-                    **sketch,
-                },
-                "ray": {"num_cpus": 2},
-            }
-            runs[f"{dtype}-{layout}"] = (data, run_stage(load_job(data=data), "sketch"))
-    return runs
-
-
-@pytest.mark.slow  # a whole stage or job run
-@pytest.mark.parametrize("dtype", PRECISIONS)
-def test_stage_is_invariant_to_shards_batches_and_workers(stage_runs, dtype: str) -> None:
-    a = _stage_sketches(stage_runs[f"{dtype}-a"][0]["run_dir"])
-    b = _stage_sketches(stage_runs[f"{dtype}-b"][0]["run_dir"])
-    assert a.keys() == b.keys() and len(a) == 20
-    cos = [float(a[k] @ b[k]) for k in a]
-    assert min(cos) >= 0.9999, min(cos)
-
-
-@pytest.mark.slow  # a whole stage or job run
-@pytest.mark.parametrize("dtype", PRECISIONS)
-def test_stage_records_precision_and_passes_the_gate(stage_runs, dtype: str) -> None:
-    data, _ = stage_runs[f"{dtype}-a"]
-    m = json.loads(open(f"{data['run_dir']}/sketch/manifest.json").read())
-    prec = m["precision"]
-    assert prec["requested"] == dtype and prec["compute"] == [dtype] and prec["accumulate"] == "float32"
-    assert prec["token_budget"] == 512
-    gate = prec["gate"]
-    assert gate["rows"] == 4 and gate["passed"] and gate["min"] >= 0.999 and len(gate["cosines"]) == 4
-    assert m["fidelity"]["precision_gate"] == gate
-
-
-@pytest.mark.slow  # a whole stage or job run
-def test_stage_fails_when_the_gate_misses(stage_runs, tmp_path) -> None:
-    """bf16 never reproduces fp32 exactly, so a pass mark of 1.0 must fail, naming rows and the fix."""
-    from pipeline.artifacts import run_stage
-    from pipeline.config import load_job
-
-    data = json.loads(json.dumps(stage_runs["bfloat16-a"][0]))
-    data["run_dir"] = str(tmp_path / "strict")
-    data["sketch"]["fidelity_min_cos"] = 1.0
-    with pytest.raises(StageError, match=r"precision gate failed.*teacher\.dtype=float32") as err:
-        run_stage(load_job(data=data), "sketch")
-    assert "bfloat16" in str(err.value) and "fidelity_min_cos=1.0" in str(err.value)
 
 
 # --------------------------------------------------------------------------- the real teacher
