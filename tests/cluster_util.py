@@ -1,4 +1,4 @@
-"""Helpers of the two-node cluster tests (test_multinode.py: a shared disk; test_multinode_s3.py: none):
+"""Helpers of the two-node cluster test (test_multinode.py: one job on a shared disk, one without):
 the tools' paths, the shrunken tiny job, and starting a head + worker pair with `ray start`.
 
 Every process started here carries the caller's proc_util tag in its environment; the caller kills

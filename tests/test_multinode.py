@@ -1,12 +1,20 @@
-"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`), token
-auth on, a job submitted with `ray job submit --working-dir`: it must produce the same artifacts as
-the same job on an in-process Ray, through the sketch (Ray Data actors) and the fit (Ray Train's
-TorchTrainer, placed by the cluster's scheduler on either node).
+"""Two Ray nodes on this machine (`ray start --head` + `ray start --address`), token auth on, each
+node with its own HOME (so its own model cache), temp dir, working directory and TMPDIR, the object
+store's credentials in its own environment, and a guard in every Python process that fails any
+open()/os.makedirs on a URI. One cluster runs two jobs submitted with `ray job submit --working-dir`
+(the README's "Running on a Ray cluster" commands):
 
-The README's "Running on a Ray cluster" steps are these commands. Nothing here calls `ray stop`
-(it would kill every Ray process on the machine); the processes this test starts are killed by pid
-(tests/proc_util.py). The job runs on the fixture corpora with the tiny random teacher and encoder
-(`tiny_job`): the cluster, not the models, is under test. It starts Ray clusters: marked `slow`.
+- a shared disk: local paths, sketch -> fit (Ray Data actors; Ray Train's TorchTrainer placed by the
+  cluster's scheduler on either node);
+- no shared disk (issue 11 part 2): inputs and run_dir on a real S3-compatible server (moto,
+  tests/s3_util.py), sketch -> fit -> encode -> score.
+
+Both must produce the artifacts of the same job on an in-process Ray with local paths (one reference
+run serves both). Both nodes run on this machine, so a bug could still pass a local path from one to
+the other; what rules that out for the second job is that every artifact path is a URI and every
+node-private folder is distinct. The job runs on the fixture corpora with the tiny random teacher and
+encoder: the cluster, not the models, is under test. Nothing here calls `ray stop`; the processes this
+test starts are killed by pid (tests/proc_util.py).
 """
 
 from __future__ import annotations
@@ -19,38 +27,40 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import proc_util
-from cluster_util import EXCLUDES, PYTHON, RAY, run, small_job
 import cluster_util
+import proc_util
+import s3_util
+from cluster_util import EXCLUDES, PYTHON, RAY, run, small_job
 from conftest import REPO
+from s3_util import BUCKET
 
-pytestmark = [pytest.mark.timeout(480), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
+
+STAGES_UP_TO = "score"
 
 
-def _sketches(run_dir: Path, role: str) -> dict[str, tuple[str, np.ndarray]]:
-    t = pq.read_table(run_dir / "sketch" / role)
-    vecs = np.asarray(t.column("sketch").combine_chunks().flatten()).reshape(t.num_rows, -1)
-    return {i: (s, v) for i, s, v in zip(t.column("id").to_pylist(), t.column("split").to_pylist(), vecs)}
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    with s3_util.moto_server(tmp_path_factory.mktemp("moto_mn") / "moto.log") as server:
+        yield server
 
 
 @pytest.fixture()
-def two_node_cluster():
-    """Head (CPU=2, resource head_node) + worker (CPU=2, resource worker_node), token auth on.
-
-    The token is a fresh one in the cluster's temp dir (RAY_AUTH_TOKEN_PATH), so the test neither
-    needs nor touches ~/.ray/auth_token.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix="icmn", dir="/tmp"))  # short: Unix socket paths max 107 chars
+def private_nodes(s3_server):
+    """Head + worker node (CPU=2 each, token auth on), each with its own private folders and the
+    object store's credentials in its own environment."""
+    tmp = Path(tempfile.mkdtemp(prefix="icmns", dir="/tmp"))  # short: Unix socket paths max 107 chars
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     tag = proc_util.new_tag()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "INFLUCODER_"))}
+    base.update(
         {
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
@@ -60,15 +70,34 @@ def two_node_cluster():
             "TRANSFORMERS_OFFLINE": "1",
         }
     )
+    guard = s3_util.guard_dir(tmp / "guard")
+    nodes = {}
+    for name in ("head", "worker"):
+        d = tmp / name
+        for sub in ("home", "cwd", "tmp"):
+            (d / sub).mkdir(parents=True)
+        nodes[name] = {
+            "dir": d,
+            "env": {
+                **base,
+                **s3_server["env"],
+                "HOME": str(d / "home"),
+                "TMPDIR": str(d / "tmp"),
+                "PYTHONPATH": str(guard),
+                "INFLUCODER_URI_GUARD_LOG": str(d / "guard.log"),
+            },
+        }
     try:
-        nodes = cluster_util.start_two_nodes(
-            {"env": env, "temp_dir": tmp / "ray"}, {"env": env, "temp_dir": tmp / "ray_worker"}
+        started = cluster_util.start_two_nodes(
+            *({"env": n["env"], "temp_dir": n["dir"] / "ray", "cwd": n["dir"] / "cwd"} for n in nodes.values())
         )
+        # The submitting client: the token, and nothing of the object store.
+        client_env = {k: v for k, v in base.items()}
         yield {
-            "env": env,
-            **nodes,
+            **started,
+            "nodes": nodes,
+            "client_env": client_env,
             "tmp": tmp,
-            "tag": tag,
         }
     finally:
         proc_util.kill_tagged(tag)
@@ -76,9 +105,49 @@ def two_node_cluster():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp_path, ray_local):
-    c = two_node_cluster
-    env = c["env"]
+def _table(path_or_table, sort: list[str], fs=None):
+    t = pq.read_table(path_or_table, filesystem=fs) if not hasattr(path_or_table, "num_rows") else path_or_table
+    return t.take(pc.sort_indices(t, [(c, "ascending") for c in sort]))
+
+
+def _sketch_matrix(t) -> np.ndarray:
+    return np.asarray(t.column("sketch").combine_chunks().flatten()).reshape(t.num_rows, -1)
+
+
+def _submit(c: dict, job_file: Path, up_to: str, timeout: float) -> str:
+    """`ray job submit --working-dir` of `influcoder run JOB --to STAGE`: the job's output; asserts success."""
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        c["dashboard"],
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps(EXCLUDES),
+        "--",
+        PYTHON,
+        "-m",
+        "pipeline.cli",
+        "run",
+        str(job_file),
+        "--to",
+        up_to,
+    ]
+    job = run(submit, c["client_env"], timeout=timeout)
+    out = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in out, out[-6000:]
+    return out
+
+
+def test_two_node_cluster_jobs_match_in_process(
+    private_nodes, s3_server, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir, tmp_path, ray_local
+):
+    from conftest import tiny_job_data
+
+    c, ep = private_nodes, s3_server["endpoint"]
+    env = c["client_env"]
 
     # Both nodes joined: 4 CPUs, and each node's own custom resource.
     def both_nodes():  # the autoscaler's status report lags the join by a few seconds
@@ -102,56 +171,59 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
     refused = run([RAY, "job", "list", "--address", c["dashboard"]], no_token, timeout=60)
     assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
 
-    cluster_job = tmp_path / "cluster.yaml"
-    cluster_job.write_text(yaml.safe_dump(small_job(tiny_job, tmp_path / "cluster_run", {"address": "auto"})))
-    submit = [
-        RAY,
-        "job",
-        "submit",
-        "--address",
-        c["dashboard"],
-        "--working-dir",
-        str(REPO),
-        "--runtime-env-json",
-        json.dumps(EXCLUDES),
-        "--",
-        PYTHON,
-        "-m",
-        "pipeline.cli",
-        "run",
-        str(cluster_job),
-        "--to",
-        "fit",
-    ]
-    job = run(submit, env, timeout=360)
-    out = job.stdout + job.stderr
-    assert job.returncode == 0 and "succeeded" in out, out[-6000:]
+    tiny = tiny_job_data("unused", fixture_corpora, tiny_teacher_dir, tiny_encoder_dir)
+    roles = ("anchors", "pool", "corpus", "queries")
+    local_data = {r: str(fixture_corpora / r) for r in roles}
+
+    # 1. A shared disk: local paths, sketch -> fit.
+    shared_job = tmp_path / "shared_disk.yaml"
+    shared_job.write_text(yaml.safe_dump(small_job(tiny, tmp_path / "cluster_run", {"address": "auto"}, local_data)))
+    out = _submit(c, shared_job, "fit", timeout=600)
     assert "sketch: done" in out and "fit: done" in out
     # The upload held the code, not the venv, the data or old runs.
-    pkgs = list((c["tmp"] / "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
+    pkgs = list((c["nodes"]["head"]["dir"] / "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
     assert pkgs, "no working_dir package found"
     uploaded = {p.name for p in pkgs[0].iterdir()}
     assert "pipeline" in uploaded and not uploaded & {".venv", "runs", "data", ".git"}
 
-    # The same job on an in-process Ray (the test session's).
+    # 2. No shared disk: inputs and run_dir on the object store, sketch -> score.
+    remote_data = {r: s3_util.upload(ep, fixture_corpora / r, f"mn/data/{r}") + "/" for r in roles}
+    s3_job = tmp_path / "object_store.yaml"
+    s3_job.write_text(
+        yaml.safe_dump(small_job(tiny, f"s3://{BUCKET}/mn/cluster_run", {"address": "auto"}, remote_data))
+    )
+    out = _submit(c, s3_job, STAGES_UP_TO, timeout=900)
+    for stage in ("sketch", "fit", "encode", "score"):
+        assert f"{stage}: done" in out, stage
+    # No process on either node handed a URI to open()/os.makedirs; both nodes ran our code.
+    for name, node in c["nodes"].items():
+        log = (node["dir"] / "guard.log").read_text() if (node["dir"] / "guard.log").exists() else ""
+        assert "loaded in pid" in log, name
+        assert s3_util.VIOLATION not in log, log[:6000]
+    # Whichever node an encoder actor ran on fetched the fitted encoder from the store into its own cache.
+    copies = [p for n in c["nodes"].values() for p in (n["dir"] / "home").glob(".cache/influcoder/remote/*")]
+    assert copies, "no node copied the fitted encoder from the object store"
+    # Nothing was written under a local folder named after the URI.
+    assert not [p for p in c["tmp"].rglob("s3:")]
+
+    # The reference: the same job on an in-process Ray (the test session's), with local paths.
     import pipeline
 
-    pipeline.run(small_job(tiny_job, tmp_path / "local_run", {"num_cpus": 2}), stages=["sketch", "fit"])
+    local_run = tmp_path / "local_run"
+    pipeline.run(
+        small_job(tiny, str(local_run), {"num_cpus": 2}, local_data), stages=["sketch", "fit", "encode", STAGES_UP_TO]
+    )
 
-    m_cluster = json.loads((tmp_path / "cluster_run" / "sketch" / "manifest.json").read_text())
-    m_local = json.loads((tmp_path / "local_run" / "sketch" / "manifest.json").read_text())
-    assert m_cluster["config_hash"] == m_local["config_hash"]
-    assert m_cluster["identity"] == m_local["identity"]
-    assert m_cluster["rows"] == m_local["rows"]
-    assert m_cluster["resources"]["cpus_per_actor"] <= 2  # an actor fits on one 2-CPU node
-    for role in ("anchors", "pool"):
-        a, b = _sketches(tmp_path / "cluster_run", role), _sketches(tmp_path / "local_run", role)
-        assert sorted(a) == sorted(b) and len(a) > 0
-        for rid in a:
-            assert a[rid][0] == b[rid][0]
-            np.testing.assert_allclose(a[rid][1], b[rid][1], atol=2e-5)
-
-    # The fit stage: Ray Train ran on the cluster and exported an encoder that matches the local one.
+    # 1 vs the reference: the same identities, sketches and fit.
+    shared = tmp_path / "cluster_run"
+    for stage in ("sketch", "fit"):
+        m_cluster = json.loads((shared / stage / "manifest.json").read_text())
+        m_local = json.loads((local_run / stage / "manifest.json").read_text())
+        assert m_cluster["config_hash"] == m_local["config_hash"], stage
+        assert m_cluster["identity"] == m_local["identity"], stage
+    m_sketch = json.loads((shared / "sketch" / "manifest.json").read_text())
+    assert m_sketch["rows"] == json.loads((local_run / "sketch" / "manifest.json").read_text())["rows"]
+    assert m_sketch["resources"]["cpus_per_actor"] <= 2  # an actor fits on one 2-CPU node
     fits = {
         name: json.loads((tmp_path / name / "fit" / "metrics.json").read_text())
         for name in ("cluster_run", "local_run")
@@ -160,24 +232,47 @@ def test_two_node_cluster_job_matches_in_process(two_node_cluster, tiny_job, tmp
         assert [e["epoch"] for e in m["epochs"]] == [1, 2] and m["resumed_from_epochs"] == []
         # Same worker shape on both: the cluster has 4 CPUs, but a worker must fit on one 2-CPU node.
         assert m["workers"] == {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 2}
-    f_cluster = json.loads((tmp_path / "cluster_run" / "fit" / "manifest.json").read_text())
-    f_local = json.loads((tmp_path / "local_run" / "fit" / "manifest.json").read_text())
-    assert f_cluster["config_hash"] == f_local["config_hash"]
-    # Training is seeded (weights, block order, candidates, dropout per epoch and rank) and runs as
-    # one worker with the same torch thread count on the same CPU whichever node Ray Train places it
-    # on, from sketches that agree to 2e-5: the exported encoders embed texts alike. (Observed:
-    # bit-identical; the tolerance only absorbs sketch-level float noise.)
-    from pipeline.encoder import TextEncoder
-
-    texts = ["Natalia sold clips to 48 of her friends.", "Q: Is the sentence plausible?\nA: no", "hello"]
-    z = {
-        name: TextEncoder(str(tmp_path / name / "fit" / "encoder"), max_len=64).embed(texts)
-        for name in ("cluster_run", "local_run")
-    }
-    dim = json.loads((Path(tiny_job["encoder"]["model"]) / "config.json").read_text())["hidden_size"]
-    assert z["cluster_run"].shape == (3, dim) and np.isfinite(z["cluster_run"]).all()
-    np.testing.assert_allclose(z["cluster_run"], z["local_run"], atol=1e-4)
     for key in ("loss", "spearman_per_anchor", "spearman_aggregated"):
         assert [e[key] for e in fits["cluster_run"]["epochs"]] == pytest.approx(
             [e[key] for e in fits["local_run"]["epochs"]], abs=1e-4
         ), key
+
+    # 2 vs the reference. (The config hashes differ by design: the inputs are read from other paths.)
+    fs = s3_util.client(ep)
+    prefix = f"{BUCKET}/mn/cluster_run"
+    for stage in ("sketch", "fit", "encode", "score"):
+        m_cluster = json.loads(s3_util.read(ep, f"mn/cluster_run/{stage}/manifest.json"))
+        m_local = json.loads((local_run / stage / "manifest.json").read_text())
+        assert m_cluster.get("rows") == m_local.get("rows"), stage
+    # Two nodes: the score pass ran as Ray tasks spilling their runs to the bucket (score.scan auto);
+    # one node, a small table: in the driver. The same scores either way (checked below).
+    score_cluster = json.loads(s3_util.read(ep, "mn/cluster_run/score/manifest.json"))
+    assert score_cluster["scan"]["where"] == "workers" and score_cluster["scan"]["tasks"] >= 1
+    assert json.loads((local_run / "score" / "manifest.json").read_text())["scan"]["where"] == "driver"
+
+    # Sketches (both cluster runs) and fitted weights: equal within float noise. Training is seeded
+    # (weights, block order, candidates, dropout per epoch and rank) and runs as one worker with the
+    # same torch thread count on the same CPU whichever node Ray Train places it on. (Observed:
+    # bit-identical; the tolerances only absorb sketch-level float noise.)
+    from safetensors.numpy import load as load_safetensors
+
+    for role in ("anchors", "pool"):
+        b = _table(str(local_run / "sketch" / role), ["id"])
+        assert b.num_rows > 0
+        for a in (_table(str(shared / "sketch" / role), ["id"]), _table(f"{prefix}/sketch/{role}", ["id"], fs)):
+            assert a.column("id").to_pylist() == b.column("id").to_pylist()
+            assert a.column("split").to_pylist() == b.column("split").to_pylist()
+            np.testing.assert_allclose(_sketch_matrix(a), _sketch_matrix(b), atol=2e-5)
+    wb = load_safetensors((local_run / "fit" / "encoder" / "model.safetensors").read_bytes())
+    for wa in (
+        load_safetensors((shared / "fit" / "encoder" / "model.safetensors").read_bytes()),
+        load_safetensors(s3_util.read(ep, "mn/cluster_run/fit/encoder/model.safetensors")),
+    ):
+        assert wa.keys() == wb.keys()
+        for k in wb:
+            np.testing.assert_allclose(wa[k], wb[k], atol=1e-4, err_msg=k)
+    # The scores: same ranking, scores within float tolerance.
+    sa = _table(f"{prefix}/score/scores.parquet", ["rank"], fs)
+    sb = _table(str(local_run / "score" / "scores.parquet"), ["rank"])
+    assert sa.column("id").to_pylist() == sb.column("id").to_pylist() and sa.num_rows > 0
+    np.testing.assert_allclose(sa.column("score").to_numpy(), sb.column("score").to_numpy(), atol=1e-4)
