@@ -6,9 +6,10 @@
 - `tiny_teacher_dir` / `tiny_encoder_dir`: random tiny Llama / BERT folders with the real
   tokenizers (tests/tiny_models.py), built once per session.
 - `tiny_job`: a whole job on the fixture corpora with the tiny teacher and encoder.
-- `tiny_run`: that job (the cascade on) run once through every stage by `pipeline.run`, shared
-  read-only by the tests that inspect a finished run; a test that changes a run works on a
-  `copy_run` of it (one tiny job per session instead of one per test module).
+- `tiny_run`: that job (the cascade on) run once through every stage by `influcoder run` in its own
+  process, as a user starts it, shared read-only by the tests that inspect a finished run or its
+  console (test_e2e.py); a test that changes a run works on a `copy_run` of it (one tiny job per
+  session instead of one per test module).
 - `shared_data` and `demo_corpora` (`influcoder prepare --data` on all of ../shared/data): only for
   tests of prepare itself and real-model tests, which are marked `slow`.
 """
@@ -59,7 +60,7 @@ def pytest_collection_modifyitems(config, items):
 # (xdist's own `--dist loadgroup` marks do not group anything under pytest 9: it renames
 # `item._nodeid`, which pytest 9 no longer reads.)
 SHARED_UNITS = {
-    "tiny_run": ("test_show_api.py", "test_cascade.py", "test_filter.py"),
+    "tiny_run": ("test_e2e.py", "test_show_api.py", "test_cascade.py", "test_filter.py"),
     "demo_corpora": ("test_neardup_prepare.py", "test_prepare_cli.py"),
 }
 
@@ -209,26 +210,50 @@ def tiny_job_data(run_dir, tox: Path, teacher: str, encoder: str) -> dict:
 
 def tiny_run_data(run_dir, tox: Path, teacher: str, encoder: str) -> dict:
     """The job of `tiny_run`: `tiny_job_data` with one fit epoch, the cascade (score.rerank_top), a
-    selection for filter, and every eval method (their default list, which includes the cascade)."""
+    selection for filter, and every eval method (their default list, which includes the cascade) on
+    every corpus row (through the seeded sampler: max_rows is set, so the tests know the eval rows)."""
     job = tiny_job_data(run_dir, tox, teacher, encoder)
     job["fit"]["epochs"] = 1
     job["score"].update(rerank_top=0.25, select_top_frac=0.2)
-    job["eval"] = {"recall_k": [5]}
+    corpus_rows = sum(1 for f in (tox / "corpus").iterdir() for _ in open(f))
+    job["eval"] = {"recall_k": [5], "max_rows": corpus_rows}
     return job
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir, ray_local) -> tuple[dict, dict]:
-    """`(job, out)`: the `tiny_run_data` job run once through every stage by `pipeline.run` (`out` is
-    what it returned: `{stage: {"path", "manifest", "seconds", "skipped"}}`). Read-only: a test that
-    runs a stage again or writes into the run works on `copy_run(job, its tmp_path)`."""
-    import pipeline
+TINY_RUN_CONSOLE = "console.json"  # beside the shared run_dir: what `influcoder run` printed
 
-    job = tiny_run_data(
-        tmp_path_factory.mktemp("tiny_run") / "run", fixture_corpora, tiny_teacher_dir, tiny_encoder_dir
-    )
-    out = pipeline.run(job)
-    assert all(not r["skipped"] for r in out.values())  # a fresh run_dir: every stage ran here
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, fixture_corpora, tiny_teacher_dir, tiny_encoder_dir) -> tuple[dict, dict]:
+    """`(job, out)`: the `tiny_run_data` job run once through every stage by `influcoder run JOB` in
+    its own process, as a user starts it (its own Ray; proc_util.run_as_a_user), and `out` read back
+    as `pipeline.run` returns it: `{stage: {"path", "manifest", "seconds", "skipped"}}`. What the run
+    printed and Ray's session logs are in `console.json` beside the run_dir (test_e2e.py reads
+    them). Read-only: a test that runs a stage again or writes into the run works on
+    `copy_run(job, its tmp_path)`."""
+    import yaml
+
+    import proc_util
+    from pipeline.artifacts import read_manifest
+    from pipeline.config import STAGES, load_job
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    job = tiny_run_data(base / "run", fixture_corpora, tiny_teacher_dir, tiny_encoder_dir)
+    (base / "job.yaml").write_text(yaml.safe_dump(job))
+    result = proc_util.run_as_a_user(base / "job.yaml")
+    (base / TINY_RUN_CONSOLE).write_text(json.dumps(result))
+    assert result["rc"] == 0, result["stderr"][-6000:]
+    loaded = load_job(data=job)
+    out = {}
+    for stage in STAGES:
+        manifest = read_manifest(loaded, stage)
+        assert manifest is not None, stage
+        out[stage] = {
+            "path": f"{job['run_dir']}/{stage}",
+            "manifest": manifest,
+            "seconds": manifest.get("seconds"),
+            "skipped": False,
+        }
     return job, out
 
 

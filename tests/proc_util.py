@@ -88,3 +88,35 @@ def wait_for(cond, timeout: float, interval: float = 0.05, what: str = "conditio
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def run_as_a_user(job_path, timeout: float = 600) -> dict:
+    """`influcoder run JOB` in its own process, as a user starts it (its own Ray, no terminal):
+    {'rc', 'stdout', 'stderr', 'session_logs'} (the text of Ray's session log files). Every process
+    it starts carries a tag and is killed by pid afterwards."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    tag = new_tag()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
+    env.update({TAG: tag, "RAY_TMPDIR": tempfile.mkdtemp(prefix="icrun", dir="/tmp")})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "run", str(job_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        session_logs = "".join(
+            p.read_text(errors="replace")
+            for p in Path(env["RAY_TMPDIR"]).rglob("*")
+            if p.is_file() and p.suffix in (".out", ".err", ".log")
+        )
+    finally:
+        kill_tagged(tag)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "session_logs": session_logs}

@@ -1,34 +1,20 @@
 """The whole job end to end on the fixture corpora (tiny random teacher and encoder, real Ray and
-LanceDB): every stage's contract artifacts, the eval report with all five methods and metrics that
-agree with the score stage's output, the printed summary, `status`, and a rerun that skips every
-finished stage."""
+LanceDB), run by `influcoder run` in its own process as a user starts it (conftest's shared
+`tiny_run`): the console, every stage's contract artifacts, the eval report with every method and
+metrics that agree with the score stage's output, `status`, and a rerun that skips every finished
+stage."""
 
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import proc_util
+from conftest import TINY_RUN_CONSOLE, copy_run
 from pipeline import cli, metrics as metrics_mod
-
-
-@pytest.fixture()
-def e2e_job(tiny_job, tmp_path):
-    job = json.loads(json.dumps(tiny_job))
-    job["fit"]["epochs"] = 1
-    # Every corpus row (through the seeded sampler: max_rows is set), so the test knows the eval rows.
-    job["eval"] = {"max_rows": _rows(job["corpus"]["path"]), "recall_k": [5]}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path, job
 
 
 def _jsonl(path) -> list[dict]:
@@ -65,36 +51,6 @@ def _run(path, capsys):
     return capsys.readouterr().out
 
 
-def _run_as_a_user(path, tmp_path) -> tuple[str, str]:
-    """`influcoder run JOB` in its own process, as a user starts it (its own Ray, no terminal):
-    (stdout, stderr). Every process it starts carries a tag and is killed by pid afterwards."""
-    tag = proc_util.new_tag()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
-    env.update({proc_util.TAG: tag, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ice2e", dir="/tmp")})
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "run", str(path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        # Ray Train's placement-group cleaner polls the State API every second; it fails (and logs a
-        # warning each time, in its own log file) when no dashboard serves that API.
-        session_logs = "".join(
-            p.read_text(errors="replace")
-            for p in Path(env["RAY_TMPDIR"]).rglob("*")
-            if p.is_file() and p.suffix in (".out", ".err", ".log")
-        )
-    finally:
-        proc_util.kill_tagged(tag)
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "Failed to query Ray Train Controller actor state" not in session_logs
-    assert "PlacementGroupCleanerMonitor" not in session_logs  # its monitor thread did not crash
-    return proc.stdout, proc.stderr
-
-
 # What a user must not see without -v: library and Ray internals, our own deprecations, tracebacks.
 CONSOLE_NOISE = (
     "Traceback",
@@ -112,10 +68,17 @@ CONSOLE_NOISE = (
 
 
 @pytest.mark.slow  # a whole stage or job run
-def test_whole_job_end_to_end(e2e_job, capsys, tmp_path):
-    path, job = e2e_job
+def test_whole_job_end_to_end(tiny_run, capsys, tmp_path, ray_local):
+    """conftest's shared `tiny_run`: the whole job (cascade on) run by `influcoder run` in its own
+    process, as a user starts it."""
+    job, _ = tiny_run
     run = job["run_dir"]
-    out, err = _run_as_a_user(path, tmp_path)
+    console = json.loads((Path(run).parent / TINY_RUN_CONSOLE).read_text())
+    out, err = console["stdout"], console["stderr"]
+    # Ray Train's placement-group cleaner polls the State API every second; it fails (and logs a
+    # warning each time, in its own log file) when no dashboard serves that API.
+    assert "Failed to query Ray Train Controller actor state" not in console["session_logs"]
+    assert "PlacementGroupCleanerMonitor" not in console["session_logs"]  # its monitor thread did not crash
     # A console a person can read: one screen for a tiny job, no third-party noise.
     assert len((out + err).splitlines()) <= 60, out + err
     noise = [line for line in (out + err).splitlines() if any(n in line for n in CONSOLE_NOISE)]
@@ -136,7 +99,7 @@ def test_whole_job_end_to_end(e2e_job, capsys, tmp_path):
     fit = json.load(open(f"{run}/fit/metrics.json"))
     assert "untrained" in fit and [e["epoch"] for e in fit["epochs"]] == [1]
     metrics = json.load(open(f"{run}/eval/metrics.json"))
-    assert set(metrics["methods"]) == {"influcoder", "gradient", "untrained_encoder", "bm25", "random"}
+    assert set(metrics["methods"]) == {"influcoder", "gradient", "untrained_encoder", "bm25", "random", "cascade"}
     labels = _labels(job["corpus"]["path"])
     n_queries = _rows(job["score"]["queries"]["path"])
     assert metrics["rows"] == len(labels) and metrics["queries"] == n_queries
@@ -158,13 +121,16 @@ def test_whole_job_end_to_end(e2e_job, capsys, tmp_path):
     assert metrics["consistency_with_score_stage"]["max_abs_diff"] < 1e-3
     for f in ("report.md", "pr_curves.png", "spearman_by_epoch.png", "quality_vs_cost.png"):
         assert os.path.getsize(f"{run}/eval/report/{f}") > 0, f
-    # status, and a rerun that skips every stage.
+    # status, and a rerun that skips every stage (on a copy: the shared run stays as it is).
     assert cli.main(["status", run]) == 0
     assert all(line.split()[1] == "done" for line in capsys.readouterr().out.splitlines()[1:])
-    before = {s: json.load(open(f"{run}/{s}/manifest.json"))["finished_utc"] for s in cli.STAGES}
+    copy = copy_run(job, tmp_path / "run")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(copy))
+    before = {s: json.load(open(f"{copy['run_dir']}/{s}/manifest.json"))["finished_utc"] for s in cli.STAGES}
     rerun = _run(path, capsys)
     assert all(
         line.split()[1] == "skipped" for line in rerun.splitlines() if line.split()[:1] in ([s] for s in cli.STAGES)
     )
-    after = {s: json.load(open(f"{run}/{s}/manifest.json"))["finished_utc"] for s in cli.STAGES}
+    after = {s: json.load(open(f"{copy['run_dir']}/{s}/manifest.json"))["finished_utc"] for s in cli.STAGES}
     assert before == after

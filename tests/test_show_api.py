@@ -1,7 +1,7 @@
 """The Python entry point (`pipeline.run`), the evidence per query in the report, and
 `influcoder show RUN_DIR [--query ID] [--k N]`: the whole tiny job (tiny teacher and encoder, real Ray
-and LanceDB, the cascade on) runs once through `pipeline.run` (conftest's `tiny_run`, shared with other
-modules); `show` reads its run_dir."""
+and LanceDB, the cascade on) runs once (conftest's `tiny_run`, shared with other modules); `show`
+reads its run_dir."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pipeline.errors import ArtifactMissingError, ConfigError
 
 @pytest.fixture(scope="module")
 def finished(tiny_run):
-    """(job, what `pipeline.run(job)` returned): conftest's shared tiny run, cascade on, every stage."""
+    """(job, its stages as `pipeline.run(job)` returns them): conftest's shared tiny run, cascade on."""
     return tiny_run
 
 
@@ -34,17 +34,18 @@ def _rows(path) -> dict[str, dict]:
 
 
 @pytest.mark.slow  # a whole stage or job run
-def test_python_entry_point_runs_the_tiny_job(finished, fixture_corpora):
+def test_python_entry_point_on_a_finished_run(finished, fixture_corpora):
+    """`pipeline.run(job)` on the finished shared run (its fresh-run path runs in test_object_storage.py
+    and test_multinode.py): every stage skipped, with the manifests on disk."""
     job, out = finished
-    assert list(out) == list(STAGES)
-    for stage, r in out.items():
-        assert r["manifest"]["stage"] == stage and r["path"] == f"{job['run_dir']}/{stage}"
-        assert os.path.exists(f"{r['path']}/manifest.json")
     corpus = _rows(fixture_corpora / "corpus")
     f = out["filter"]["manifest"]
     assert f["rows"]["in"] == len(corpus) and f["rows"]["dropped"] == out["score"]["manifest"]["selection"]["rows"]
-    # A second call skips every finished stage and hands back the same manifests.
     again = pipeline.run(job)
+    assert list(again) == list(STAGES)
+    for stage, r in again.items():
+        assert r["skipped"] and r["manifest"]["stage"] == stage and r["path"] == f"{job['run_dir']}/{stage}"
+        assert os.path.exists(f"{r['path']}/manifest.json")
     assert {s: r["manifest"]["finished_utc"] for s, r in again.items()} == {
         s: r["manifest"]["finished_utc"] for s, r in out.items()
     }
