@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import copy_run
 from pipeline import artifacts, cli
 from pipeline.config import STAGE_UPSTREAM, STAGES, load_job, stage_config_hash
 from pipeline.errors import ArtifactMismatchError
@@ -347,10 +348,10 @@ def test_resume_with_another_rows_per_shard_keeps_one_row_per_id(tiny_job, monke
 
 
 @pytest.mark.slow  # a whole stage or job run
-def test_tiny_job_reruns_only_the_changed_stage(tiny_job, tmp_path, monkeypatch, capsys, ray_local):
-    job = json.loads(json.dumps(tiny_job))
-    job["fit"]["epochs"] = 1
-    job["eval"] = {"methods": ["influcoder", "bm25", "random"], "recall_k": [5], "max_rows": 40}
+def test_tiny_job_reruns_only_the_changed_stage(tiny_run, tmp_path, monkeypatch, capsys, ray_local):
+    """On a copy of conftest's shared finished `tiny_run` (every stage done, the cascade on)."""
+    job = copy_run(tiny_run[0], tmp_path / "run")
+    job["eval"]["methods"] = ["influcoder", "bm25", "random"]  # eval reruns below: no teacher pass needed
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     ran: list[str] = []
@@ -364,12 +365,14 @@ def test_tiny_job_reruns_only_the_changed_stage(tiny_job, tmp_path, monkeypatch,
 
     _wrap_stages(monkeypatch, counted)
 
-    args = argparse.Namespace(job=str(path), overrides=[], overwrite=False)
+    # The eval methods changed: eval alone reruns (a changed config needs --overwrite; --overwrite
+    # with nothing else changed recomputes nothing).
+    args = argparse.Namespace(job=str(path), overrides=[], overwrite=True)
     assert cli._run_stages(args, list(STAGES)) == 0
-    assert ran == list(STAGES)
+    assert ran == ["eval"]
     ran.clear()
     assert cli._run_stages(argparse.Namespace(job=str(path), overrides=[], overwrite=True), list(STAGES)) == 0
-    assert ran == []  # --overwrite with nothing changed recomputes nothing
+    assert ran == []
     capsys.readouterr()
 
     assert cli.main(["run", str(path), "--set", "eval.recall_k=[3]"]) == 2
