@@ -273,6 +273,11 @@ class FitConfig:
     (1 - b) * distilled cosine + b * plain cosine, and b = 0 (the distilled encoder alone) is always a
     candidate. A chosen b > 0 keeps what the starting encoder knew where the teacher agrees with it
     and costs twice the code width and two forward passes per encoded row. Needs val_frac > 0."""
+    center_teacher: bool = False
+    """Remove the direction every teacher gradient shares before any influence cosine: sketches become
+    normalise(sketch - mean train-pool sketch) for fit's targets, validation and held-out truth, eval's
+    gradient method and the score cascade (fit writes the center to fit/teacher_center.json; the
+    sketch artifact is unchanged, so turning it on reruns fit and what follows, not sketch)."""
     num_workers: Optional[int] = None
     """Ray Train workers; default one per GPU, else 1 on small CPU clusters. It changes results, so it is
     part of fit's config hash: each worker takes one anchor block per optimiser step (DDP averages them),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,6 +26,37 @@ _STREAM_TORCH = 2
 
 
 # --------------------------------------------------------------------------- targets
+
+
+def teacher_center(pool_sketches: np.ndarray) -> np.ndarray:
+    """The direction every row's teacher gradient shares: the mean of the (train) pool's unit sketches,
+    float32 [proj_dim]. `center_sketches` removes it (fit.center_teacher)."""
+    p = np.asarray(pool_sketches, dtype=np.float64)
+    if p.ndim != 2 or len(p) == 0:
+        raise ValueError(f"the teacher's center needs a non-empty 2-D sketch matrix; got shape {p.shape}")
+    return p.mean(axis=0).astype(np.float32)
+
+
+def center_sketches(sketches: np.ndarray, center: Optional[np.ndarray]) -> np.ndarray:
+    """Unit sketches with the teacher's shared direction removed: normalise(s - center), float32.
+
+    Cosines of unit sketches are dominated by what every row's loss gradient has in common (a
+    general language-modelling direction), so rows that share little but that are ranked alike;
+    subtracting the pool's mean sketch leaves what is specific to each row. A zero row (a row the
+    teacher rejected: no evidence) stays zero, and so does a row equal to the center. `center` None
+    returns the sketches unchanged (as float32)."""
+    s = np.asarray(sketches, dtype=np.float32)
+    if center is None:
+        return s
+    c = np.asarray(center, dtype=np.float32)
+    if s.ndim != 2 or c.shape != (s.shape[1],):
+        raise ValueError(f"sketches {s.shape} and center {c.shape} do not match")
+    zero = ~s.any(axis=1)
+    out = s - c
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    out = np.divide(out, norms, out=np.zeros_like(out), where=norms > 1e-12)
+    out[zero] = 0.0
+    return out
 
 
 def cosine_targets(anchor_sketches: np.ndarray, pool_sketches: np.ndarray) -> np.ndarray:

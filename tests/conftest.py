@@ -209,11 +209,12 @@ def tiny_job_data(run_dir, tox: Path, teacher: str, encoder: str) -> dict:
 
 
 def tiny_run_data(run_dir, tox: Path, teacher: str, encoder: str) -> dict:
-    """The job of `tiny_run`: `tiny_job_data` with one fit epoch, the cascade (score.rerank_top), a
-    selection for filter, and every eval method (their default list, which includes the cascade) on
-    every corpus row (through the seeded sampler: max_rows is set, so the tests know the eval rows)."""
+    """The job of `tiny_run`: `tiny_job_data` with one fit epoch on centred teacher sketches
+    (fit.center_teacher), the cascade (score.rerank_top), a selection for filter, and every eval method
+    (their default list, which includes the cascade) on every corpus row (through the seeded sampler:
+    max_rows is set, so the tests know the eval rows)."""
     job = tiny_job_data(run_dir, tox, teacher, encoder)
-    job["fit"]["epochs"] = 1
+    job["fit"].update(epochs=1, center_teacher=True)
     job["score"].update(rerank_top=0.25, select_top_frac=0.2)
     corpus_rows = sum(1 for f in (tox / "corpus").iterdir() for _ in open(f))
     job["eval"] = {"recall_k": [5], "max_rows": corpus_rows}

@@ -248,13 +248,16 @@ def _cascade_job(tmp: Path, shared_data: Path, n_rows: int, n_queries: int, teac
     }
 
 
-def _fake_upstream(job, fit_metrics: dict) -> None:
-    """sketch: an empty stage; fit: the job's starting encoder exported as the 'fitted' one + metrics.json."""
+def _fake_upstream(job, fit_metrics: dict, center=None) -> None:
+    """sketch: an empty stage; fit: the job's starting encoder exported as the 'fitted' one + metrics.json
+    (+ the teacher's center, as fit.center_teacher writes it, when given)."""
     from pipeline.encoder import TextEncoder
+    from pipeline.stages.shared_teacher import write_teacher_center
 
     def fit(ctx):
         TextEncoder(job.encoder.model, MAX_LEN).save(os.path.join(ctx.out_dir, "encoder"))
         Path(ctx.out_dir, "metrics.json").write_text(json.dumps(fit_metrics))
+        write_teacher_center(ctx.out_dir, center, rows=1)
 
     artifacts.run_stage(job, "sketch", runner=lambda ctx: None)
     artifacts.run_stage(job, "fit", runner=fit)
@@ -275,21 +278,29 @@ def _teacher(job):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("centered", [False, True], ids=["raw", "fit.center_teacher"])
 def test_score_cascade_reranks_the_top_rows_by_the_teacher(
-    tmp_path, shared_data, tiny_teacher_dir, tiny_encoder_dir, ray_local
+    tmp_path, shared_data, tiny_teacher_dir, tiny_encoder_dir, ray_local, centered
 ):
+    from pipeline.distill import center_sketches
+
     n, k = 24, 6
     data = _cascade_job(
         tmp_path, shared_data, n_rows=n, n_queries=3, teacher=tiny_teacher_dir, encoder=tiny_encoder_dir
     )
     data["score"].update(rerank_top=k, select_top_frac=0.125)  # selects ceil(3) rows: inside the block
     job = load_job(data=data)
+    # A center like fit's (a mean of unit sketches: shorter than 1), here a seeded random one.
+    center = np.random.default_rng(0).normal(size=job.sketch.proj_dim).astype(np.float32) if centered else None
+    if centered:
+        center *= 0.4 / np.linalg.norm(center)
     _fake_upstream(
         job,
         {
             "untrained": {"spearman_aggregated": 0.30, "spearman_per_anchor": 0.2},
             "exported": {"spearman_aggregated": 0.10, "spearman_per_anchor": 0.1},
         },
+        center,
     )
     artifacts.run_stage(job, "encode")
     m = artifacts.run_stage(job, "score")
@@ -297,6 +308,7 @@ def test_score_cascade_reranks_the_top_rows_by_the_teacher(
     assert m["fidelity_gate"] == {"passed": False, "exported": 0.10, "untrained": 0.30, "source": "exported"}
     c = m["cascade"]
     assert c["k"] == k and c["rows"] == k and c["of_rows"] == n and c["teacher_s"] > 0
+    assert c["teacher_centered"] is centered
     assert c["shards"] == {"total": 1 + math.ceil(k / 4), "resumed": 0}  # 3 queries + 6 rows, 4 per shard
 
     t = pq.read_table(Path(job.run_dir) / "score" / "scores.parquet").to_pylist()
@@ -322,8 +334,8 @@ def test_score_cascade_reranks_the_top_rows_by_the_teacher(
     rs = teacher.sketch([corpus[r["id"]]["question"] for r in block], [corpus[r["id"]]["answer"] for r in block], 4)
     qs = teacher.sketch([q["question"] for q in queries], [q["answer"] for q in queries], 4)
     assert not rs.rejects and not qs.rejects
-    r_mat = rs.sketches / np.linalg.norm(rs.sketches, axis=1, keepdims=True)
-    q_mat = qs.sketches / np.linalg.norm(qs.sketches, axis=1, keepdims=True)
+    r_mat = center_sketches(rs.sketches / np.linalg.norm(rs.sketches, axis=1, keepdims=True), center)
+    q_mat = center_sketches(qs.sketches / np.linalg.norm(qs.sketches, axis=1, keepdims=True), center)
     want = (q_mat @ r_mat.T).mean(axis=0)
     np.testing.assert_allclose([r["teacher_score"] for r in block], want, atol=2e-4)
 
@@ -479,6 +491,16 @@ def test_whole_job_with_the_cascade(tiny_run, tmp_path):
     cons = r["consistency_with_score_stage"]
     assert cons["checked"] and cons["block_overlap"] >= 0.8
     assert "cascade" in (Path(job.run_dir) / "eval" / "report" / "report.md").read_text()
+
+    # fit.center_teacher (on in this run): fit wrote the mean of its train pool's sketches, and eval
+    # and the score cascade took their teacher cosines between sketches centred by it.
+    from pipeline.stages.shared_teacher import read_teacher_center
+
+    pool = pq.read_table(Path(job.run_dir) / "sketch" / "pool").to_pylist()
+    train = np.array([r["sketch"] for r in pool if r["split"] == "train"], np.float32)
+    np.testing.assert_allclose(read_teacher_center(job), train.mean(axis=0), atol=1e-6)
+    assert json.loads((Path(job.run_dir) / "fit" / "metrics.json").read_text())["teacher_center"]["rows"] == len(train)
+    assert m["teacher_centered"] and c["teacher_centered"]
 
     # Without the gradient method, eval runs the teacher on the rows the cascade needs only.
     data["eval"]["methods"] = ["influcoder", "cascade"]

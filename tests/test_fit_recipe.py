@@ -176,6 +176,49 @@ def test_validation_is_carved_from_train_and_never_overlaps_eval(tmp_path):
     assert none.val_anchors is None and len(none.train_anchors.ids) == 20
 
 
+# --------------------------------------------------------------------------- the teacher's center
+
+
+def test_center_sketches_by_hand():
+    from pipeline.distill import center_sketches, teacher_center
+
+    s = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.6, 0.8]], np.float32)
+    c = teacher_center(s[[0, 1]])
+    np.testing.assert_allclose(c, [0.5, 0.5])
+    out = center_sketches(s, c)
+    r = np.sqrt(0.5)
+    # (1, 0) - (.5, .5) = (.5, -.5) -> (r, -r); a rejected (zero) row stays zero, it is no evidence.
+    np.testing.assert_allclose(out[:3], [[r, -r], [-r, r], [0.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(out[3], np.array([0.1, 0.3]) / np.hypot(0.1, 0.3), atol=1e-6)
+    assert (center_sketches(np.array([[0.5, 0.5]], np.float32), c) == 0).all()  # the center itself: zero
+    assert (center_sketches(s, None) == s).all()  # no center: the raw cosines
+    with pytest.raises(ValueError, match="do not match"):
+        center_sketches(s, np.zeros(3, np.float32))
+
+
+def test_centred_targets_use_the_fit_rows_mean_only(tmp_path):
+    """fit.center_teacher: every cosine (targets, validation, held-out truth) is taken between
+    centred sketches, and the center is the mean of the rows fit trains on: validation and held-out
+    rows never inform it."""
+    from pipeline.distill import center_sketches, cosine_targets
+
+    _write_sketch(tmp_path / "a")
+    raw = load_fit_data(str(tmp_path / "a"), "", val_frac=0.25, val_seed=7)
+    cen = load_fit_data(str(tmp_path / "a"), "", val_frac=0.25, val_seed=7, center_teacher=True)
+    assert raw.teacher_center is None
+    np.testing.assert_allclose(cen.teacher_center, raw.train_pool.sketches.mean(axis=0), atol=1e-6)
+    c = cen.teacher_center
+    for got, (a, p) in (
+        (cen.targets, (raw.train_anchors, raw.train_pool)),
+        (cen.val_truth, (raw.val_anchors, raw.val_pool)),
+        (cen.ground_truth, (raw.eval_anchors, raw.eval_pool)),
+    ):
+        want = cosine_targets(center_sketches(a.sketches, c), center_sketches(p.sketches, c))
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert not np.allclose(got, cosine_targets(a.sketches, p.sketches), atol=1e-3)  # it did change them
+    assert cen.train_pool.ids == raw.train_pool.ids and cen.val_pool.ids == raw.val_pool.ids
+
+
 def test_restore_best_needs_a_validation_split():
     from pipeline.config import FitConfig
     from pipeline.config import _FieldError

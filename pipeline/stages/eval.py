@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -34,12 +34,13 @@ from pipeline import corpus, metrics, sampling, storage
 from pipeline.artifacts import StageRun
 from pipeline.baselines import BaselineScores, bm25_scores, random_scores
 from pipeline.config import JobConfig
+from pipeline.distill import center_sketches
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.ray_runtime import ensure_ray
 from pipeline.report import verdict, verdict_text
 from pipeline.textview import table_views
 from pipeline.schema import ID, LABEL, SKETCH, SPLIT, TEXT
-from pipeline.stages.shared_teacher import teacher_ms_per_row, teacher_sketch_groups
+from pipeline.stages.shared_teacher import read_teacher_center, teacher_ms_per_row, teacher_sketch_groups
 from pipeline.stages.shared_encode import fit_encoder_dir
 
 log = logging.getLogger("influcoder.eval")
@@ -138,14 +139,15 @@ def _queries(job: JobConfig) -> pa.Table:
     return good
 
 
-def _sketch_split(ctx: StageRun, role: str) -> tuple[list[str], pa.Table, np.ndarray]:
-    """The held-out (eval) split of one side of the sketch artifact: ids, rows, sketches (id order)."""
+def _sketch_split(ctx: StageRun, role: str, center: Optional[np.ndarray]) -> tuple[list[str], pa.Table, np.ndarray]:
+    """The held-out (eval) split of one side of the sketch artifact: ids, rows, sketches (id order),
+    centred as fit centred its truth (`center`: fit.center_teacher)."""
     t = storage.read_table(storage.join(ctx.upstream_dir("sketch"), role))
     t = t.filter(pa.compute.equal(t.column(SPLIT), "eval"))
     t = t.take(pa.compute.sort_indices(t, sort_keys=[(ID, "ascending")]))
     ids = t.column(ID).to_pylist()
     mat = np.asarray(t.column(SKETCH).combine_chunks().flatten(), dtype=np.float32).reshape(len(ids), -1)
-    return ids, t.drop_columns([SKETCH]), mat
+    return ids, t.drop_columns([SKETCH]), center_sketches(mat, center)
 
 
 # --------------------------------------------------------------------------- methods
@@ -190,7 +192,11 @@ def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[
     (`teacher_rejected_rows`, `teacher_rejected_queries`) and gives the teacher's ms per row."""
     shard_dir = storage.join(ctx.work_dir, "gradient_shards")
     sk, info = teacher_sketch_groups(
-        ctx.job, {"queries": queries.to_pylist(), "rows": rows.to_pylist()}, shard_dir, stage="eval"
+        ctx.job,
+        {"queries": queries.to_pylist(), "rows": rows.to_pylist()},
+        shard_dir,
+        stage="eval",
+        center=read_teacher_center(ctx.job),
     )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     record = {
@@ -334,8 +340,9 @@ def run(ctx: StageRun) -> None:
     )
     threads = max(1, os.cpu_count() or 1)
     fit_dir = fit_encoder_dir(job)  # a local folder (copied from a URI run_dir once per node)
-    a_ids, a_rows, a_sk = _sketch_split(ctx, "anchors")
-    p_ids, p_rows, p_sk = _sketch_split(ctx, "pool")
+    center = read_teacher_center(job)
+    a_ids, a_rows, a_sk = _sketch_split(ctx, "anchors", center)
+    p_ids, p_rows, p_sk = _sketch_split(ctx, "pool", center)
     a_texts, p_texts = a_rows.column(TEXT).to_pylist(), p_rows.column(TEXT).to_pylist()
     heldout_gt = a_sk @ p_sk.T  # ground truth: the teacher's cosines on the held-out split
     seed = job.seed
@@ -474,6 +481,9 @@ def run(ctx: StageRun) -> None:
         "positives": int(labels.sum()) if labels is not None else None,
         "queries": len(q_texts),
         "heldout": {"anchors": len(a_ids), "pool": len(p_ids)},
+        # fit.center_teacher: the teacher's cosines (gradient, cascade, held-out truth) were taken
+        # between centred sketches, as fit's targets were.
+        "teacher_centered": center is not None,
         "leakage": _leakage(ctx, rows, queries),
         "excluded_distillation_rows": excluded,
         "consistency_with_score_stage": consistency,
@@ -579,7 +589,11 @@ def _cascade_teacher(ctx: StageRun, rows: pa.Table, queries: pa.Table, need: np.
     shard_dir = storage.join(ctx.work_dir, "cascade_shards")
     row_recs = rows.to_pylist()
     sk, info = teacher_sketch_groups(
-        ctx.job, {"queries": queries.to_pylist(), "rows": [row_recs[i] for i in need]}, shard_dir, stage="eval"
+        ctx.job,
+        {"queries": queries.to_pylist(), "rows": [row_recs[i] for i in need]},
+        shard_dir,
+        stage="eval",
+        center=read_teacher_center(ctx.job),
     )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     teach = np.full((queries.num_rows, rows.num_rows), np.nan)

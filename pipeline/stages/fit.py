@@ -10,7 +10,9 @@ held-out eval split (eval anchors x eval pool) after every epoch, and writes:
 - `fit/metrics.json`: `untrained` (epoch 0) and per-epoch validation and held-out Spearman, the
   candidates compared on validation and the one exported (`exported`: its held-out Spearman with
   bootstrap 95 % CIs, beside the starting encoder's), split sizes, timings, truncation counts;
-- `fit/curves.png`: loss and Spearman by epoch, the untrained level as a horizontal line.
+- `fit/curves.png`: loss and Spearman by epoch, the untrained level as a horizontal line;
+- `fit/teacher_center.json` (only with `fit.center_teacher`): the mean train-pool sketch that every
+  influence cosine removes first (fit's targets and truth here; eval and the score cascade read it).
 
 Crash recovery: every epoch ends with a Ray Train checkpoint (weights as safetensors, optimiser and
 scheduler state, the metric history; dropout is reseeded per (seed, epoch, rank)) under the stage's work dir. A worker failure
@@ -42,6 +44,7 @@ from pipeline.models import resolve_encoder
 from pipeline.stages.fit_data import FitData, load_fit_data, texts_from_inputs
 from pipeline.stages import fit_worker
 from pipeline.stages.fit_worker import BEST_WEIGHTS, HISTORY, WEIGHTS
+from pipeline.stages.shared_teacher import write_teacher_center
 
 log = logging.getLogger("influcoder.fit")
 
@@ -68,7 +71,12 @@ def run(ctx: StageRun) -> None:
     t0 = time.perf_counter()
     # Inputs are validated before Ray starts: a bad artifact or config fails in a second.
     data = load_fit_data(
-        ctx.upstream_dir("sketch"), job.encoder.anchor_prefix, fit.val_frac, job.seed, texts_from_inputs(job)
+        ctx.upstream_dir("sketch"),
+        job.encoder.anchor_prefix,
+        fit.val_frac,
+        job.seed,
+        texts_from_inputs(job),
+        center_teacher=fit.center_teacher,
     )
     sizes = data.sizes()
     if fit.block_candidates > sizes["train_pool"]:
@@ -173,6 +181,7 @@ def run(ctx: StageRun) -> None:
         "workers": {"num_workers": plan.num_actors, "use_gpu": plan.use_gpu, "cpus_per_worker": cpus_per_worker},
         "timings": {"setup_s": round(setup_s, 3), "train_s": round(train_s, 3), "export_s": round(export_s, 3)},
     }
+    metrics["teacher_center"] = write_teacher_center(ctx.out_dir, data.teacher_center, sizes["train_pool"])
     storage.write_json_atomic(storage.join(ctx.out_dir, "metrics.json"), metrics)
     _plot_curves(metrics, storage.join(ctx.out_dir, "curves.png"))
     exported = choice["exported"]
@@ -183,6 +192,7 @@ def run(ctx: StageRun) -> None:
             "restore_best": fit.restore_best,
             "interpolation_weight": choice["weight"],
             "blend_weight": choice["blend"],
+            "teacher_centered": data.teacher_center is not None,
             "spearman_aggregated": exported["spearman_aggregated"],
             "spearman_aggregated_ci": exported["spearman_aggregated_ci"],
             "spearman_per_anchor": exported["spearman_per_anchor"],

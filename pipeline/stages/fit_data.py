@@ -13,6 +13,7 @@ Pure pyarrow/numpy: no Ray, no torch (encoder views are plain tuples built by `p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.distill import cosine_targets
+from pipeline.distill import center_sketches, cosine_targets, teacher_center
 from pipeline.textview import EncoderInput, table_views
 from pipeline.errors import ArtifactMissingError, InputDataError
 from pipeline.sampling import order_key
@@ -60,6 +61,9 @@ class FitData:
     val_anchors: Optional[SplitRows] = None
     val_pool: Optional[SplitRows] = None
     val_truth: Optional[np.ndarray] = None  # validation anchors x validation pool cosines
+    # fit.center_teacher: the mean sketch of the train pool, removed from every sketch above before
+    # any cosine (targets, validation, held-out truth); None: raw cosines.
+    teacher_center: Optional[np.ndarray] = None
 
     def sizes(self) -> dict[str, int]:
         out = {
@@ -192,9 +196,13 @@ def load_fit_data(
     val_frac: float = 0.0,
     val_seed: int = 0,
     lookup: Optional[TextLookup] = None,
+    center_teacher: bool = False,
 ) -> FitData:
     """Read the sketch artifact, split it and build targets, validation and held-out ground truth.
-    `lookup` supplies the texts when the artifact carries only the contract's columns."""
+    `lookup` supplies the texts when the artifact carries only the contract's columns.
+    `center_teacher`: every cosine is taken between centred sketches (`distill.center_sketches`),
+    the center being the mean sketch of the rows fit trains on (the train pool after validation is
+    carved out), so neither validation nor the held-out split informs it."""
     parts: dict[tuple[str, str], SplitRows] = {}
     for side in SIDES:
         table = _read_side(sketch_dir, side, lookup)
@@ -220,6 +228,12 @@ def load_fit_data(
     # Validation needs two rows a side (Spearman over the pool), fitting at least as many.
     train_a, val_a = carve_validation(parts["anchors", "train"], val_frac, val_seed, minimum=2)
     train_p, val_p = carve_validation(parts["pool", "train"], val_frac, val_seed, minimum=2)
+    center = teacher_center(train_p.sketches) if center_teacher else None
+    if center is not None:
+        train_a, train_p = _centered(train_a, center), _centered(train_p, center)
+        val_a, val_p = (None, None) if val_a is None else (_centered(val_a, center), _centered(val_p, center))
+        for key in [k for k in parts if k[1] == "eval"]:
+            parts[key] = _centered(parts[key], center)
     return FitData(
         train_anchors=train_a,
         train_pool=train_p,
@@ -230,4 +244,9 @@ def load_fit_data(
         val_anchors=val_a,
         val_pool=val_p,
         val_truth=None if val_a is None else cosine_targets(val_a.sketches, val_p.sketches),
+        teacher_center=center,
     )
+
+
+def _centered(rows: SplitRows, center: np.ndarray) -> SplitRows:
+    return dataclasses.replace(rows, sketches=center_sketches(rows.sketches, center))

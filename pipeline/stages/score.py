@@ -66,7 +66,7 @@ from pipeline.schema import (
 )
 from pipeline.stages.shared_encode import encode_small, fit_encoder_path, split_output
 from pipeline.stages.score_scan import choose_scan, scan_in_process, scan_on_workers
-from pipeline.stages.shared_teacher import teacher_sketch_groups
+from pipeline.stages.shared_teacher import read_teacher_center, teacher_sketch_groups
 
 log = logging.getLogger("influcoder.score")
 
@@ -411,8 +411,13 @@ def _cascade(
         )
     queries = _query_records(job, query_ids)
     shard_dir = storage.join(ctx.work_dir, "cascade_shards")
+    center = read_teacher_center(job)
     sk, info = teacher_sketch_groups(
-        job, {"queries": queries, "rows": [rows[i] for i in block_ids]}, shard_dir, stage="score"
+        job,
+        {"queries": queries, "rows": [rows[i] for i in block_ids]},
+        shard_dir,
+        stage="score",
+        center=center,
     )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     if not q_ok.any():
@@ -453,6 +458,7 @@ def _cascade(
         "teacher_queries": int(q_ok.sum()),
         "teacher_rejected_queries": int((~q_ok).sum()),
         "rows_moved": moved,
+        "teacher_centered": center is not None,  # fit.center_teacher: cosines of centred sketches
         "teacher_s": round(teacher_s, 3),
         "teacher_compute_s": round(info["compute_s"], 3),
         "teacher_ms_per_row": round(1000 * info["compute_s"] / info["computed_rows"], 3)

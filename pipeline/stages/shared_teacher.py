@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import JobConfig, TeacherConfig
+from pipeline.distill import center_sketches
 from pipeline.errors import StageError
 from pipeline.progress import Progress
 from pipeline.ray_runtime import ActorPlan, plan_actors
@@ -234,7 +235,11 @@ def sketch_shards(
 
 
 def teacher_sketch_groups(
-    job: JobConfig, groups: dict[str, list[dict[str, Any]]], shard_dir: str, stage: str
+    job: JobConfig,
+    groups: dict[str, list[dict[str, Any]]],
+    shard_dir: str,
+    stage: str,
+    center: Optional[np.ndarray] = None,
 ) -> tuple[dict[str, tuple[list[str], np.ndarray, np.ndarray]], dict[str, Any]]:
     """Teacher sketches of named groups of canonical rows, in resumable shards (the sketch stage's actors).
 
@@ -242,7 +247,8 @@ def teacher_sketch_groups(
     rows; a shard file that holds exactly the expected ids is reused, so a crash redoes only unfinished
     shards. Returns per group (ids, sketches [n, proj_dim] float32 with zero rows where rejected, valid
     mask) in the given row order, and
-    {compute_s, computed_rows, shards, resumed_shards}.
+    {compute_s, computed_rows, shards, resumed_shards}. The shards hold raw sketches; the returned ones
+    are centred by `center` (`read_teacher_center`) when given.
     """
     storage.makedirs(shard_dir)
     shards: list[tuple[str, list[dict[str, Any]]]] = []
@@ -311,7 +317,7 @@ def teacher_sketch_groups(
             oks.append(ok)
         out[group] = (
             ids,
-            np.concatenate(mats) if mats else np.zeros((0, d), np.float32),
+            center_sketches(np.concatenate(mats) if mats else np.zeros((0, d), np.float32), center),
             np.concatenate(oks) if oks else np.zeros(0, bool),
         )
     computed = sum(len(r) for _, r in pending)
@@ -321,6 +327,39 @@ def teacher_sketch_groups(
         "shards": len(shards),
         "resumed_shards": len(shards) - len(pending),
     }
+
+
+# --------------------------------------------------------------------------- the teacher's center
+
+TEACHER_CENTER_FILE = "teacher_center.json"  # in the fit stage's folder, with fit.center_teacher
+
+
+def write_teacher_center(fit_dir: str, center: Optional[np.ndarray], rows: int) -> Optional[dict[str, Any]]:
+    """Write fit's teacher center (`distill.teacher_center`) for eval and the score cascade; returns
+    what fit/metrics.json records about it (None: no centring, nothing written)."""
+    if center is None:
+        return None
+    record = {"rows": int(rows), "norm": float(np.linalg.norm(center)), "dim": int(center.shape[0])}
+    storage.write_json_atomic(storage.join(fit_dir, TEACHER_CENTER_FILE), {**record, "center": center.tolist()})
+    return record
+
+
+def read_teacher_center(job: JobConfig) -> Optional[np.ndarray]:
+    """The center the fit stage removed from every sketch (float32 [proj_dim]), or None when it fitted
+    on raw cosines: every later influence cosine (eval's gradient method and held-out truth, the score
+    cascade) must be taken the same way as the targets the encoder learned."""
+    from pipeline.artifacts import stage_dir
+
+    path = storage.join(stage_dir(job, "fit"), TEACHER_CENTER_FILE)
+    if not storage.exists(path):
+        return None
+    center = np.asarray(storage.read_json(path)["center"], dtype=np.float32)
+    if center.shape != (job.sketch.proj_dim,):
+        raise StageError(
+            f"{storage.redact(path)} holds a center of width {center.shape}, but sketch.proj_dim is "
+            f"{job.sketch.proj_dim}; rerun fit (`influcoder run JOB.yaml --from fit`)."
+        )
+    return center
 
 
 def teacher_ms_per_row(shard_dir: str, compute_s: float, rows: int) -> float:
