@@ -98,6 +98,10 @@ RECIPES: dict[str, list[str]] = {
     "no_dropout": ["fit.dropout=0"],
     # The last epoch, blended in score space with the starting encoder at a weight chosen on validation.
     "blend": ["fit.val_frac=0.25", "fit.blend=[0.1,0.2,0.3,0.4,0.5,0.6]"],
+    # Targets from centred teacher sketches (fit.center_teacher): the held-out truth is centred too, so
+    # its fidelity columns measure agreement with that teacher, not with the raw one of the rows above.
+    "center": ["fit.center_teacher=true"],
+    "center_blend": ["fit.center_teacher=true", "fit.val_frac=0.25", "fit.blend=[0.1,0.2,0.3,0.4,0.5,0.6]"],
 }
 
 

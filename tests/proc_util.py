@@ -90,10 +90,11 @@ def wait_for(cond, timeout: float, interval: float = 0.05, what: str = "conditio
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def run_as_a_user(job_path, timeout: float = 600) -> dict:
+def run_as_a_user(job_path, timeout: float = 600, env_extra: dict | None = None, drop_env: tuple = ()) -> dict:
     """`influcoder run JOB` in its own process, as a user starts it (its own Ray, no terminal):
-    {'rc', 'stdout', 'stderr', 'session_logs'} (the text of Ray's session log files). Every process
-    it starts carries a tag and is killed by pid afterwards."""
+    {'rc', 'stdout', 'stderr', 'session_logs'} (the text of Ray's session log and record files).
+    `env_extra` is added to this process's environment, less the variables starting with a `drop_env`
+    prefix. Every process it starts carries a tag and is killed by pid afterwards."""
     import shutil
     import subprocess
     import sys
@@ -101,8 +102,9 @@ def run_as_a_user(job_path, timeout: float = 600) -> dict:
     from pathlib import Path
 
     tag = new_tag()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
-    env.update({TAG: tag, "RAY_TMPDIR": tempfile.mkdtemp(prefix="icrun", dir="/tmp")})
+    drop = ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not (drop_env and k.startswith(drop_env))}
+    env.update({TAG: tag, "RAY_TMPDIR": tempfile.mkdtemp(prefix="icrun", dir="/tmp"), **(env_extra or {})})
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "run", str(job_path)],
@@ -114,7 +116,7 @@ def run_as_a_user(job_path, timeout: float = 600) -> dict:
         session_logs = "".join(
             p.read_text(errors="replace")
             for p in Path(env["RAY_TMPDIR"]).rglob("*")
-            if p.is_file() and p.suffix in (".out", ".err", ".log")
+            if p.is_file() and p.suffix in (".out", ".err", ".log", ".json", ".txt")
         )
     finally:
         kill_tagged(tag)

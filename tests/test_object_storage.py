@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -206,46 +204,29 @@ def test_the_uri_guard_fires(tmp_path):
 
 def _run_job(job: dict, tmp: Path, env_extra: dict, name: str) -> dict:
     """`influcoder run JOB` in its own process (its own Ray, the URI guard in every process), as a
-    user starts it: {'rc', 'out', 'ray_logs', 'guard'}. Every process it starts is killed by pid."""
+    user starts it (proc_util.run_as_a_user, no AWS_* variable of this process passed on):
+    {'rc', 'out', 'ray_logs', 'guard'}."""
     guard_dir = s3_util.guard_dir(tmp / "guard")
     guard_log = tmp / f"{name}.guard.log"
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
-    tag = proc_util.new_tag()
-    ray_tmp = tempfile.mkdtemp(prefix="icobj", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
-    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
-    env.update(
-        {
-            proc_util.TAG: tag,
-            "RAY_TMPDIR": ray_tmp,
-            "PYTHONPATH": os.pathsep.join([str(guard_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    pythonpath = os.pathsep.join([str(guard_dir), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    run = proc_util.run_as_a_user(
+        path,
+        timeout=1200,
+        drop_env=("AWS_",),
+        env_extra={
+            "PYTHONPATH": pythonpath,
             "INFLUCODER_URI_GUARD_LOG": str(guard_log),
             "INFLUCODER_CACHE": str(tmp / f"{name}.cache"),
             "RAY_raylet_start_wait_time_s": "120",  # a busy CI machine: the default 60 s has run out
             **env_extra,
-        }
+        },
     )
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "run", str(path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        ray_logs = "".join(
-            p.read_text(errors="replace")
-            for p in Path(ray_tmp).rglob("*")
-            if p.is_file() and p.suffix in (".out", ".err", ".log", ".json", ".txt")
-        )
-    finally:
-        proc_util.kill_tagged(tag)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     return {
-        "rc": proc.returncode,
-        "out": proc.stdout + proc.stderr,
-        "ray_logs": ray_logs,
+        "rc": run["rc"],
+        "out": run["stdout"] + run["stderr"],
+        "ray_logs": run["session_logs"],
         "guard": guard_log.read_text() if guard_log.exists() else "",
     }
 
