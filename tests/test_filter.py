@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_job_data
+from conftest import tiny_job_data, tiny_run_data
 from pipeline import api
 from pipeline.errors import ArtifactMismatchError, InputDataError
 
@@ -30,7 +30,7 @@ DOWNSTREAM = ["encode", "score", "filter"]
 def _job(run_dir: Path, corpus: dict, tox: Path, teacher: str, encoder: str) -> dict:
     job = tiny_job_data(run_dir, tox, teacher, encoder)
     job["corpus"] = corpus
-    job["fit"]["epochs"] = 1
+    job["fit"] = tiny_run_data(run_dir, tox, teacher, encoder)["fit"]  # fit as the shared tiny run's
     job["score"]["select_top_frac"] = 0.25
     return job
 
