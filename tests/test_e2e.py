@@ -79,8 +79,12 @@ def test_whole_job_end_to_end(tiny_run, capsys, tmp_path, ray_local):
     # warning each time, in its own log file) when no dashboard serves that API.
     assert "Failed to query Ray Train Controller actor state" not in console["session_logs"]
     assert "PlacementGroupCleanerMonitor" not in console["session_logs"]  # its monitor thread did not crash
-    # A console a person can read: one screen for a tiny job, no third-party noise.
-    assert len((out + err).splitlines()) <= 60, out + err
+    # A console a person can read: one screen for a tiny job (the cascade on: its teacher pass, its
+    # line and its report row), no third-party noise. Progress lines in flight (at most one per 10 s
+    # of a stage: more on a busy machine) do not count; each stage's final progress line does.
+    lines = (out + err).splitlines()
+    in_flight = [line for line in lines if "influcoder.progress" in line and " left" in line]
+    assert len(lines) - len(in_flight) <= 64, out + err
     noise = [line for line in (out + err).splitlines() if any(n in line for n in CONSOLE_NOISE)]
     assert noise == [], "\n".join(noise)
     assert "stage    state" in out and "ran" in out
