@@ -41,7 +41,7 @@ def center_sketches(sketches: np.ndarray, center: Optional[np.ndarray]) -> np.nd
     """Unit sketches with the teacher's shared direction removed: normalise(s - center), float32.
 
     Cosines of unit sketches are dominated by what every row's loss gradient has in common (a
-    general language-modelling direction), so rows that share little but that are ranked alike;
+    general language-modelling direction), so rows that share little else still score alike;
     subtracting the pool's mean sketch leaves what is specific to each row. A zero row (a row the
     teacher rejected: no evidence) stays zero, and so does a row equal to the center. `center` None
     returns the sketches unchanged (as float32)."""
