@@ -438,6 +438,7 @@ def test_eval_cascade_metrics_follow_the_cascade_rankings(tmp_path):
         results,
         curves,
         reps,
+        None,  # no teacher center: the gradient method's matrix is already the teacher's cosines
     )
     r = results["cascade"]
     assert r["k"] == k and r["ms_per_sample"] == pytest.approx(0.5 + k / n * 100.0)

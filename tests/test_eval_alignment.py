@@ -63,7 +63,7 @@ def test_teacher_sketches_follow_the_row_ids(tmp_path, monkeypatch):
         work_dir=str(tmp_path / "work"),
     )
     rows, queries = _canonical("row", 12), _canonical("q", 3)
-    q_mat, r_mat, record = eval_stage._gradient_method(ctx, rows, queries)
+    q_mat, r_mat, record = eval_stage._gradient_method(ctx, rows, queries, None)
     ms = record["ms_per_sample"]
     for table, mat in ((rows, r_mat), (queries, q_mat)):
         want = np.stack([_sketch_of(i) for i in table.column(ID).to_pylist()])

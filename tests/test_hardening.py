@@ -184,7 +184,7 @@ def test_eval_gradient_counts_the_rows_the_teacher_rejected(tmp_path, monkeypatc
         return pa.table({ID: ids, SOURCE: ["f"] * n, ROW: list(range(n)), TEXT: ids, PROMPT: ids, RESPONSE: ids})
 
     job = _job(tmp_path, sketch={"proj_dim": DIM, "rows_per_shard": 4})
-    q, r, record = eval_stage._gradient_method(_ctx(tmp_path, job), canonical("row", 9), canonical("q", 3))
+    q, r, record = eval_stage._gradient_method(_ctx(tmp_path, job), canonical("row", 9), canonical("q", 3), None)
     assert record["teacher_rejected_rows"] == 2 and record["teacher_rejected_queries"] == 1
     assert (r[[2, 5]] == 0).all() and (r[[0, 1, 3]] != 0).all() and (q[1] == 0).all()
 

@@ -184,8 +184,11 @@ def _embed_method(
     return out, ms, load_s, enc.dim
 
 
-def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Teacher sketches of the eval rows and queries (resumable shards in the work dir), aligned by id.
+def _gradient_method(
+    ctx: StageRun, rows: pa.Table, queries: pa.Table, center: Optional[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Teacher sketches of the eval rows and queries (resumable shards in the work dir), aligned by id,
+    centred by `center` (fit.center_teacher; None: raw).
 
     Returns (query sketches, row sketches, record): rows and queries the teacher rejects (no loss
     span within teacher.max_len) keep a zero sketch, so they score 0; the record counts them
@@ -196,7 +199,7 @@ def _gradient_method(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> tuple[
         {"queries": queries.to_pylist(), "rows": rows.to_pylist()},
         shard_dir,
         stage="eval",
-        center=read_teacher_center(ctx.job),
+        center=center,
     )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     record = {
@@ -404,7 +407,7 @@ def run(ctx: StageRun) -> None:
             results[name]["blend_weight"] = ((ctx.upstream.get("fit") or {}).get("fit") or {}).get("blend_weight", 0.0)
     if "gradient" in methods:
         t0 = time.perf_counter()
-        gq, gr, teacher = _gradient_method(ctx, rows, queries)
+        gq, gr, teacher = _gradient_method(ctx, rows, queries, center)
         per_query["gradient"] = gq @ gr.T
         results["gradient"] = {
             "heldout": _fidelity(heldout_gt, heldout_gt, seed),
@@ -449,7 +452,19 @@ def run(ctx: StageRun) -> None:
 
     if "cascade" in methods:  # the teacher re-rank cascade: its own section at the end of this file
         _cascade_method(
-            ctx, rows, queries, ids, labels, per_query, heldout_pred, heldout_gt, p_ids, results, curves, auprc_reps
+            ctx,
+            rows,
+            queries,
+            ids,
+            labels,
+            per_query,
+            heldout_pred,
+            heldout_gt,
+            p_ids,
+            results,
+            curves,
+            auprc_reps,
+            center,
         )
     consistency = _check_against_score_stage(ctx, ids, per_query.get("influcoder"))
     if "gradient" in results and "influcoder" in results:
@@ -581,9 +596,12 @@ def _cascade_k(ctx: StageRun, n: int) -> int:
     return cascade.resolve_k(min(top, scored) / scored, n) if top < scored else n
 
 
-def _cascade_teacher(ctx: StageRun, rows: pa.Table, queries: pa.Table, need: np.ndarray) -> tuple[np.ndarray, float]:
+def _cascade_teacher(
+    ctx: StageRun, rows: pa.Table, queries: pa.Table, need: np.ndarray, center: Optional[np.ndarray]
+) -> tuple[np.ndarray, float]:
     """Teacher cosines [Q, N] for the `need` rows (NaN elsewhere and where rejected) when the gradient
-    method did not run, and the teacher's ms per row (accumulated across resumed runs)."""
+    method did not run, of sketches centred by `center`, and the teacher's ms per row (accumulated
+    across resumed runs)."""
     from pipeline import cascade
 
     shard_dir = storage.join(ctx.work_dir, "cascade_shards")
@@ -593,7 +611,7 @@ def _cascade_teacher(ctx: StageRun, rows: pa.Table, queries: pa.Table, need: np.
         {"queries": queries.to_pylist(), "rows": [row_recs[i] for i in need]},
         shard_dir,
         stage="eval",
-        center=read_teacher_center(ctx.job),
+        center=center,
     )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     teach = np.full((queries.num_rows, rows.num_rows), np.nan)
@@ -623,8 +641,10 @@ def _cascade_method(
     results: dict[str, dict[str, Any]],
     curves: dict[str, Any],
     auprc_reps: dict[str, np.ndarray],
+    center: Optional[np.ndarray],
 ) -> None:
-    """Evaluate the cascade (see the section comment); fills results/curves/auprc_reps["cascade"]."""
+    """Evaluate the cascade (see the section comment); fills results/curves/auprc_reps["cascade"].
+    `center`: the teacher's center (fit.center_teacher) for the rows the teacher still has to score."""
     from pipeline import cascade
 
     job = ctx.job
@@ -642,7 +662,7 @@ def _cascade_method(
         teach, _ = cascade.mask_rejected(g, ~(g == 0).all(axis=0), ~(g == 0).all(axis=1))
         teacher_ms = results["gradient"]["ms_per_sample"]
     else:
-        teach, teacher_ms = _cascade_teacher(ctx, rows, queries, need)
+        teach, teacher_ms = _cascade_teacher(ctx, rows, queries, need, center)
     q_ok = ~np.isnan(teach).all(axis=1)
     if not q_ok.any():
         raise InputDataError(

@@ -232,8 +232,8 @@ def load_fit_data(
     if center is not None:
         train_a, train_p = _centered(train_a, center), _centered(train_p, center)
         val_a, val_p = (None, None) if val_a is None else (_centered(val_a, center), _centered(val_p, center))
-        for key in [k for k in parts if k[1] == "eval"]:
-            parts[key] = _centered(parts[key], center)
+        for side in SIDES:
+            parts[side, "eval"] = _centered(parts[side, "eval"], center)
     return FitData(
         train_anchors=train_a,
         train_pool=train_p,
