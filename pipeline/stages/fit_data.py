@@ -8,7 +8,8 @@ teacher's cosine matrices:
   anchors and of its pool rows); every choice made while fitting (epoch, weight interpolation) is
   made here;
 - eval: the sketch stage's held-out split, the ground truth that is reported and never chosen on.
-Pure pyarrow/numpy: no Ray, no torch (encoder views are plain tuples built by `pipeline.encoder`).
+pyarrow/numpy and no Ray; the cosine and centring maths come from `pipeline.distill` (which imports
+torch); encoder views are plain tuples built by `pipeline.encoder`.
 """
 
 from __future__ import annotations
