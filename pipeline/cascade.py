@@ -1,10 +1,19 @@
 """The teacher re-rank cascade (`score.rerank_top`): pure maths, numpy only, shared by score and eval.
 
 The encoder ranks every corpus row; the teacher (exact gradient influence, the sketch stage's
-computation) is run on the encoder's top-K rows only, and those K rows are re-ordered by the
-teacher's score. They keep the top-K block (ranks 1..K); rows past K keep the encoder's order and
-ranks. Orders are always "score descending, ties by id ascending" (codes.ranking_order, ranking.py),
-so a cascade ranking is deterministic.
+computation) is run on the encoder's top-K rows only, and those K rows are re-ordered. They keep the
+top-K block (ranks 1..K); rows past K keep the encoder's order and ranks. Orders are always "score
+descending, ties by id ascending" (codes.ranking_order, ranking.py), so a cascade ranking is
+deterministic.
+
+How the block is re-ordered (`score.rerank_by`, RERANK_BY):
+- `fused` (the default): reciprocal-rank fusion of the two rankings inside the block,
+  1 / (RRF_K + encoder rank) + 1 / (RRF_K + teacher rank). The encoder (distilled, and blended with
+  the plain encoder where fit chose a blend) and the teacher make partly independent errors; where
+  either alone is the weaker ranker for an application, re-ordering by it alone throws away what the
+  other knew. Fusion needs no labels and no tuning: RRF_K is the constant of the method's paper
+  (Cormack, Clarke & Buettcher, SIGIR 2009), fixed before any measurement here.
+- `teacher`: the teacher's score alone (the cascade of METHOD.md: the block in teacher order).
 
 Rows the teacher could not score (it rejected the row: e.g. nothing of the response survives
 `teacher.max_len`) carry a NaN teacher score: they stay in the block, after every teacher-scored
@@ -23,6 +32,11 @@ from typing import Optional
 import numpy as np
 
 from pipeline.ranking import rows_for_fraction
+
+RERANK_BY = ("fused", "teacher")
+"""How the cascade re-orders its block (`score.rerank_by`); the first is the default."""
+RRF_K = 60
+"""Reciprocal-rank fusion's constant (Cormack et al. 2009's value; not tuned on any data here)."""
 
 
 def resolve_k(rerank_top: float, n: int) -> int:
@@ -44,19 +58,28 @@ def _order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.lexsort((np.asarray(ids, dtype=str), -np.asarray(scores, dtype=np.float64)))
 
 
-def rerank(block_ids, teacher_scores) -> np.ndarray:
+def rerank(block_ids, teacher_scores, by: str = "fused") -> np.ndarray:
     """Permutation of a top-K block (given in encoder order) into cascade order.
 
-    Teacher-scored rows first (teacher score descending, ties by id); rows with a NaN teacher
-    score after them, in the order given (the encoder's).
+    Teacher-scored rows first, ordered by `by` (RERANK_BY): `teacher`, the teacher score descending;
+    `fused`, the reciprocal-rank fusion of the row's place in the block (its encoder rank) and its
+    rank by teacher score among the scored rows. Ties by id. Rows with a NaN teacher score come after
+    them, in the order given (the encoder's).
     """
     ids = np.asarray(block_ids, dtype=str)
     t = np.asarray(teacher_scores, dtype=np.float64)
     if ids.shape != t.shape or ids.ndim != 1:
         raise ValueError(f"one teacher score per block row is needed: {ids.shape} ids, {t.shape} scores")
+    if by not in RERANK_BY:
+        raise ValueError(f"rerank_by must be one of {RERANK_BY}; got {by!r}")
     scored = np.flatnonzero(~np.isnan(t))
     unscored = np.flatnonzero(np.isnan(t))
-    return np.concatenate([scored[_order(ids[scored], t[scored])], unscored]).astype(np.int64)
+    key = t[scored]
+    if by == "fused":
+        teacher_rank = np.empty(len(scored))
+        teacher_rank[_order(ids[scored], key)] = np.arange(1, len(scored) + 1)
+        key = 1.0 / (RRF_K + scored + 1) + 1.0 / (RRF_K + teacher_rank)  # scored + 1: the encoder rank
+    return np.concatenate([scored[_order(ids[scored], key)], unscored]).astype(np.int64)
 
 
 def top_block(ids, encoder_scores, k: int) -> np.ndarray:
@@ -64,13 +87,14 @@ def top_block(ids, encoder_scores, k: int) -> np.ndarray:
     return _order(ids, encoder_scores)[:k]
 
 
-def cascade_order(ids, encoder_scores, teacher_scores, k: int) -> np.ndarray:
-    """Row indices in cascade order: the encoder's top-k re-ranked by `teacher_scores`, then the rest
-    in encoder order. `teacher_scores` has one entry per row; only the block's entries are read."""
+def cascade_order(ids, encoder_scores, teacher_scores, k: int, by: str = "fused") -> np.ndarray:
+    """Row indices in cascade order: the encoder's top-k re-ranked with `teacher_scores` (`rerank`'s
+    `by`), then the rest in encoder order. `teacher_scores` has one entry per row; only the block's
+    entries are read."""
     enc = _order(ids, encoder_scores)
     block, rest = enc[:k], enc[k:]
     t = np.asarray(teacher_scores, dtype=np.float64)
-    return np.concatenate([block[rerank(np.asarray(ids, dtype=str)[block], t[block])], rest])
+    return np.concatenate([block[rerank(np.asarray(ids, dtype=str)[block], t[block], by)], rest])
 
 
 def scores_from_order(order: np.ndarray) -> np.ndarray:
@@ -82,19 +106,22 @@ def scores_from_order(order: np.ndarray) -> np.ndarray:
     return out
 
 
-def cascade_scores(ids, encoder_scores, teacher_scores, k: int) -> np.ndarray:
+def cascade_scores(ids, encoder_scores, teacher_scores, k: int, by: str = "fused") -> np.ndarray:
     """`scores_from_order(cascade_order(...))`: the aggregate cascade ranking as scores."""
-    return scores_from_order(cascade_order(ids, encoder_scores, teacher_scores, k))
+    return scores_from_order(cascade_order(ids, encoder_scores, teacher_scores, k, by))
 
 
-def per_query_cascade_scores(ids, encoder_per_query: np.ndarray, teacher_per_query: np.ndarray, k: int) -> np.ndarray:
-    """[Q, N] scores whose row q ranks query q's own encoder top-k by q's teacher cosine, the rest by
-    q's encoder score: a per-query retrieve-then-rerank. NaN teacher entries sink within the block."""
+def per_query_cascade_scores(
+    ids, encoder_per_query: np.ndarray, teacher_per_query: np.ndarray, k: int, by: str = "fused"
+) -> np.ndarray:
+    """[Q, N] scores whose row q re-ranks query q's own encoder top-k with q's teacher cosine (`by`),
+    the rest by q's encoder score: a per-query retrieve-then-rerank. NaN teacher entries sink within
+    the block."""
     enc = np.asarray(encoder_per_query)
     teach = np.asarray(teacher_per_query)
     if enc.shape != teach.shape or enc.ndim != 2:
         raise ValueError(f"encoder and teacher scores must both be [queries, rows]; got {enc.shape}, {teach.shape}")
-    return np.stack([cascade_scores(ids, enc[q], teach[q], k) for q in range(enc.shape[0])]) if len(enc) else enc
+    return np.stack([cascade_scores(ids, enc[q], teach[q], k, by) for q in range(enc.shape[0])]) if len(enc) else enc
 
 
 def rows_needing_teacher(

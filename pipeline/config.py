@@ -405,6 +405,11 @@ class ScoreConfig:
     score against the queries, and those rows are re-ordered by it (they keep the top block; later
     rows keep the encoder order). scores.parquet gains teacher_score and reranked; the selection
     follows the new ranks. Costs a teacher backward pass per re-ranked row. null: off."""
+    rerank_by: Literal["fused", "teacher"] = "fused"
+    """How the cascade re-orders its block. `fused`: reciprocal-rank fusion (constant 60, not tuned)
+    of the encoder's and the teacher's ranks, so neither ranker's knowledge is thrown away (on the
+    demo, re-ordering by the teacher alone lost AUPRC to the encoder; fusion kept it). `teacher`: the
+    teacher's score alone. See pipeline/cascade.py."""
 
     def __post_init__(self) -> None:
         _positive(self, "top_k", "refine_factor", "nprobes", "batch_rows")
@@ -443,7 +448,7 @@ class EvalConfig:
 
     methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS))
     """Methods compared on the same rows and queries (influcoder, gradient, untrained_encoder, bm25, random,
-    cascade). cascade (the encoder's top rows re-ranked by the teacher, see score.rerank_top) is evaluated
+    cascade). cascade (the encoder's top rows re-ranked with the teacher, see score.rerank_top and rerank_by) is evaluated
     only when score.rerank_top is set, and needs influcoder."""
     recall_k: list[int] = field(default_factory=lambda: [10, 50])
     """k values of Recall@k (retrieval metrics; relevant rows are the corpus rows with label 1)."""

@@ -32,13 +32,22 @@ MAX_LEN = 64
 # --------------------------------------------------------------------------- pure maths
 
 
-def _brute_cascade(ids, enc, teach, k):
-    """Reference: sort with Python keys, re-rank the first k by (teacher desc, id), NaN last."""
+def _brute_cascade(ids, enc, teach, k, by="teacher"):
+    """Reference: sort with Python keys; re-rank the first k by (teacher desc, id) or by the RRF of
+    (block position, teacher rank) with Python fractions (exact, so no float ties are invented); NaN last."""
+    from fractions import Fraction
+
     order = sorted(range(len(ids)), key=lambda i: (-enc[i], ids[i]))
     block, rest = order[:k], order[k:]
-    scored = sorted([i for i in block if not math.isnan(teach[i])], key=lambda i: (-teach[i], ids[i]))
+    scored = [i for i in block if not math.isnan(teach[i])]
+    by_teacher = sorted(scored, key=lambda i: (-teach[i], ids[i]))
+    if by == "fused":
+        teacher_rank = {i: r for r, i in enumerate(by_teacher, start=1)}
+        block_rank = {i: r for r, i in enumerate(block, start=1)}
+        rrf = {i: Fraction(1, 60 + block_rank[i]) + Fraction(1, 60 + teacher_rank[i]) for i in scored}
+        by_teacher = sorted(scored, key=lambda i: (-rrf[i], ids[i]))
     unscored = [i for i in block if math.isnan(teach[i])]
-    return scored + unscored + rest
+    return by_teacher + unscored + rest
 
 
 def _random_case(seed, n=40, ties=True):
@@ -50,19 +59,38 @@ def _random_case(seed, n=40, ties=True):
     return ids, enc, teach
 
 
+@pytest.mark.parametrize("by", cascade.RERANK_BY)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("k", [1, 7, 40])
-def test_cascade_order_matches_a_brute_force_sort(seed, k):
+def test_cascade_order_matches_a_brute_force_sort(seed, k, by):
     ids, enc, teach = _random_case(seed)
     teach[np.random.default_rng(seed + 10).choice(len(ids), 3, replace=False)] = np.nan  # teacher rejects
-    got = cascade.cascade_order(ids, enc, teach, k)
-    assert got.tolist() == _brute_cascade(ids.tolist(), enc.tolist(), teach.tolist(), k)
+    got = cascade.cascade_order(ids, enc, teach, k, by)
+    assert got.tolist() == _brute_cascade(ids.tolist(), enc.tolist(), teach.tolist(), k, by)
+
+
+def test_fused_rerank_by_hand():
+    """Block a, b, c, d in encoder order; the teacher ranks b, c, d, a. RRF (constant 60):
+    a 1/61 + 1/64 = .032018, b 1/62 + 1/61 = .032522, c 1/63 + 1/62 = .032002, d 1/64 + 1/63 = .031498.
+    The teacher alone would put a last; fused, a stays second: both rankers' evidence counts."""
+    ids = np.array(["a", "b", "c", "d"])
+    teach = np.array([0.1, 0.4, 0.3, 0.2])
+    assert ids[cascade.rerank(ids, teach, "fused")].tolist() == ["b", "a", "c", "d"]
+    assert ids[cascade.rerank(ids, teach, "teacher")].tolist() == ["b", "c", "d", "a"]
+    # Mirror-image ranks tie exactly (1/61 + 1/62 both ways): ties break by id, as everywhere.
+    two = np.array(["y", "x"])
+    assert two[cascade.rerank(two, np.array([0.1, 0.9]), "fused")].tolist() == ["x", "y"]
+    # A rejected row (NaN) keeps its place after the scored rows and does not count in their ranks.
+    teach = np.array([np.nan, 0.4, 0.3, 0.2])
+    assert ids[cascade.rerank(ids, teach, "fused")].tolist() == ["b", "c", "d", "a"]
+    with pytest.raises(ValueError, match="rerank_by"):
+        cascade.rerank(ids, teach, "mean")
 
 
 def test_block_follows_the_teacher_and_rows_past_k_keep_the_encoder_order():
     ids, enc, teach = _random_case(3, ties=False)
     k = 10
-    order = cascade.cascade_order(ids, enc, teach, k)
+    order = cascade.cascade_order(ids, enc, teach, k, "teacher")
     enc_order = np.lexsort((ids, -enc))
     assert set(order[:k]) == set(enc_order[:k])  # the block is the encoder's top k
     assert (np.diff(teach[order[:k]]) <= 0).all()  # ... ordered by the teacher
@@ -71,10 +99,10 @@ def test_block_follows_the_teacher_and_rows_past_k_keep_the_encoder_order():
 
 def test_ties_in_the_teacher_score_break_by_id():
     ids = np.array(["c", "a", "d", "b"])
-    perm = cascade.rerank(ids, np.array([0.5, 0.5, 0.9, 0.5]))
+    perm = cascade.rerank(ids, np.array([0.5, 0.5, 0.9, 0.5]), "teacher")
     assert ids[perm].tolist() == ["d", "a", "b", "c"]
     # NaN (teacher rejected) rows go last, in the order given (the encoder's), not by id.
-    perm = cascade.rerank(ids, np.array([np.nan, 0.1, np.nan, 0.2]))
+    perm = cascade.rerank(ids, np.array([np.nan, 0.1, np.nan, 0.2]), "teacher")
     assert ids[perm].tolist() == ["b", "a", "c", "d"]
 
 
@@ -109,14 +137,15 @@ def test_scores_from_order_rank_exactly_like_the_order():
     assert np.argsort(-s, kind="stable").tolist() == order.tolist()
 
 
-def test_per_query_cascade_reranks_each_querys_own_top_k():
+@pytest.mark.parametrize("by", cascade.RERANK_BY)
+def test_per_query_cascade_reranks_each_querys_own_top_k(by):
     rng = np.random.default_rng(5)
     ids = np.array([f"r{i:02d}" for i in range(30)])
     enc, teach = rng.normal(size=(4, 30)), rng.normal(size=(4, 30))
-    s = cascade.per_query_cascade_scores(ids, enc, teach, 6)
+    s = cascade.per_query_cascade_scores(ids, enc, teach, 6, by)
     for q in range(4):
         assert np.argsort(-s[q], kind="stable").tolist() == _brute_cascade(
-            ids.tolist(), enc[q].tolist(), teach[q].tolist(), 6
+            ids.tolist(), enc[q].tolist(), teach[q].tolist(), 6, by
         )
     need = cascade.rows_needing_teacher(ids, enc.mean(0), enc, 6)
     want = set(np.argsort(-enc.mean(0))[:6].tolist()) | {j for q in range(4) for j in np.argsort(-enc[q])[:6]}
@@ -289,7 +318,12 @@ def test_score_cascade_reranks_the_top_rows_by_the_teacher(
         tmp_path, shared_data, n_rows=n, n_queries=3, teacher=tiny_teacher_dir, encoder=tiny_encoder_dir
     )
     data["score"].update(rerank_top=k, select_top_frac=0.125)  # selects ceil(3) rows: inside the block
+    # Both ways of re-ordering the block, one per variant (each is a whole stage run).
+    by = "fused" if centered else "teacher"
+    if not centered:
+        data["score"]["rerank_by"] = "teacher"
     job = load_job(data=data)
+    assert job.score.rerank_by == by  # fused is the default
     # A center like fit's (a mean of unit sketches: shorter than 1), here a seeded random one.
     center = np.random.default_rng(0).normal(size=job.sketch.proj_dim).astype(np.float32) if centered else None
     if centered:
@@ -308,7 +342,7 @@ def test_score_cascade_reranks_the_top_rows_by_the_teacher(
     assert m["fidelity_gate"] == {"passed": False, "exported": 0.10, "untrained": 0.30, "source": "exported"}
     c = m["cascade"]
     assert c["k"] == k and c["rows"] == k and c["of_rows"] == n and c["teacher_s"] > 0
-    assert c["teacher_centered"] is centered
+    assert c["teacher_centered"] is centered and c["rerank_by"] == by
     assert c["shards"] == {"total": 1 + math.ceil(k / 4), "resumed": 0}  # 3 queries + 6 rows, 4 per shard
 
     t = pq.read_table(Path(job.run_dir) / "score" / "scores.parquet").to_pylist()
@@ -321,8 +355,13 @@ def test_score_cascade_reranks_the_top_rows_by_the_teacher(
     assert {r["id"] for r in block} == {r["id"] for r in enc_order[:k]}
     # ... rows past k keep the encoder order ...
     assert [r["id"] for r in rest] == [r["id"] for r in enc_order[k:]]
-    # ... and the block is ordered by the teacher, ties by id.
-    assert [r["id"] for r in block] == [r["id"] for r in sorted(block, key=lambda r: (-r["teacher_score"], r["id"]))]
+    # ... and the block is re-ordered with the teacher's scores (by them alone, or fused with the
+    # encoder's ranks), ties by id.
+    ids = [r["id"] for r in enc_order]
+    want = _brute_cascade(
+        ids, [-i for i in range(n)], [r["teacher_score"] for r in enc_order[:k]] + [0.0] * (n - k), k, by
+    )
+    assert [r["id"] for r in block] == [ids[i] for i in want[:k]]
     assert c["rows_moved"] == sum(a["id"] != b["id"] for a, b in zip(block, enc_order[:k]))
 
     # The teacher scores equal an independent computation: TeacherSketcher on the raw rows.
@@ -443,22 +482,24 @@ def test_eval_cascade_metrics_follow_the_cascade_rankings(tmp_path):
     r = results["cascade"]
     assert r["k"] == k and r["ms_per_sample"] == pytest.approx(0.5 + k / n * 100.0)
 
-    # Aggregate: the encoder's top k by mean re-ranked by the teacher's mean (rejected row last).
+    # Aggregate: the encoder's top k by mean re-ranked with the teacher's mean (rejected row last).
     t_mean = grad.mean(0).copy()
     t_mean[5] = np.nan
-    order = _brute_cascade(ids, enc.mean(0).tolist(), t_mean.tolist(), k)
+    by = job.score.rerank_by
+    assert by == "fused"  # the default
+    order = _brute_cascade(ids, enc.mean(0).tolist(), t_mean.tolist(), k, by)
     agg = np.empty(n)
     agg[order] = np.arange(n, 0, -1)
     assert r["auprc"] == pytest.approx(metrics.auprc(labels, agg))
     assert r["auprc"] >= metrics.auprc(labels, enc.mean(0))  # the teacher knows better: the cascade gains
     assert "cascade" in curves and "cascade" in reps
 
-    # Per query: that query's own encoder top k re-ranked by that query's teacher cosine.
+    # Per query: that query's own encoder top k re-ranked with that query's teacher cosine.
     rr = []
     for j in range(q):
         t = grad[j].copy()
         t[5] = np.nan
-        ranked = _brute_cascade(ids, enc[j].tolist(), t.tolist(), k)
+        ranked = _brute_cascade(ids, enc[j].tolist(), t.tolist(), k, by)
         first = next(pos for pos, i in enumerate(ranked, start=1) if labels[i] == 1)
         rr.append(1 / first)
     assert r["mrr"] == pytest.approx(np.mean(rr))

@@ -7,7 +7,7 @@ Every method scores the same corpus rows against the same queries:
   `SentenceTransformer(model).encode` embeds), the control influcoder has to beat; with a non-empty
   `encoder.anchor_prefix`, `untrained_encoder_prefixed` is reported beside it (never instead)
 - bm25 and random (seeded)
-- cascade (when score.rerank_top is set): influcoder's top rows re-ranked by the teacher (section at the end)
+- cascade (when score.rerank_top is set): influcoder's top rows re-ranked with the teacher (section at the end)
 Metrics (pipeline.metrics, scipy/sklearn):
 - application, when the corpus has labels: AUPRC of the mean-over-queries score (label 1 = row to
   find), Recall@k and MRR per query (relevant = label-1 rows)
@@ -566,9 +566,10 @@ def _headline(out: dict[str, Any]) -> str:
 # The teacher re-rank cascade on the same rows and queries. The ranking maths is pipeline/cascade.py,
 # the functions the score stage ranks with (one source of truth):
 # - AUPRC, AP, precision@n_pos and the PR curve use the aggregate ranking the score stage writes: the
-#   influcoder top-K rows by mean score, re-ranked by the teacher's mean cosine over queries.
+#   influcoder top-K rows by mean score, re-ranked with the teacher's mean cosine over queries
+#   (`score.rerank_by`: fused with the encoder's ranks, or the teacher alone).
 # - Recall@k and MRR are per query: each query's own influcoder top-K re-ranked by that query's
-#   teacher cosine (retrieve-then-rerank per query), the rest in that query's encoder order. Ranking
+#   teacher cosine (retrieve-then-rerank per query, the same `rerank_by`), the rest in that query's encoder order. Ranking
 #   the aggregate block first for every query would put rows chosen for the average query ahead of
 #   the query's own best rows; a per-query user re-ranks that query's candidates.
 # - held-out fidelity: the same cascade on the held-out anchors x pool (teacher = ground truth), the
@@ -669,8 +670,9 @@ def _cascade_method(
             f"eval: the teacher rejected every query in {storage.redact(job.score.queries.path)}; "
             f"raise teacher.max_len."
         )
-    agg = cascade.cascade_scores(ids, enc.mean(axis=0), teach[q_ok].mean(axis=0), k)
-    per_q = cascade.per_query_cascade_scores(ids, enc, teach, k)
+    by = job.score.rerank_by
+    agg = cascade.cascade_scores(ids, enc.mean(axis=0), teach[q_ok].mean(axis=0), k, by)
+    per_q = cascade.per_query_cascade_scores(ids, enc, teach, k, by)
 
     res: dict[str, Any] = {}
     app_q, _ = _application_metrics(per_q, labels, ids, job.eval.recall_k, seed)
@@ -686,13 +688,14 @@ def _cascade_method(
     p = heldout_gt.shape[1]
     k_h = cascade.resolve_k(k / n, p) if k < n else p
     hp = heldout_pred["influcoder"]
-    h_agg = cascade.cascade_scores(pool_ids, hp.mean(axis=0), heldout_gt.mean(axis=0), k_h)
-    h_per_q = cascade.per_query_cascade_scores(pool_ids, hp, heldout_gt, k_h)
+    h_agg = cascade.cascade_scores(pool_ids, hp.mean(axis=0), heldout_gt.mean(axis=0), k_h, by)
+    h_per_q = cascade.per_query_cascade_scores(pool_ids, hp, heldout_gt, k_h, by)
     res["heldout"] = _cascade_fidelity(h_agg, h_per_q, heldout_gt, seed)
     influ = results["influcoder"]
     res.update(
         {
             "k": k,
+            "rerank_by": by,
             "of_rows": n,
             "heldout_k": k_h,
             "teacher_rows_per_query_union": int(len(need)),
@@ -702,7 +705,8 @@ def _cascade_method(
             "bytes_per_sample": influ["bytes_per_sample"],
             "seconds": time.perf_counter() - t0,
             "consistency_with_score_stage": _cascade_consistency(ctx, ids, agg, k),
-            "note": "influcoder's top-K re-ranked by the teacher (aggregate for AUPRC, per query for Recall@k/MRR)",
+            "note": f"influcoder's top-K re-ranked with the teacher (rerank_by {by}; aggregate for AUPRC, "
+            "per query for Recall@k/MRR)",
         }
     )
     results["cascade"] = res

@@ -19,8 +19,9 @@ Cascade (`score.rerank_top`): while the merged ranking streams out, its first K 
 encoder's top-K by mean score, what curation selects from) are held back; their prompt/response
 are re-read from the corpus input (LanceDB holds ids and codes only), the teacher sketches them and
 the queries (the sketch stage's actors via `shared_teacher.teacher_sketch_groups`, in resumable
-shards under the work dir) and they are re-ordered by the teacher's mean cosine (pipeline/cascade.py,
-shared with eval). The per-query `topk.parquet` stays the encoder's.
+shards under the work dir) and they are re-ordered with the teacher's mean cosine: by default fused
+with the encoder's ranks, or by the teacher alone (`score.rerank_by`; pipeline/cascade.py, shared
+with eval). The per-query `topk.parquet` stays the encoder's.
 
 Fidelity gate: the manifest's `fidelity_gate` says whether the exported encoder's held-out
 aggregated Spearman (fit/metrics.json) beats the plain starting encoder's; a failing gate is
@@ -371,13 +372,14 @@ def fidelity_gate(fit_metrics_path: str) -> dict[str, Any]:
 def _cascade(
     ctx, chunks: Iterator[pa.Table], n: int, query_ids: list[str]
 ) -> tuple[Iterator[pa.Table], dict[str, Any]]:
-    """Hold back the first K rows of the ranked stream, re-rank them by the teacher, and return the
+    """Hold back the first K rows of the ranked stream, re-rank them with the teacher, and return the
     stream with the re-ranked block first (rows past K pass through unchanged) plus the manifest record."""
     job: JobConfig = ctx.job
     k = cascade.resolve_k(job.score.rerank_top, n)
     if k == 0:  # an empty table: nothing to re-rank
         return (_not_reranked(c) for c in chunks), {
             "rerank_top": job.score.rerank_top,
+            "rerank_by": job.score.rerank_by,
             "k": 0,
             "rows": 0,
             "of_rows": n,
@@ -426,7 +428,7 @@ def _cascade(
             f"(no response tokens within teacher.max_len={job.teacher.max_len}); raise teacher.max_len."
         )
     _, teacher_mean = cascade.teacher_scores(r_mat, r_ok, q_mat, q_ok)
-    perm = cascade.rerank(block_ids, teacher_mean)
+    perm = cascade.rerank(block_ids, teacher_mean, job.score.rerank_by)
     teacher_s = time.perf_counter() - t0
 
     t = teacher_mean[perm]
@@ -451,6 +453,7 @@ def _cascade(
     moved = int(np.sum(perm != np.arange(len(perm))))
     record = {
         "rerank_top": job.score.rerank_top,
+        "rerank_by": job.score.rerank_by,
         "k": k,
         "rows": len(block_ids),
         "of_rows": n,
