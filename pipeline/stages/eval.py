@@ -714,7 +714,9 @@ def _cascade_method(
 
 def _cascade_consistency(ctx: StageRun, ids: list[str], agg: np.ndarray, k: int) -> dict[str, Any]:
     """When eval covers every scored row, its cascade block should be score/scores.parquet's block
-    (up to near-ties at the K boundary: eval embeds in float32, the score stage reads float16 codes)."""
+    (up to near-ties at the K boundary: eval embeds in float32, the score stage reads float16 codes).
+    The order inside the block can differ more: `fused` ranks rows by their encoder rank too, so a
+    near-tie in encoder scores that the two precisions break differently moves a row."""
     path = storage.join(ctx.upstream_dir("score"), "scores.parquet")
     if not storage.exists(path):
         return {"checked": False}
