@@ -206,6 +206,26 @@ def _savefig(fig, path: str) -> None:
         fig.savefig(f, format="png", dpi=120)
 
 
+def teacher_notes(metrics: dict[str, Any]) -> list[str]:
+    """What the teacher side of eval's metrics means (headline and report share it): how the cascade
+    ordered its block, and whether the teacher's cosines are of centred sketches."""
+    lines = []
+    cascade = metrics["methods"].get("cascade")
+    if cascade:
+        fused = cascade.get("rerank_by", "teacher") == "fused"  # metrics from before rerank_by: the teacher alone
+        how = "fusing the encoder's and the teacher's ranks" if fused else "the teacher's score"
+        lines.append(
+            f"cascade: influcoder's top {cascade['k']} of {cascade['of_rows']} rows re-scored by the teacher and "
+            f"re-ordered by {how} (score.rerank_by)."
+        )
+    if metrics.get("teacher_centered"):
+        lines.append(
+            "The teacher's cosines are of centred sketches (fit.center_teacher): the gradient method, the cascade "
+            "and every held-out rho are against that teacher, not the raw one."
+        )
+    return lines
+
+
 def export_text(fit_metrics: dict[str, Any]) -> str:
     """What `influcoder` scores with: the fit's export, as fit/metrics.json records it."""
     sel = fit_metrics.get("selected_epoch")
@@ -273,6 +293,7 @@ def write_report(
     ]
     lines += ["**Verdict.** " + " ".join(verdict_text(metrics.get("verdict", {}))), ""]
     lines += [export_text(fit_metrics), ""] if fit_metrics else [""]
+    lines += [" ".join(teacher_notes(metrics)), ""] if teacher_notes(metrics) else []
     if ratio:
         lines += [
             f"Per scored sample, influcoder is **{ratio:.0f}×** faster than the gradient teacher on this machine "

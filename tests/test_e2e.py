@@ -93,6 +93,9 @@ def test_whole_job_end_to_end(tiny_run, capsys, tmp_path, ray_local):
     for stage in cli.STAGES:
         assert os.path.exists(f"{run}/{stage}/manifest.json"), stage
     assert "report: " in out and "influcoder scores a sample" in out  # headline printed
+    # ... saying how the cascade ordered its block and that the teacher is centred (the shared run's settings).
+    assert "re-ordered by fusing the encoder's and the teacher's ranks (score.rerank_by)" in out
+    assert "The teacher's cosines are of centred sketches (fit.center_teacher)" in out
     # Contract artifacts.
     scores = pq.read_table(f"{run}/score/scores.parquet")
     assert scores.column_names[:4] == ["id", "score", "score_max", "rank"]

@@ -54,6 +54,8 @@ def test_python_entry_point_on_a_finished_run(finished, fixture_corpora):
     topk = pq.read_table(f"{job['run_dir']}/score/topk.parquet")
     q0 = topk.column("query_id")[0].as_py()
     first = [r for r in topk.to_pylist() if r["query_id"] == q0 and r["rank"] == 1][0]
+    # The notes on the teacher's side: the shared run has the fused cascade and a centred teacher.
+    assert "re-ordered by fusing the encoder's and the teacher's ranks" in report and "centred sketches" in report
     section = report[report.index("## Evidence per query") :]
     assert f"### Query `{q0}`" in section and "| rank | score | label | teacher | id | text |" in section
     assert f"`{first['id']}`" in section and evidence.snippet(corpus[first["id"]]["text"], 40)[:30] in section

@@ -37,7 +37,7 @@ from pipeline.config import JobConfig
 from pipeline.distill import center_sketches
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.ray_runtime import ensure_ray
-from pipeline.report import verdict, verdict_text
+from pipeline.report import teacher_notes, verdict, verdict_text
 from pipeline.textview import table_views
 from pipeline.schema import ID, LABEL, SKETCH, SPLIT, TEXT
 from pipeline.stages.shared_teacher import read_teacher_center, teacher_ms_per_row, teacher_sketch_groups
@@ -549,6 +549,7 @@ def _headline(out: dict[str, Any]) -> str:
             f"influcoder's scores blend the distilled encoder with the plain one, weight {blend:.2f} for the "
             "plain one (chosen on fit's validation split)."
         )
+    lines += teacher_notes(out)
     ratio = out["speed"].get("influcoder_vs_gradient_ms_ratio")
     if ratio:
         lines.append(f"influcoder scores a sample {ratio:.0f}x faster than the gradient teacher.")
