@@ -9,7 +9,8 @@ as the model has it, every train row fitted, the last epoch exported), `validate
 exported encoder on a validation split (epoch 0 and weight interpolations included), and the others
 switch one change on or off. Prints, per (size, recipe): the held-out aggregated and per-anchor
 Spearman of the exported encoder as mean and 95 % t-interval over seeds, beside the plain starting
-encoder's; writes every run to `bench/out/fit_quality.json`.
+encoder's; writes every run to `bench/out/fit_quality_<run dir name>.json` (one file per source run,
+so two benches on different tasks do not overwrite each other; `--out` names another).
 
     # reuse a run dir whose sketch stage is finished
     .venv/bin/python bench/bench_fit_quality.py --run-dir runs/demo --sizes 64,24,40 --seeds 0,1,2 \
@@ -228,7 +229,7 @@ def main() -> None:
     ap.add_argument("--pool-ratio", type=float, default=4.0, help="train pool rows per train anchor")
     ap.add_argument("--epochs", type=int, default=None, help="override fit.epochs")
     ap.add_argument("--fit-set", action="append", default=[], help="extra fit overrides, e.g. fit.lr=2e-5")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "fit_quality.json"))
+    ap.add_argument("--out", default=None, help="default: bench/out/fit_quality_<run dir name>.json")
     ap.add_argument(
         "--interpolate",
         default="",
@@ -255,6 +256,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
     src_run = ensure_sketch(args, max(sizes))
+    args.out = args.out or str(ROOT / "bench" / "out" / f"fit_quality_{src_run.resolve().name}.json")
     config = json.loads((src_run / "sketch" / "manifest.json").read_text())["config"]
     bench_root = src_run / "bench_fit"
     results = []
