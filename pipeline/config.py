@@ -409,7 +409,9 @@ class ScoreConfig:
     """How the cascade re-orders its block. `fused`: reciprocal-rank fusion (constant 60, not tuned)
     of the encoder's and the teacher's ranks, so neither ranker's knowledge is thrown away (on the
     demo, re-ordering by the teacher alone lost AUPRC to the encoder; fusion kept it). `teacher`: the
-    teacher's score alone. See pipeline/cascade.py."""
+    teacher's score alone: the choice when the teacher's own ranking is what you want (attribution
+    rather than filtering), or when the encoder is weak for the task (fit's held-out fidelity far
+    below 1 and no better than the plain encoder's). See pipeline/cascade.py."""
 
     def __post_init__(self) -> None:
         _positive(self, "top_k", "refine_factor", "nprobes", "batch_rows")
