@@ -34,7 +34,8 @@ import numpy as np
 from pipeline.ranking import rows_for_fraction
 
 RERANK_BY = ("fused", "teacher")
-"""How the cascade re-orders its block (`score.rerank_by`); the first is the default."""
+"""How the cascade re-orders its block (`score.rerank_by`, whose default is `fused`). The functions
+here take it without a default: a caller always says which order it means."""
 RRF_K = 60
 """Reciprocal-rank fusion's constant (Cormack et al. 2009's value; not tuned on any data here)."""
 
@@ -58,7 +59,7 @@ def _order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.lexsort((np.asarray(ids, dtype=str), -np.asarray(scores, dtype=np.float64)))
 
 
-def rerank(block_ids, teacher_scores, by: str = "fused") -> np.ndarray:
+def rerank(block_ids, teacher_scores, by: str) -> np.ndarray:
     """Permutation of a top-K block (given in encoder order) into cascade order.
 
     Teacher-scored rows first, ordered by `by` (RERANK_BY): `teacher`, the teacher score descending;
@@ -87,7 +88,7 @@ def top_block(ids, encoder_scores, k: int) -> np.ndarray:
     return _order(ids, encoder_scores)[:k]
 
 
-def cascade_order(ids, encoder_scores, teacher_scores, k: int, by: str = "fused") -> np.ndarray:
+def cascade_order(ids, encoder_scores, teacher_scores, k: int, by: str) -> np.ndarray:
     """Row indices in cascade order: the encoder's top-k re-ranked with `teacher_scores` (`rerank`'s
     `by`), then the rest in encoder order. `teacher_scores` has one entry per row; only the block's
     entries are read."""
@@ -106,13 +107,13 @@ def scores_from_order(order: np.ndarray) -> np.ndarray:
     return out
 
 
-def cascade_scores(ids, encoder_scores, teacher_scores, k: int, by: str = "fused") -> np.ndarray:
+def cascade_scores(ids, encoder_scores, teacher_scores, k: int, by: str) -> np.ndarray:
     """`scores_from_order(cascade_order(...))`: the aggregate cascade ranking as scores."""
     return scores_from_order(cascade_order(ids, encoder_scores, teacher_scores, k, by))
 
 
 def per_query_cascade_scores(
-    ids, encoder_per_query: np.ndarray, teacher_per_query: np.ndarray, k: int, by: str = "fused"
+    ids, encoder_per_query: np.ndarray, teacher_per_query: np.ndarray, k: int, by: str
 ) -> np.ndarray:
     """[Q, N] scores whose row q re-ranks query q's own encoder top-k with q's teacher cosine (`by`),
     the rest by q's encoder score: a per-query retrieve-then-rerank. NaN teacher entries sink within

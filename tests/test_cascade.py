@@ -131,7 +131,7 @@ def test_resolve_k_refuses_a_fractional_count():
 
 def test_scores_from_order_rank_exactly_like_the_order():
     ids, enc, teach = _random_case(4)
-    order = cascade.cascade_order(ids, enc, teach, 12)
+    order = cascade.cascade_order(ids, enc, teach, 12, "fused")
     s = cascade.scores_from_order(order)
     assert len(set(s.tolist())) == len(s)  # no ties: metrics see exactly this order
     assert np.argsort(-s, kind="stable").tolist() == order.tolist()
@@ -178,6 +178,20 @@ def _minimal_job(tmp_path, **score):
 def test_config_refuses_bad_rerank_top(tmp_path, bad):
     with pytest.raises(ConfigError, match="score.rerank_top"):
         load_job(data=_minimal_job(tmp_path, rerank_top=bad))
+
+
+def test_config_rerank_by_names_the_cascade_orders(tmp_path):
+    """score.rerank_by accepts exactly cascade.RERANK_BY, defaults to its first (fused), and names the
+    key in the error for anything else."""
+    import typing
+
+    from pipeline.config import ScoreConfig
+
+    assert typing.get_args(typing.get_type_hints(ScoreConfig)["rerank_by"]) == cascade.RERANK_BY
+    assert load_job(data=_minimal_job(tmp_path, rerank_top=0.2)).score.rerank_by == cascade.RERANK_BY[0] == "fused"
+    assert load_job(data=_minimal_job(tmp_path, rerank_top=0.2, rerank_by="teacher")).score.rerank_by == "teacher"
+    with pytest.raises(ConfigError, match="score.rerank_by"):
+        load_job(data=_minimal_job(tmp_path, rerank_top=0.2, rerank_by="mean"))
 
 
 def test_config_accepts_a_fraction_or_a_count_and_cascade_needs_influcoder(tmp_path):

@@ -569,10 +569,10 @@ def _headline(out: dict[str, Any]) -> str:
 # - AUPRC, AP, precision@n_pos and the PR curve use the aggregate ranking the score stage writes: the
 #   influcoder top-K rows by mean score, re-ranked with the teacher's mean cosine over queries
 #   (`score.rerank_by`: fused with the encoder's ranks, or the teacher alone).
-# - Recall@k and MRR are per query: each query's own influcoder top-K re-ranked by that query's
-#   teacher cosine (retrieve-then-rerank per query, the same `rerank_by`), the rest in that query's encoder order. Ranking
-#   the aggregate block first for every query would put rows chosen for the average query ahead of
-#   the query's own best rows; a per-query user re-ranks that query's candidates.
+# - Recall@k and MRR are per query: each query's own influcoder top-K re-ranked with that query's
+#   teacher cosine (retrieve-then-rerank per query, the same `rerank_by`), the rest in that query's
+#   encoder order. Ranking the aggregate block first for every query would put rows chosen for the
+#   average query ahead of the query's own best rows; a per-query user re-ranks that query's candidates.
 # - held-out fidelity: the same cascade on the held-out anchors x pool (teacher = ground truth), the
 #   same fraction of the pool re-ranked.
 # - cost: ms_per_sample = influcoder's + K/N x the teacher's measured ms per row (the aggregate
