@@ -1,10 +1,13 @@
 """Encoder throughput against sentence-transformers, side by side on the same real rows.
 
-    python bench/bench_encode_vs_st.py --rows 2000      # ~5-8 min on a 2-core CPU
+    python bench/bench_encode_vs_st.py --rows 2000                # ~5-8 min on a 2-core CPU
+    python bench/bench_encode_vs_st.py --rows 1000 --texts demo   # mixed lengths (needs data/demo)
 
 One process, one encoder (the demo's fitted encoder when runs/demo/fit/encoder exists, else the
-plain offline all-MiniLM-L6-v2), max_len 128, the same real T0 rows ("prompt\\ncompletion", as
-plain texts: sentence-transformers takes no pair views) for every method:
+plain offline all-MiniLM-L6-v2), max_len 128, the same real rows for every method: T0 rows
+("prompt\\ncompletion", as plain texts: sentence-transformers takes no pair views; nearly all reach
+max_len, so no method has padding to save) or, with `--texts demo`, the demo corpus (ToxiGen
+statements among T0/GSM8K rows, mixed lengths):
 
 * ``ours fp32``   ``TextEncoder.embed`` in float32: tokenised once, length-sorted, token-budget batches.
 * ``ours auto``   the same with ``encode.dtype=auto`` (bf16 autocast where the CPU has native bf16).
@@ -69,6 +72,18 @@ def t0_texts(n: int) -> list[str]:
     return [f"{r['prompt']}\n{r['completion']}" for r in rows]
 
 
+def demo_texts(n: int) -> list[str]:
+    """The demo corpus's texts (ToxiGen statements among T0/GSM8K rows: mixed lengths, most under
+    max_len), as `make demo` prepared them under data/demo; repeated in order up to n rows."""
+    import pyarrow.parquet as pq
+
+    files = sorted((ROOT / "data" / "demo" / "toxicity" / "corpus").glob("*.parquet"))
+    if not files:
+        raise SystemExit("--texts demo needs data/demo (run `make demo` or `influcoder prepare` first)")
+    texts = [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+    return (texts * (n // len(texts) + 1))[:n]
+
+
 def matmul_params(model: torch.nn.Module) -> int:
     """Weights of the Linear layers of the transformer stack (the pooler runs once per row, not per token)."""
     stack = getattr(model, "encoder", model)
@@ -108,12 +123,20 @@ def st_methods(model_dir: str, max_len: int) -> tuple[dict[str, tuple[str, Calla
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument(
+        "--texts",
+        choices=("t0", "demo"),
+        default="t0",
+        help="t0: T0 rows, nearly all cut at max_len (no padding to save); demo: the demo corpus, mixed lengths",
+    )
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=250, help="rows per interleaved chunk")
     ap.add_argument("--batch-size", type=int, default=64, help="encode.batch_size for our path")
     ap.add_argument("--token-budget", type=int, default=8192, help="encode.token_budget for our path")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "encode_vs_st.json"))
+    ap.add_argument(
+        "--out", default=None, help="default: bench/out/encode_vs_st.json (t0), encode_vs_st_demo.json (demo)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +146,9 @@ def main() -> int:
 
     fitted = ROOT / "runs" / "demo" / "fit" / "encoder"
     model_dir = str(fitted) if (fitted / "config.json").exists() else resolve_encoder("all-minilm-l6-v2")
-    texts = t0_texts(args.rows)
+    texts = t0_texts(args.rows) if args.texts == "t0" else demo_texts(args.rows)
+    suffix = "" if args.texts == "t0" else f"_{args.texts}"
+    args.out = args.out or str(ROOT / "bench" / "out" / f"encode_vs_st{suffix}.json")
     fp32 = TextEncoder(model_dir, args.max_len, dtype="float32")
     auto = TextEncoder(model_dir, args.max_len, dtype="auto")
     if fp32.plain_model is not None:  # a blended export (fit.blend): SentenceTransformer loads one half
@@ -183,7 +208,7 @@ def main() -> int:
     ours_auto = next(r for r in results if r["method"].startswith("ours auto"))
 
     print(
-        f"\nencoder {model_dir} (max_len {args.max_len}), {len(texts)} T0 rows, {tokens} real tokens "
+        f"\nencoder {model_dir} (max_len {args.max_len}), {len(texts)} {args.texts} rows, {tokens} real tokens "
         f"({tokens / len(texts):.1f}/row), {params / 1e6:.2f} M matmul weights; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"native bf16: {native_bf16(torch.device('cpu'))}"
@@ -219,6 +244,7 @@ def main() -> int:
             {
                 "model_dir": model_dir,
                 "rows": len(texts),
+                "texts": args.texts,
                 "max_len": args.max_len,
                 "real_tokens": tokens,
                 "matmul_params": params,
