@@ -293,7 +293,8 @@ def write_report(
     ]
     lines += ["**Verdict.** " + " ".join(verdict_text(metrics.get("verdict", {}))), ""]
     lines += [export_text(fit_metrics), ""] if fit_metrics else [""]
-    lines += [" ".join(teacher_notes(metrics)), ""] if teacher_notes(metrics) else []
+    notes = teacher_notes(metrics)
+    lines += [" ".join(notes), ""] if notes else []
     if ratio:
         lines += [
             f"Per scored sample, influcoder is **{ratio:.0f}×** faster than the gradient teacher on this machine "
