@@ -193,8 +193,13 @@ def test_real_smollm2_fast_paths_match_the_reference(shared_data) -> None:
     fp32 = teacher.sketch(prompts, responses, batch_size=64, token_budget=512)
     assert fp32.ok_index.tolist() == list(range(4))
     assert row_cos(fp32.sketches, ref).min() >= 0.9999
+    # bf16 on one T0 and one GSM8K row: where the CPU lacks native bf16 (AVX2 hosts), PyTorch emulates
+    # it ~20x slower than fp32, and two rows already make a token-budget batch to compare with bs-1.
     teacher.autocast_dtype = torch.bfloat16  # same weights and adapter, bf16 compute
-    batched = teacher.sketch(prompts, responses, batch_size=64, token_budget=512)
-    single = teacher.sketch(prompts, responses, batch_size=1)
+    pick = [0, 2]
+    bf_prompts, bf_responses = [prompts[i] for i in pick], [responses[i] for i in pick]
+    batched = teacher.sketch(bf_prompts, bf_responses, batch_size=64, token_budget=512)
+    assert batched.ok_index.tolist() == [0, 1]
+    single = teacher.sketch(bf_prompts, bf_responses, batch_size=1)
     assert row_cos(batched.sketches, single.sketches).min() >= 0.999  # batching stays inside the gate
-    assert 0.99 <= row_cos(batched.sketches, ref).min() < 1.0
+    assert 0.99 <= row_cos(batched.sketches, ref[pick]).min() < 1.0
