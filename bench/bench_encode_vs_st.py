@@ -12,7 +12,7 @@ statements among T0/GSM8K rows, mixed lengths):
 * ``ours fp32``   ``TextEncoder.embed`` in float32: tokenised once, length-sorted, token-budget batches.
 * ``ours auto``   the same with ``encode.dtype=auto`` (bf16 autocast where the CPU has native bf16).
 * ``ST default``  ``SentenceTransformer.encode`` with its defaults (float32, batch 32).
-* ``ST bf16``     the same model cast to bf16 (``model.bfloat16()``), and ``ST bf16 autocast``
+* ``ST bf16``     (only where the CPU has native bf16) the same model cast to bf16, and ``ST bf16 autocast``
   (fp32 weights under ``torch.autocast("cpu", bfloat16)``), the best settings sentence-transformers
   offers on this CPU without extra packages.
 * ``ST onnx`` / ``ST openvino``: sentence-transformers' own backends, run only when their packages
@@ -90,8 +90,12 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in stack.modules() if isinstance(m, torch.nn.Linear))
 
 
-def st_methods(model_dir: str, max_len: int) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
-    """sentence-transformers settings that can run here, and why the others cannot."""
+def st_methods(
+    model_dir: str, max_len: int, bf16_native: bool
+) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
+    """sentence-transformers settings that can run here, and why the others cannot. Without native
+    bf16 (e.g. an AVX2-only CPU) PyTorch emulates bf16 matmuls far slower than float32, so no user
+    would pick ST's bf16 settings there: they are reported as not run, with the measured rates."""
     from sentence_transformers import SentenceTransformer
 
     def load(**kw):
@@ -109,14 +113,18 @@ def st_methods(model_dir: str, max_len: int) -> tuple[dict[str, tuple[str, Calla
 
     methods = {"ST default": ("float32", run(load()))}
     skipped = {}
-    methods["ST bf16"] = ("bfloat16", run(load().bfloat16()))
-    methods["ST bf16 autocast"] = ("bfloat16", run(load(), autocast=True))
+    if bf16_native:
+        methods["ST bf16"] = ("bfloat16", run(load().bfloat16()))
+        methods["ST bf16 autocast"] = ("bfloat16", run(load(), autocast=True))
+    else:
+        why = "this CPU has no native bf16 (PyTorch emulates it; see the matmul rates above)"
+        skipped["ST bf16"] = skipped["ST bf16 autocast"] = why
     for backend in ("onnx", "openvino"):
         try:
             methods[f"ST {backend}"] = ("float32", run(load(backend=backend)))
         except Exception as e:  # noqa: BLE001 - any failure to load is reported, never filled in
             skipped[f"ST {backend}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    skipped["ST float16"] = "not run: this CPU has no native float16 matmul (PyTorch emulates it)"
+    skipped["ST float16"] = "this CPU has no native float16 matmul (PyTorch emulates it)"
     return methods, skipped
 
 
@@ -142,7 +150,12 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     load_start = uptime()
     print(f"uptime before: {load_start}", flush=True)
-    peak = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    bf16_native = native_bf16(torch.device("cpu"))
+
+    def bf16_rate() -> float:  # emulated bf16 runs ~1 GFLOP/s: a small product measures it as well
+        return matmul_gflops(torch.bfloat16) if bf16_native else matmul_gflops(torch.bfloat16, n=512, reps=2)
+
+    peak = {"float32": matmul_gflops(torch.float32), "bfloat16": bf16_rate()}
 
     fitted = ROOT / "runs" / "demo" / "fit" / "encoder"
     model_dir = str(fitted) if (fitted / "config.json").exists() else resolve_encoder("all-minilm-l6-v2")
@@ -162,7 +175,7 @@ def main() -> int:
         return lambda t: enc.embed(t, args.batch_size, token_budget=args.token_budget)
 
     methods = {"ours fp32": ("float32", ours(fp32)), f"ours auto ({auto.precision})": (auto.precision, ours(auto))}
-    st, skipped = st_methods(model_dir, args.max_len)
+    st, skipped = st_methods(model_dir, args.max_len, bf16_native)
     methods.update(st)
     for _, fn in methods.values():  # warm-up: first-call kernels and allocations are not per-row cost
         fn(texts[:32])
@@ -179,7 +192,7 @@ def main() -> int:
             emb[m].append(methods[m][1](chunk))
             wall[m] += time.perf_counter() - t0
             cpu[m] += time.process_time() - c0
-    peak = {k: max(v, matmul_gflops(getattr(torch, k))) for k, v in peak.items()}  # best of start and end
+    peak = {"float32": max(peak["float32"], matmul_gflops(torch.float32)), "bfloat16": max(peak["bfloat16"], bf16_rate())}
     load_end = uptime()
 
     ref = np.concatenate(emb["ours fp32"])
@@ -198,6 +211,7 @@ def main() -> int:
                 "gflops": gflops,
                 "frac_fp32_peak": gflops / peak["float32"],
                 "frac_bf16_peak": gflops / peak["bfloat16"],
+                "frac_own_peak": gflops / peak[prec],  # of the peak of the precision it ran in
                 "min_cos_vs_ours_fp32": float((e * ref).sum(1).min()),
             }
         )
@@ -232,9 +246,12 @@ def main() -> int:
         f"(target >= {TARGET_VS_ST}x: {'met' if ratio >= TARGET_VS_ST else 'MISSED'}); "
         f"vs ST default {ours_auto['rows_per_s'] / st_default:.2f}x"
     )
-    frac = ours_auto["frac_bf16_peak"]
+    # The target is set against the bf16 peak, where bf16 is native; elsewhere `auto` runs float32,
+    # and the fraction of the float32 peak is the figure that says how close to the machine it runs.
+    frac = ours_auto["frac_own_peak"]
     print(
-        f"ours auto: {frac:.1%} of the bf16 matmul peak (target >= {TARGET_BF16_PEAK:.0%}: {'met' if frac >= TARGET_BF16_PEAK else 'MISSED'})"
+        f"ours auto: {frac:.1%} of the {ours_auto['precision']} matmul peak "
+        f"(target >= {TARGET_BF16_PEAK:.0%}: {'met' if frac >= TARGET_BF16_PEAK else 'MISSED'})"
     )
 
     out = Path(args.out)
@@ -257,7 +274,9 @@ def main() -> int:
                 "skipped": skipped,
                 "st_best": st_best_name,
                 "ours_auto_vs_st_best": ratio,
-                "ours_auto_frac_bf16_peak": frac,
+                "ours_auto_frac_bf16_peak": ours_auto["frac_bf16_peak"],
+                "ours_auto_frac_own_peak": frac,
+                "ours_auto_precision": ours_auto["precision"],
             },
             indent=2,
         )

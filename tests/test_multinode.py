@@ -4,10 +4,11 @@ store's credentials in its own environment, and a guard in every Python process 
 open()/os.makedirs on a URI. One cluster runs two jobs submitted with `ray job submit --working-dir`
 (the README's "Running on a Ray cluster" commands):
 
-- a shared disk: local paths, sketch -> fit (Ray Data actors; Ray Train's TorchTrainer placed by the
-  cluster's scheduler on either node);
+- a shared disk: local paths, the sketch stage (Ray Data actors placed on either node);
 - no shared disk (issue 11 part 2): inputs and run_dir on a real S3-compatible server (moto,
-  tests/s3_util.py), sketch -> fit -> encode -> score.
+  tests/s3_util.py), sketch -> fit -> encode -> score (Ray Train's TorchTrainer placed by the
+  cluster's scheduler on either node). Fit runs only here: local paths add nothing to what a
+  cluster fit is asked to do, and each cluster stage costs ~25 s of this 2-core machine.
 
 Both must produce the artifacts of the same job on an in-process Ray with local paths (one reference
 run serves both). Both nodes run on this machine, so a bug could still pass a local path from one to
@@ -175,11 +176,11 @@ def test_two_node_cluster_jobs_match_in_process(
     roles = ("anchors", "pool", "corpus", "queries")
     local_data = {r: str(fixture_corpora / r) for r in roles}
 
-    # 1. A shared disk: local paths, sketch -> fit.
+    # 1. A shared disk: local paths, sketch.
     shared_job = tmp_path / "shared_disk.yaml"
     shared_job.write_text(yaml.safe_dump(small_job(tiny, tmp_path / "cluster_run", {"address": "auto"}, local_data)))
-    out = _submit(c, shared_job, "fit", timeout=600)
-    assert "sketch: done" in out and "fit: done" in out
+    out = _submit(c, shared_job, "sketch", timeout=600)
+    assert "sketch: done" in out
     # The upload held the code, not the venv, the data or old runs.
     pkgs = list((c["nodes"]["head"]["dir"] / "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
     assert pkgs, "no working_dir package found"
@@ -214,19 +215,19 @@ def test_two_node_cluster_jobs_match_in_process(
         small_job(tiny, str(local_run), {"num_cpus": 2}, local_data), stages=["sketch", "fit", "encode", STAGES_UP_TO]
     )
 
-    # 1 vs the reference: the same identities, sketches and fit.
+    # 1 vs the reference: the same identity and sketches.
     shared = tmp_path / "cluster_run"
-    for stage in ("sketch", "fit"):
-        m_cluster = json.loads((shared / stage / "manifest.json").read_text())
-        m_local = json.loads((local_run / stage / "manifest.json").read_text())
-        assert m_cluster["config_hash"] == m_local["config_hash"], stage
-        assert m_cluster["identity"] == m_local["identity"], stage
-    m_sketch = json.loads((shared / "sketch" / "manifest.json").read_text())
-    assert m_sketch["rows"] == json.loads((local_run / "sketch" / "manifest.json").read_text())["rows"]
-    assert m_sketch["resources"]["cpus_per_actor"] <= 2  # an actor fits on one 2-CPU node
+    m_cluster = json.loads((shared / "sketch" / "manifest.json").read_text())
+    m_local = json.loads((local_run / "sketch" / "manifest.json").read_text())
+    assert m_cluster["config_hash"] == m_local["config_hash"]
+    assert m_cluster["identity"] == m_local["identity"]
+    assert m_cluster["rows"] == m_local["rows"]
+    assert m_cluster["resources"]["cpus_per_actor"] <= 2  # an actor fits on one 2-CPU node
+
+    # 2 vs the reference: fit on the cluster (Ray Train), epoch by epoch.
     fits = {
-        name: json.loads((tmp_path / name / "fit" / "metrics.json").read_text())
-        for name in ("cluster_run", "local_run")
+        "cluster_run": json.loads(s3_util.read(ep, "mn/cluster_run/fit/metrics.json")),
+        "local_run": json.loads((local_run / "fit" / "metrics.json").read_text()),
     }
     for m in fits.values():
         assert [e["epoch"] for e in m["epochs"]] == [1, 2] and m["resumed_from_epochs"] == []
@@ -237,7 +238,7 @@ def test_two_node_cluster_jobs_match_in_process(
             [e[key] for e in fits["local_run"]["epochs"]], abs=1e-4
         ), key
 
-    # 2 vs the reference. (The config hashes differ by design: the inputs are read from other paths.)
+    # (The config hashes differ by design: the inputs are read from other paths.)
     fs = s3_util.client(ep)
     prefix = f"{BUCKET}/mn/cluster_run"
     for stage in ("sketch", "fit", "encode", "score"):
@@ -264,13 +265,10 @@ def test_two_node_cluster_jobs_match_in_process(
             assert a.column("split").to_pylist() == b.column("split").to_pylist()
             np.testing.assert_allclose(_sketch_matrix(a), _sketch_matrix(b), atol=2e-5)
     wb = load_safetensors((local_run / "fit" / "encoder" / "model.safetensors").read_bytes())
-    for wa in (
-        load_safetensors((shared / "fit" / "encoder" / "model.safetensors").read_bytes()),
-        load_safetensors(s3_util.read(ep, "mn/cluster_run/fit/encoder/model.safetensors")),
-    ):
-        assert wa.keys() == wb.keys()
-        for k in wb:
-            np.testing.assert_allclose(wa[k], wb[k], atol=1e-4, err_msg=k)
+    wa = load_safetensors(s3_util.read(ep, "mn/cluster_run/fit/encoder/model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wb:
+        np.testing.assert_allclose(wa[k], wb[k], atol=1e-4, err_msg=k)
     # The scores: same ranking, scores within float tolerance.
     sa = _table(f"{prefix}/score/scores.parquet", ["rank"], fs)
     sb = _table(str(local_run / "score" / "scores.parquet"), ["rank"])
