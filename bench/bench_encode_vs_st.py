@@ -192,7 +192,10 @@ def main() -> int:
             emb[m].append(methods[m][1](chunk))
             wall[m] += time.perf_counter() - t0
             cpu[m] += time.process_time() - c0
-    peak = {"float32": max(peak["float32"], matmul_gflops(torch.float32)), "bfloat16": max(peak["bfloat16"], bf16_rate())}
+    peak = {
+        "float32": max(peak["float32"], matmul_gflops(torch.float32)),
+        "bfloat16": max(peak["bfloat16"], bf16_rate()),
+    }
     load_end = uptime()
 
     ref = np.concatenate(emb["ours fp32"])

@@ -125,6 +125,26 @@ def test_auto_precision_follows_native_bf16() -> None:
         resolve_autocast_dtype("float16", cpu)
 
 
+def test_explicit_bf16_on_emulating_hardware_warns_once_naming_the_key(monkeypatch, caplog) -> None:
+    """bf16 asked for where the device only emulates it is kept (the gate judges it) but said, once
+    per setting, with the key and the fix; `auto` and float32 say nothing, nor does native bf16."""
+    from pipeline import hardware
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "_WARNED", set())
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: False)
+    with caplog.at_level("WARNING", logger="influcoder.hardware"):
+        assert hardware.autocast_dtype("bfloat16", cpu, "encode.dtype") is torch.bfloat16
+        assert hardware.autocast_dtype("bfloat16", cpu, "encode.dtype") is torch.bfloat16
+        assert hardware.autocast_dtype("auto", cpu, "teacher.dtype") is None
+        assert hardware.autocast_dtype("float32", cpu, "teacher.dtype") is None
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "encode.dtype=bfloat16" in warned[0] and "`encode.dtype: auto`" in warned[0]
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
+    assert hardware.emulated_bf16_note("bfloat16", cpu, "teacher.dtype") is None
+    assert hardware.emulated_bf16_note("auto", cpu, "teacher.dtype") is None
+
+
 # --------------------------------------------------------------------------- equivalence
 
 
