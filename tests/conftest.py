@@ -60,7 +60,14 @@ def pytest_collection_modifyitems(config, items):
 # (xdist's own `--dist loadgroup` marks do not group anything under pytest 9: it renames
 # `item._nodeid`, which pytest 9 no longer reads.)
 SHARED_UNITS = {
-    "tiny_run": ("test_e2e.py", "test_show_api.py", "test_cascade.py", "test_filter.py", "test_reruns.py"),
+    "tiny_run": (
+        "test_e2e.py",
+        "test_show_api.py",
+        "test_cascade.py",
+        "test_filter.py",
+        "test_reruns.py",
+        "test_object_storage.py",
+    ),
     "demo_corpora": ("test_neardup_prepare.py", "test_prepare_cli.py"),
 }
 

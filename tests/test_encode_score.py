@@ -75,7 +75,7 @@ def make_job(tmp: Path, encoder_dir: str, shards: int, rows_per_shard: int, **en
         "encoder": {"model": encoder_dir, "max_len": MAX_LEN},
         "encode": {"batch_size": 32, "index": "none", **encode},
         "score": {"queries": {"path": str(tmp / "queries"), "id_column": "qid", **mapping}, "top_k": 5},
-        "ray": {"num_cpus": 2},
+        "ray": {"num_cpus": 2, "include_dashboard": False},  # no fit here: its State API is not needed
     }
 
 

@@ -57,6 +57,9 @@ def _fault_job(tiny_job: dict, run_dir: Path) -> dict:
             "fidelity_samples": 0,
         }
     )
+    # No dashboard: it serves the State API that only fit (Ray Train) needs, and each `influcoder`
+    # process here would start one (seconds of this 2-core machine per process).
+    job["ray"]["include_dashboard"] = False
     return job
 
 
