@@ -10,8 +10,10 @@ the same real rows (T0 prompt/completion + GSM8K question/answer from ``--data``
 * ``--with-reference`` adds the authors' bs-1 method (HF loss + autograd.grad + flatten +
   CountSketch, fp32).
 
-FLOPs are 4·P·T (P = base-model parameters, the tied embedding counted once as the LM-head matmul;
-T = real tokens). The fraction of peak divides by the matmul rate of the method's precision, both
+FLOPs are the work any implementation must do: 4·P·T for the decoder body (P = base-model weights
+without the embedding and LM head, T = real tokens: a forward and the input-gradient half of a
+backward; the frozen weights need no weight gradient) plus 4·H·L for the LM head (H = its weights,
+L = loss tokens: the head is needed only where a loss is taken). The fraction of peak divides by the matmul rate of the method's precision, both
 measured in this run (2048² matmuls, best of the start and end). Every method's sketches are
 compared with the fp32 one-at-a-time sketches (min per-row cosine: the stage's precision gate
 quantity, pass mark 0.999).
@@ -243,7 +245,12 @@ def main() -> None:
     keys = sorted(accepted)
     tokens = sum(len(accepted[i].input_ids) for i in keys)
     base_params = sum(p.numel() for name, p in teacher.model.named_parameters() if "lora_" not in name)
-    flops = 4.0 * base_params * tokens
+    embedding = teacher.model.get_input_embeddings().weight
+    head = teacher.model.get_output_embeddings().weight  # SmolLM2 ties it to the embedding
+    head_params = head.numel()
+    body_params = base_params - embedding.numel() - (0 if head is embedding else head_params)
+    loss_tokens = sum(accepted[i].loss_tokens for i in keys)
+    flops = 4.0 * body_params * tokens + 4.0 * head_params * loss_tokens
 
     def run(
         dtype: torch.dtype | None, batch_size: int, budget: int | None
@@ -382,12 +389,14 @@ def main() -> None:
     )
     print(f"matmul 2048^2: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s (best of start/end)")
     print(
-        f"teacher: SmolLM2-135M, {teacher.num_params:,} LoRA params, {base_params:,} base params, "
+        f"teacher: SmolLM2-135M, {teacher.num_params:,} LoRA params, {base_params:,} base params "
+        f"({body_params:,} body, {head_params:,} LM head), "
         f"max_len {args.max_len}, d={args.proj_dim}, token budget {args.token_budget} (<= {args.max_rows} rows); "
         f"setup {setup_s:.1f} s; logits={teacher.engine.logits_mode}"
     )
     print(
-        f"rows: {len(keys)} ({len(rejects)} rejected), {tokens} real tokens ({tokens / max(len(keys), 1):.0f}/row), "
+        f"rows: {len(keys)} ({len(rejects)} rejected), {tokens} real tokens ({tokens / max(len(keys), 1):.0f}/row, "
+        f"{loss_tokens} with a loss), "
         f"{padded} padded tokens in token-budget batches ({padded / tokens - 1:.1%} padding); peak RSS {peak_rss_gb:.1f} GiB"
     )
     print(f"{'method':<32}{'s':>8}{'cpu s':>8}{'rows/s':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>9}{'min cos':>10}")
@@ -445,10 +454,16 @@ def main() -> None:
                 },
                 "matmul_gflops": peak,
                 "teacher": teacher.fingerprint()
-                | {"base_params": base_params, "logits_mode": teacher.engine.logits_mode},
+                | {
+                    "base_params": base_params,
+                    "body_params": body_params,
+                    "head_params": head_params,
+                    "logits_mode": teacher.engine.logits_mode,
+                },
                 "rows": len(keys),
                 "rejects": rejects,
                 "tokens": tokens,
+                "loss_tokens": loss_tokens,
                 "padded_tokens": padded,
                 "token_budget": args.token_budget,
                 "max_rows": args.max_rows,
