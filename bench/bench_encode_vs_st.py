@@ -50,7 +50,7 @@ from pipeline.encoder import TextEncoder  # noqa: E402
 from pipeline.hardware import native_bf16  # noqa: E402
 from pipeline.models import resolve_encoder  # noqa: E402
 
-from common import matmul_gflops, read_jsonl  # noqa: E402  (bench/ is the script's directory)
+from common import matmul_peaks, read_jsonl  # noqa: E402  (bench/ is the script's directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DATA", ROOT.parent / "shared" / "data"))
@@ -152,10 +152,7 @@ def main() -> int:
     print(f"uptime before: {load_start}", flush=True)
     bf16_native = native_bf16(torch.device("cpu"))
 
-    def bf16_rate() -> float:  # emulated bf16 runs ~1 GFLOP/s: a small product measures it as well
-        return matmul_gflops(torch.bfloat16) if bf16_native else matmul_gflops(torch.bfloat16, n=512, reps=2)
-
-    peak = {"float32": matmul_gflops(torch.float32), "bfloat16": bf16_rate()}
+    peak = matmul_peaks(bf16_native)
 
     fitted = ROOT / "runs" / "demo" / "fit" / "encoder"
     model_dir = str(fitted) if (fitted / "config.json").exists() else resolve_encoder("all-minilm-l6-v2")
@@ -192,10 +189,8 @@ def main() -> int:
             emb[m].append(methods[m][1](chunk))
             wall[m] += time.perf_counter() - t0
             cpu[m] += time.process_time() - c0
-    peak = {
-        "float32": max(peak["float32"], matmul_gflops(torch.float32)),
-        "bfloat16": max(peak["bfloat16"], bf16_rate()),
-    }
+    end = matmul_peaks(bf16_native)
+    peak = {k: max(v, end[k]) for k, v in peak.items()}  # best of start and end
     load_end = uptime()
 
     ref = np.concatenate(emb["ours fp32"])
@@ -230,7 +225,10 @@ def main() -> int:
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"native bf16: {native_bf16(torch.device('cpu'))}"
     )
-    print(f"matmul 2048^2: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s (best of start/end)")
+    print(
+        f"matmul 2048^2: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s "
+        f"({'' if bf16_native else 'bf16 emulated, measured at 512^2; '}best of start/end)"
+    )
     print(f"uptime before: {load_start}\nuptime after:  {load_end}")
     print("shared CPU: other processes ran during the measurement; methods are interleaved per chunk.\n")
     head = f"{'method':<26}{'prec':>9}{'s':>8}{'cpu s':>8}{'rows/s':>8}{'x ST def':>9}{'x ST best':>10}"

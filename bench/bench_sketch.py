@@ -58,7 +58,7 @@ from pipeline.gradients import reference_per_sample_grads  # noqa: E402
 from pipeline.sketching import l2_normalize  # noqa: E402
 from pipeline.teacher import TeacherSketcher, native_bf16, token_budget_batches  # noqa: E402
 
-from common import matmul_gflops, read_jsonl  # noqa: E402  (bench/ is the script's directory)
+from common import matmul_peaks, read_jsonl  # noqa: E402  (bench/ is the script's directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,10 +228,7 @@ def main() -> None:
     bf16_native = native_bf16(torch.device("cpu"))
     run_bf16 = bf16_native or args.emulated_bf16
 
-    def bf16_rate() -> float:  # emulated bf16 runs ~1 GFLOP/s: a small product measures it as well
-        return matmul_gflops(torch.bfloat16) if bf16_native else matmul_gflops(torch.bfloat16, n=512, reps=2)
-
-    peak = {"float32": matmul_gflops(torch.float32), "bfloat16": bf16_rate()}
+    peak = matmul_peaks(bf16_native)
     prompts, responses = load_samples(Path(args.data), n)
     t_load = time.perf_counter()
     teacher = TeacherSketcher(
@@ -303,10 +300,8 @@ def main() -> None:
         for method in methods:
             wall[method] += best[method][0]
             cpu[method] += best[method][1]
-    peak = {
-        "float32": max(peak["float32"], matmul_gflops(torch.float32)),
-        "bfloat16": max(peak["bfloat16"], bf16_rate()),
-    }
+    end = matmul_peaks(bf16_native)
+    peak = {k: max(v, end[k]) for k, v in peak.items()}  # best of start and end
 
     baseline = sketches["fp32 one-at-a-time"]
     rows = []
@@ -387,7 +382,10 @@ def main() -> None:
         f"threads {torch.get_num_threads()}, native bf16: {native_bf16(torch.device('cpu'))}, "
         f"load avg {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
     )
-    print(f"matmul 2048^2: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s (best of start/end)")
+    print(
+        f"matmul 2048^2: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s "
+        f"({'' if bf16_native else 'bf16 emulated, measured at 512^2; '}best of start/end)"
+    )
     print(
         f"teacher: SmolLM2-135M, {teacher.num_params:,} LoRA params, {base_params:,} base params "
         f"({body_params:,} body, {head_params:,} LM head), "

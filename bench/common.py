@@ -37,3 +37,12 @@ def matmul_gflops(dtype, n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b  # warm-up
     return 2 * n**3 / best_of(lambda: a @ b, reps) / 1e9
+
+
+def matmul_peaks(bf16_native: bool) -> dict[str, float]:
+    """{"float32", "bfloat16"}: this machine's matmul rates (`matmul_gflops`). Where bf16 is only
+    emulated (~1 GFLOP/s on an AVX2 CPU) a 512^2 product measures it in a second instead of minutes."""
+    import torch
+
+    bf16 = matmul_gflops(torch.bfloat16) if bf16_native else matmul_gflops(torch.bfloat16, n=512, reps=2)
+    return {"float32": matmul_gflops(torch.float32), "bfloat16": bf16}
