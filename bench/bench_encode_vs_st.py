@@ -151,7 +151,6 @@ def main() -> int:
     load_start = uptime()
     print(f"uptime before: {load_start}", flush=True)
     bf16_native = native_bf16(torch.device("cpu"))
-
     peak = matmul_peaks(bf16_native)
 
     fitted = ROOT / "runs" / "demo" / "fit" / "encoder"
@@ -223,7 +222,7 @@ def main() -> int:
         f"\nencoder {model_dir} (max_len {args.max_len}), {len(texts)} {args.texts} rows, {tokens} real tokens "
         f"({tokens / len(texts):.1f}/row), {params / 1e6:.2f} M matmul weights; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"native bf16: {native_bf16(torch.device('cpu'))}"
+        f"native bf16: {bf16_native}"
     )
     print(
         f"matmul 2048^2: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s "
@@ -267,7 +266,7 @@ def main() -> int:
                 "real_tokens": tokens,
                 "matmul_params": params,
                 "threads": torch.get_num_threads(),
-                "native_bf16": native_bf16(torch.device("cpu")),
+                "native_bf16": bf16_native,
                 "matmul_gflops": peak,
                 "uptime_before": load_start,
                 "uptime_after": load_end,

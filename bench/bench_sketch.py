@@ -13,8 +13,9 @@ the same real rows (T0 prompt/completion + GSM8K question/answer from ``--data``
 FLOPs are the work any implementation must do: 4·P·T for the decoder body (P = base-model weights
 without the embedding and LM head, T = real tokens: a forward and the input-gradient half of a
 backward; the frozen weights need no weight gradient) plus 4·H·L for the LM head (H = its weights,
-L = loss tokens: the head is needed only where a loss is taken). The fraction of peak divides by the matmul rate of the method's precision, both
-measured in this run (2048² matmuls, best of the start and end). Every method's sketches are
+L = loss tokens: the head is needed only where a loss is taken). The fraction of peak divides by
+the matmul rate of the method's precision, both measured in this run (2048² matmuls, 512² for
+emulated bf16; best of the start and end). Every method's sketches are
 compared with the fp32 one-at-a-time sketches (min per-row cosine: the stage's precision gate
 quantity, pass mark 0.999).
 
@@ -227,7 +228,6 @@ def main() -> None:
     load_start = os.getloadavg()[0]  # other jobs on the machine distort every number below
     bf16_native = native_bf16(torch.device("cpu"))
     run_bf16 = bf16_native or args.emulated_bf16
-
     peak = matmul_peaks(bf16_native)
     prompts, responses = load_samples(Path(args.data), n)
     t_load = time.perf_counter()
@@ -379,7 +379,7 @@ def main() -> None:
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, native bf16: {native_bf16(torch.device('cpu'))}, "
+        f"threads {torch.get_num_threads()}, native bf16: {bf16_native}, "
         f"load avg {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
     )
     print(
@@ -446,7 +446,7 @@ def main() -> None:
                     "cpus": os.cpu_count(),
                     "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
-                    "native_bf16": native_bf16(torch.device("cpu")),
+                    "native_bf16": bf16_native,
                     "load_avg_1m_start": load_start,
                     "load_avg_1m_end": os.getloadavg()[0],
                 },

@@ -179,6 +179,14 @@ def sketch_shards(
         chosen = ((read_manifest(job, "sketch") or {}).get("precision") or {}).get("chosen")
         if chosen in ("float32", "bfloat16"):
             job = dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=chosen))
+    if not plan.use_gpu:  # CPU actors run on CPUs like the driver's: said here, not only in their logs
+        import torch
+
+        from pipeline.hardware import emulated_bf16_note
+
+        note = emulated_bf16_note(job.teacher.dtype, torch.device("cpu"), "teacher.dtype")
+        if note:
+            log.warning("%s: %s", stage, note)
     cols = [SHARD, ID, SPLIT, SOURCE, ROW, TEXT, PROMPT, RESPONSE]
     blocks = [
         pa.Table.from_pylist([{**{k: r.get(k) for k in cols if k != SHARD}, SHARD: name} for r in rows]).select(cols)

@@ -243,14 +243,6 @@ def _reference(job: JobConfig, plan: ActorPlan, selected: dict[str, list[dict]])
     """
     import ray
 
-    if not plan.use_gpu:  # CPU actors run on CPUs like this one: say here, not only in their logs
-        import torch
-
-        from pipeline.hardware import emulated_bf16_note
-
-        note = emulated_bf16_note(job.teacher.dtype, torch.device("cpu"), "teacher.dtype")
-        if note:
-            log.warning("sketch: %s", note)
     keyed = _gate_rows(job, selected) if job.sketch.fidelity_samples >= 2 else []
     if len(keyed) < 2:  # too few rows to judge bf16: auto stays on the float32 side
         chosen = "float32" if job.teacher.dtype == "auto" else job.teacher.dtype
