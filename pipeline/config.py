@@ -404,7 +404,9 @@ class ScoreConfig:
     computes exact gradient influence (the sketch stage's cosine) of the encoder's top rows by mean
     score against the queries, and those rows are re-ordered by it (they keep the top block; later
     rows keep the encoder order). scores.parquet gains teacher_score and reranked; the selection
-    follows the new ranks. Costs a teacher backward pass per re-ranked row. null: off."""
+    follows the new ranks; score/teacher_sketches.parquet keeps the block's and the queries' raw
+    sketches (proj_dim x 4 bytes a row), which eval reuses instead of running the teacher on them
+    again. Costs a teacher backward pass per re-ranked row. null: off."""
     rerank_by: Literal["fused", "teacher"] = "fused"
     """How the cascade re-orders its block. `fused`: reciprocal-rank fusion (constant 60, not tuned)
     of the encoder's and the teacher's ranks, so neither ranker's knowledge is thrown away (on the

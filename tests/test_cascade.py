@@ -432,14 +432,50 @@ def test_cascade_teacher_shards_resume(tmp_path, shared_data, tiny_teacher_dir, 
     assert job.sketch.rows_per_shard == 4
     pq.write_table(shard(["row0", "row1", "row2", "row3"], 0.5), shard_dir / "rows-r4-00000.parquet")
     pq.write_table(shard(["other"], 0.25), shard_dir / "rows-r4-00001.parquet")
-    out, info = teacher_sketch_groups(job, {"rows": recs}, str(shard_dir), stage="score")
-    assert info["shards"] == 2 and info["resumed_shards"] == 1 and info["computed_rows"] == 2
+    # The last row was sketched by an earlier stage (`known`, by its texts): it is neither sharded nor computed.
+    known = {(recs[5]["prompt"], recs[5]["response"]): np.full(d, 0.75, np.float32)}
+    out, info = teacher_sketch_groups(job, {"rows": recs}, str(shard_dir), stage="score", known=known)
+    assert info["shards"] == 2 and info["resumed_shards"] == 1 and info["computed_rows"] == 1
+    assert info["known_rows"] == 1
     ids, mat, ok = out["rows"]
     assert ids == [r["id"] for r in recs] and ok.all()
     assert (mat[:4] == 0.5).all()  # reused, not recomputed
+    assert (mat[5] == 0.75).all()  # known, not recomputed
     teacher = _teacher(job)
-    want = teacher.sketch([r["prompt"] for r in recs[4:]], [r["response"] for r in recs[4:]], 4).sketches
-    np.testing.assert_allclose(mat[4:], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+    want = teacher.sketch([recs[4]["prompt"]], [recs[4]["response"]], 4).sketches
+    np.testing.assert_allclose(mat[4:5], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_known_sketches_round_trip_and_belong_to_one_teacher(tmp_path):
+    """score/teacher_sketches.parquet gives back each row's raw sketch by its texts (None where the
+    teacher rejected the row), and nothing to a job whose teacher differs (another adapter seed)."""
+    from pipeline.stages.shared_teacher import read_known_sketches, write_known_sketches
+
+    job = load_job(data={**_minimal_job(tmp_path), "sketch": {"proj_dim": 8}})
+    rng = np.random.default_rng(0)
+    rows = {
+        "queries": [{"id": "q0", "prompt": "Q?", "response": "A."}],
+        "rows": [{"id": "r0", "prompt": "P0", "response": "R0"}, {"id": "r1", "prompt": "P1", "response": None}],
+    }
+    mats = {
+        "queries": rng.standard_normal((1, 8)).astype(np.float32),
+        "rows": rng.standard_normal((2, 8)).astype(np.float32),
+    }
+    mats["rows"][1] = 0  # rejected: a zero row, invalid
+    groups = {
+        "queries": (["q0"], mats["queries"], np.array([True])),
+        "rows": (["r0", "r1"], mats["rows"], np.array([True, False])),
+    }
+    path = str(tmp_path / "teacher_sketches.parquet")
+    assert write_known_sketches(job, groups, rows, path) == 3
+    known = read_known_sketches(job, path)
+    assert set(known) == {("Q?", "A."), ("P0", "R0"), ("P1", "")}
+    np.testing.assert_array_equal(known[("Q?", "A.")], mats["queries"][0])
+    np.testing.assert_array_equal(known[("P0", "R0")], mats["rows"][0])
+    assert known[("P1", "")] is None
+    other = load_job(data={**_minimal_job(tmp_path), "sketch": {"proj_dim": 8}, "teacher": {"lora_seed": job.lora_seed + 1}})
+    assert read_known_sketches(other, path) == {}
+    assert read_known_sketches(job, str(tmp_path / "absent.parquet")) == {}
 
 
 # --------------------------------------------------------------------------- the eval stage's cascade block
@@ -537,11 +573,17 @@ def test_whole_job_with_the_cascade(tiny_run, tmp_path):
     t = pq.read_table(Path(job.run_dir) / "score" / "scores.parquet")
     assert t.column_names == ["id", "score", "score_max", "rank", "teacher_score", "reranked"]
     assert sum(t.column("reranked").to_pylist()) == c["k"]
+    # The cascade keeps its raw teacher sketches (block rows and queries) for eval.
+    kept = pq.read_table(Path(job.run_dir) / "score" / "teacher_sketches.parquet")
+    assert kept.num_rows == c["teacher_sketches_kept"] == c["k"] + c["teacher_queries"] + c["teacher_rejected_queries"]
 
     m = json.loads((Path(job.run_dir) / "eval" / "metrics.json").read_text())
     r = m["methods"]["cascade"]
     assert r["k"] == c["k"] and {"auprc", "auprc_ci", "mrr", "recall@5", "heldout"} <= set(r)
     g, i = m["methods"]["gradient"], m["methods"]["influcoder"]
+    # eval's teacher took the queries (and the block rows it evaluates) from the score stage.
+    n_queries = c["teacher_queries"] + c["teacher_rejected_queries"]
+    assert n_queries < g["teacher_rows_from_score_stage"] <= kept.num_rows
     assert r["ms_per_sample"] == pytest.approx(i["ms_per_sample"] + c["k"] / n * g["ms_per_sample"])
     assert "cascade" in i["vs"]  # paired with influcoder's replicates
     cons = r["consistency_with_score_stage"]

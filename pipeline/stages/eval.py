@@ -23,6 +23,7 @@ The report (report.md + plots) is written next to the metrics.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Optional
@@ -40,7 +41,13 @@ from pipeline.ray_runtime import ensure_ray
 from pipeline.report import teacher_notes, verdict, verdict_text
 from pipeline.textview import table_views
 from pipeline.schema import ID, LABEL, SKETCH, SPLIT, TEXT
-from pipeline.stages.shared_teacher import read_teacher_center, teacher_ms_per_row, teacher_sketch_groups
+from pipeline.stages.shared_teacher import (
+    KNOWN_SKETCHES_FILE,
+    read_known_sketches,
+    read_teacher_center,
+    teacher_ms_per_row,
+    teacher_sketch_groups,
+)
 from pipeline.stages.shared_encode import fit_encoder_dir
 
 log = logging.getLogger("influcoder.eval")
@@ -200,10 +207,12 @@ def _gradient_method(
         shard_dir,
         stage="eval",
         center=center,
+        known=_score_stage_sketches(ctx),
     )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     record = {
-        "ms_per_sample": teacher_ms_per_row(shard_dir, info["compute_s"], info["computed_rows"]),
+        "ms_per_sample": _teacher_ms(ctx, shard_dir, info),
+        "teacher_rows_from_score_stage": info["known_rows"],
         "teacher_rejected_rows": int((~r_ok).sum()),
         "teacher_rejected_queries": int((~q_ok).sum()),
     }
@@ -218,6 +227,21 @@ def _gradient_method(
             ctx.job.teacher.max_len,
         )
     return q_mat, r_mat, record
+
+
+def _score_stage_sketches(ctx: StageRun) -> dict:
+    """The raw teacher sketches the score cascade computed (`score/teacher_sketches.parquet`), by
+    (prompt, response), when they come from this job's teacher: eval does not compute them again."""
+    return read_known_sketches(ctx.job, storage.join(ctx.upstream_dir("score"), KNOWN_SKETCHES_FILE))
+
+
+def _teacher_ms(ctx: StageRun, shard_dir: str, info: dict[str, Any]) -> float:
+    """The teacher's ms per row: measured on the rows eval computed (across resumed runs), else (every
+    row came from the score stage) the score stage's own measurement."""
+    ms = teacher_ms_per_row(shard_dir, info["compute_s"], info["computed_rows"])
+    if math.isnan(ms):
+        ms = float(((ctx.upstream.get("score") or {}).get("cascade") or {}).get("teacher_ms_per_row") or ms)
+    return ms
 
 
 # --------------------------------------------------------------------------- metrics
@@ -614,12 +638,13 @@ def _cascade_teacher(
         shard_dir,
         stage="eval",
         center=center,
+        known=_score_stage_sketches(ctx),
     )
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
     teach = np.full((queries.num_rows, rows.num_rows), np.nan)
     if len(need):
         teach[:, need] = cascade.teacher_scores(r_mat, r_ok, q_mat, q_ok)[0]
-    return teach, teacher_ms_per_row(shard_dir, info["compute_s"], info["computed_rows"])
+    return teach, _teacher_ms(ctx, shard_dir, info)
 
 
 def _cascade_fidelity(agg: np.ndarray, per_q: np.ndarray, gt: np.ndarray, seed: int) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from pipeline import cascade, corpus, storage
 from pipeline.codes import ranking_order
 from pipeline.codestore import CodeStore, codes_from_arrow
 from pipeline.config import JobConfig
+from pipeline.distill import center_sketches
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.ranking import merge_runs, rows_for_fraction
 from pipeline.schema import (
@@ -67,7 +68,12 @@ from pipeline.schema import (
 )
 from pipeline.stages.shared_encode import encode_small, fit_encoder_path, split_output
 from pipeline.stages.score_scan import choose_scan, scan_in_process, scan_on_workers
-from pipeline.stages.shared_teacher import read_teacher_center, teacher_sketch_groups
+from pipeline.stages.shared_teacher import (
+    KNOWN_SKETCHES_FILE,
+    read_teacher_center,
+    teacher_sketch_groups,
+    write_known_sketches,
+)
 
 log = logging.getLogger("influcoder.score")
 
@@ -414,14 +420,12 @@ def _cascade(
     queries = _query_records(job, query_ids)
     shard_dir = storage.join(ctx.work_dir, "cascade_shards")
     center = read_teacher_center(job)
-    sk, info = teacher_sketch_groups(
-        job,
-        {"queries": queries, "rows": [rows[i] for i in block_ids]},
-        shard_dir,
-        stage="score",
-        center=center,
-    )
+    groups = {"queries": queries, "rows": [rows[i] for i in block_ids]}
+    sk, info = teacher_sketch_groups(job, groups, shard_dir, stage="score")
+    # Kept raw for eval, which runs the same teacher on the same rows and queries (centring follows).
+    kept = write_known_sketches(job, sk, groups, storage.join(ctx.out_dir, KNOWN_SKETCHES_FILE))
     (_, q_mat, q_ok), (_, r_mat, r_ok) = sk["queries"], sk["rows"]
+    q_mat, r_mat = center_sketches(q_mat, center), center_sketches(r_mat, center)
     if not q_ok.any():
         raise InputDataError(
             f"score.rerank_top: the teacher rejected every query in {storage.redact(job.score.queries.path)} "
@@ -462,6 +466,7 @@ def _cascade(
         "teacher_rejected_queries": int((~q_ok).sum()),
         "rows_moved": moved,
         "teacher_centered": center is not None,  # fit.center_teacher: cosines of centred sketches
+        "teacher_sketches_kept": kept,  # score/teacher_sketches.parquet, for eval
         "teacher_s": round(teacher_s, 3),
         "teacher_compute_s": round(info["compute_s"], 3),
         "teacher_ms_per_row": round(1000 * info["compute_s"] / info["computed_rows"], 3)

@@ -128,6 +128,20 @@ class SketchActor:
         )
 
 
+def sketch_stage_precision(job: JobConfig) -> JobConfig:
+    """`job` with teacher.dtype `auto` replaced by the precision the sketch stage chose and gated.
+    Callers after the sketch stage (eval's gradient method, the score cascade) compute in it, so their
+    sketches compare with its sketches."""
+    if job.teacher.dtype != "auto":
+        return job
+    from pipeline.artifacts import read_manifest
+
+    chosen = ((read_manifest(job, "sketch") or {}).get("precision") or {}).get("chosen")
+    if chosen not in ("float32", "bfloat16"):
+        return job
+    return dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=chosen))
+
+
 # --------------------------------------------------------------------------- shards
 
 
@@ -171,14 +185,7 @@ def sketch_shards(
     if not pending:
         return 0, 0.0
     cfg = job.sketch
-    if job.teacher.dtype == "auto":
-        # Callers after the sketch stage (eval's gradient method, the score cascade) compute in the
-        # precision the sketch stage chose and gated, so their sketches compare with its sketches.
-        from pipeline.artifacts import read_manifest
-
-        chosen = ((read_manifest(job, "sketch") or {}).get("precision") or {}).get("chosen")
-        if chosen in ("float32", "bfloat16"):
-            job = dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=chosen))
+    job = sketch_stage_precision(job)
     if not plan.use_gpu:  # CPU actors run on CPUs like the driver's: said here, not only in their logs
         import torch
 
@@ -248,20 +255,26 @@ def teacher_sketch_groups(
     shard_dir: str,
     stage: str,
     center: Optional[np.ndarray] = None,
+    known: Optional[dict[tuple[str, str], Optional[np.ndarray]]] = None,
 ) -> tuple[dict[str, tuple[list[str], np.ndarray, np.ndarray]], dict[str, Any]]:
     """Teacher sketches of named groups of canonical rows, in resumable shards (the sketch stage's actors).
 
     Shard `<group>-r<rows_per_shard>-<nnnnn>.parquet` (see `shard_rows`) holds `sketch.rows_per_shard`
     rows; a shard file that holds exactly the expected ids is reused, so a crash redoes only unfinished
-    shards. Returns per group (ids, sketches [n, proj_dim] float32 with zero rows where rejected, valid
+    shards. `known` (`read_known_sketches`: raw sketches an earlier stage computed with this teacher, by
+    (prompt, response); None where it rejected the row) skips the teacher for the rows it holds.
+    Returns per group (ids, sketches [n, proj_dim] float32 with zero rows where rejected, valid
     mask) in the given row order, and
-    {compute_s, computed_rows, shards, resumed_shards}. The shards hold raw sketches; the returned ones
-    are centred by `center` (`read_teacher_center`) when given.
+    {compute_s, computed_rows, known_rows, shards, resumed_shards}. The shards hold raw sketches; the
+    returned ones are centred by `center` (`read_teacher_center`) when given.
     """
     storage.makedirs(shard_dir)
+    known = known or {}
+    d = job.sketch.proj_dim
+    canonical: dict[str, list[dict[str, Any]]] = {}
     shards: list[tuple[str, list[dict[str, Any]]]] = []
     for name, recs in groups.items():
-        recs = [
+        canonical[name] = [
             {
                 ID: r[ID],
                 SPLIT: name,
@@ -273,7 +286,8 @@ def teacher_sketch_groups(
             }
             for r in recs
         ]
-        shards += shard_rows(name, recs, job.sketch.rows_per_shard)
+        todo = [r for r in canonical[name] if _text_key(r) not in known]
+        shards += shard_rows(name, todo, job.sketch.rows_per_shard)
 
     def path(name: str) -> str:
         return storage.join(shard_dir, f"{name}.parquet")
@@ -287,54 +301,135 @@ def teacher_sketch_groups(
                 continue  # finished by an earlier, interrupted run of the same stage identity
         pending.append((name, recs))
     plan = plan_actors(job.sketch.use_gpu, job.sketch.num_actors, "sketch")
+    known_rows = sum(len(recs) for recs in canonical.values()) - sum(len(r) for _, r in shards)
     if pending:
         log.info(
-            "%s: teacher on %d rows in %d shards (%d resumed), %s",
+            "%s: teacher on %d rows in %d shards (%d resumed%s), %s",
             stage,
             sum(len(r) for _, r in pending),
             len(pending),
             len(shards) - len(pending),
+            f"; {known_rows} rows already sketched" if known_rows else "",
             plan,
         )
     _, compute_s = sketch_shards(job, plan, pending, shard_dir, stage=stage)
 
-    d = job.sketch.proj_dim
     out: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
-    for group in groups:
-        ids: list[str] = []
-        mats, oks = [], []
-        for name, recs in shards:
+    for group, recs in canonical.items():
+        # The group's computed sketches by id. Align by id, never by position: a shard's rows come back
+        # from the actors in any order (Ray Data batches span shard blocks), so the file order is not
+        # the input order.
+        computed: dict[str, Optional[np.ndarray]] = {}
+        for name, shard_recs in shards:
             if not name.startswith(group + "-"):
                 continue
             t = storage.read_table(path(name), columns=[ID, SKETCH])
-            # Align by id, never by position: a shard's rows come back from the actors in any order
-            # (Ray Data batches span shard blocks), so the file order is not the input order.
-            pos = {rid: i for i, rid in enumerate(t.column(ID).to_pylist())}
-            lost = [r[ID] for r in recs if r[ID] not in pos]
+            mat, ok = _sketch_matrix(t.column(SKETCH), d)
+            got = {rid: (mat[i] if ok[i] else None) for i, rid in enumerate(t.column(ID).to_pylist())}
+            lost = [r[ID] for r in shard_recs if r[ID] not in got]
             if lost:
                 raise StageError(
                     f"{stage}: the teacher's shard {name} lacks {len(lost)} rows (first: {lost[:3]}); rerun {stage}."
                 )
-            sk = t.column(SKETCH).take(pa.array([pos[r[ID]] for r in recs], pa.int64())).combine_chunks()
-            ok = np.asarray(sk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-            mat = np.zeros((len(recs), d), dtype=np.float32)
-            if ok.any():
-                mat[ok] = np.asarray(sk.filter(pa.array(ok)).flatten(), dtype=np.float32).reshape(-1, d)
-            ids += [r[ID] for r in recs]
-            mats.append(mat)
-            oks.append(ok)
-        out[group] = (
-            ids,
-            center_sketches(np.concatenate(mats) if mats else np.zeros((0, d), np.float32), center),
-            np.concatenate(oks) if oks else np.zeros(0, bool),
-        )
-    computed = sum(len(r) for _, r in pending)
+            computed.update({r[ID]: got[r[ID]] for r in shard_recs})
+        mat = np.zeros((len(recs), d), dtype=np.float32)
+        ok = np.zeros(len(recs), dtype=bool)
+        for i, r in enumerate(recs):
+            key = _text_key(r)
+            sk = known[key] if key in known else computed[r[ID]]
+            if sk is not None:
+                mat[i], ok[i] = sk, True
+        out[group] = ([r[ID] for r in recs], center_sketches(mat, center), ok)
+    computed_rows = sum(len(r) for _, r in pending)
     return out, {
         "compute_s": float(compute_s),
-        "computed_rows": computed,
+        "computed_rows": computed_rows,
+        "known_rows": known_rows,
         "shards": len(shards),
         "resumed_shards": len(shards) - len(pending),
     }
+
+
+# --------------------------------------------------------------------------- sketches kept for later stages
+
+# The score cascade keeps the raw sketches it computed (`score/teacher_sketches.parquet`) so that eval,
+# which runs the same teacher on the same corpus rows and queries, does not compute them again.
+KNOWN_SKETCHES_FILE = "teacher_sketches.parquet"
+_TEACHER_KEY = b"influcoder.teacher_key"
+
+
+def _text_key(row: dict[str, Any]) -> tuple[str, str]:
+    """What a teacher sketch depends on besides the teacher: the row's prompt and response."""
+    return (row.get(PROMPT) or "", row.get(RESPONSE) or "")
+
+
+def teacher_key(job: JobConfig) -> str:
+    """Names the teacher a sketch came from: the sketch stage's identity (its model, weights and
+    settings), the precision it chose, the adapter and sketch seeds. Equal keys, equal sketches."""
+    from pipeline.artifacts import read_manifest
+    from pipeline.config import stable_hash, to_dict
+
+    resolved = sketch_stage_precision(job)
+    return stable_hash(
+        {
+            "sketch_identity": (read_manifest(job, "sketch") or {}).get("identity"),
+            "teacher": to_dict(resolved.teacher, for_hash=True),
+            "proj_dim": job.sketch.proj_dim,
+            "proj_seed": job.sketch.proj_seed,
+            "lora_seed": job.lora_seed,
+        }
+    )
+
+
+def write_known_sketches(
+    job: JobConfig, groups: dict[str, tuple[list[str], np.ndarray, np.ndarray]], rows: dict[str, list[dict]], path: str
+) -> int:
+    """Write the raw sketches `teacher_sketch_groups` returned (called with no center) for `rows`
+    (the same groups' canonical rows), keyed by the teacher; returns the rows written."""
+    ids, prompts, responses, flat, valid = [], [], [], [], []
+    for group, (g_ids, mat, ok) in groups.items():
+        for rid, rec, vec, good in zip(g_ids, rows[group], mat, ok):
+            ids.append(rid)
+            prompts.append(rec.get(PROMPT))
+            responses.append(rec.get(RESPONSE))
+            flat.append(vec)
+            valid.append(bool(good))
+    d = job.sketch.proj_dim
+    values = np.concatenate(flat).astype(np.float32) if flat else np.zeros(0, np.float32)
+    table = pa.table(
+        {
+            ID: pa.array(ids, pa.string()),
+            PROMPT: pa.array(prompts, pa.string()),
+            RESPONSE: pa.array(responses, pa.string()),
+            SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(values), d, mask=pa.array(~np.asarray(valid, bool))),
+        }
+    ).replace_schema_metadata({_TEACHER_KEY: teacher_key(job).encode()})
+    write_atomic(table, path)
+    return table.num_rows
+
+
+def read_known_sketches(job: JobConfig, path: str) -> dict[tuple[str, str], Optional[np.ndarray]]:
+    """The raw sketches at `path` by (prompt, response), if they came from this job's teacher
+    (`teacher_key`); empty when the file is absent or from another teacher."""
+    if not storage.exists(path):
+        return {}
+    table = storage.read_table(path)
+    if (table.schema.metadata or {}).get(_TEACHER_KEY) != teacher_key(job).encode():
+        log.info("%s: not reused: its sketches come from another teacher", storage.redact(path))
+        return {}
+    mat, ok = _sketch_matrix(table.column(SKETCH), job.sketch.proj_dim)
+    keys = zip(table.column(PROMPT).to_pylist(), table.column(RESPONSE).to_pylist())
+    return {(p or "", r or ""): (mat[i] if ok[i] else None) for i, (p, r) in enumerate(keys)}
+
+
+def _sketch_matrix(column: pa.ChunkedArray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """A nullable fixed-size-list sketch column as ([n, d] float32 with zero rows where null, valid mask)."""
+    sk = column.combine_chunks()
+    ok = np.asarray(sk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    mat = np.zeros((len(sk), d), dtype=np.float32)
+    if ok.any():
+        mat[ok] = np.asarray(sk.filter(pa.array(ok)).flatten(), dtype=np.float32).reshape(-1, d)
+    return mat, ok
 
 
 # --------------------------------------------------------------------------- the teacher's center
