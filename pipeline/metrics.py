@@ -13,8 +13,10 @@ import warnings
 from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics as skm
+
+# scipy.stats and sklearn are imported where they are used: together they cost ~1 s of import, which
+# every process that loads pipeline.codes (encode actors, fragment writers, score workers) would pay
+# for metrics it never computes.
 
 
 def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,6 +31,8 @@ def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """scipy's Spearman rho; NaN (a constant input) is returned as NaN for the caller to handle."""
+    from scipy import stats
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConstantInputWarning: handled by the NaN convention
         rho = stats.spearmanr(x, y).statistic
@@ -62,6 +66,8 @@ def average_precision(labels: Sequence[int] | np.ndarray, scores: Sequence[float
     labels = np.asarray(labels)
     if labels.sum() == 0:
         raise ValueError("average precision needs at least one positive label")
+    from sklearn import metrics as skm
+
     return float(skm.average_precision_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
@@ -167,6 +173,8 @@ def _rank_correlation(rp: np.ndarray, rg: np.ndarray) -> np.ndarray:
 def spearman_rows(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """Spearman rho of each row pair along the last axis (average ranks for ties), vectorised over
     any leading axes; 0 where a row is constant (the `spearman_per_anchor` convention)."""
+    from scipy import stats
+
     rho = _rank_correlation(stats.rankdata(pred, axis=-1), stats.rankdata(gt, axis=-1))
     return np.nan_to_num(rho, nan=0.0)
 
@@ -231,6 +239,8 @@ def fidelity_replicates(
     resamples ranked together in chunks (one scipy call per chunk, not two per resample).
     Aggregated is NaN where a resample's anchor means are constant; per-anchor counts a constant
     row as 0, as `spearman_per_anchor` does."""
+    from scipy import stats
+
     pred, gt = _check_pair(pred, gt)
     anchors, pool = bootstrap_indices(pred.shape, resamples, seed)
     aggregated = np.empty(resamples, dtype=np.float64)

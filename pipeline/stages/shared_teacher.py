@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import JobConfig, TeacherConfig
-from pipeline.distill import center_sketches
 from pipeline.errors import StageError
 from pipeline.progress import Progress
 from pipeline.ray_runtime import ActorPlan, plan_actors
@@ -268,6 +267,8 @@ def teacher_sketch_groups(
     {compute_s, computed_rows, known_rows, shards, resumed_shards}. The shards hold raw sketches; the
     returned ones are centred by `center` (`read_teacher_center`) when given.
     """
+    from pipeline.distill import center_sketches  # here: distill imports torch, which a fragment writer never needs
+
     storage.makedirs(shard_dir)
     known = known or {}
     d = job.sketch.proj_dim
@@ -339,7 +340,7 @@ def teacher_sketch_groups(
             sk = known[key] if key in known else computed[r[ID]]
             if sk is not None:
                 mat[i], ok[i] = sk, True
-        out[group] = ([r[ID] for r in recs], center_sketches(mat, center), ok)
+        out[group] = ([r[ID] for r in recs], mat if center is None else center_sketches(mat, center), ok)
     computed_rows = sum(len(r) for _, r in pending)
     return out, {
         "compute_s": float(compute_s),
