@@ -446,6 +446,23 @@ def test_cascade_teacher_shards_resume(tmp_path, shared_data, tiny_teacher_dir, 
     np.testing.assert_allclose(mat[4:5], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
 
 
+def test_teacher_cost_weighs_eval_rows_and_score_stage_rows_by_their_own_rates(tmp_path):
+    """eval's teacher ms per row covers all its teacher rows: the ones it computed at its measured
+    rate and the ones the score stage sketched at the score stage's rate (the cascade's rows are the
+    encoder's top rows, of another length mix, so neither rate alone is the teacher's cost)."""
+    from types import SimpleNamespace
+
+    from pipeline.stages.eval import _teacher_ms
+
+    ctx = SimpleNamespace(upstream={"score": {"cascade": {"teacher_ms_per_row": 200.0}}})
+    info = {"compute_s": 3.0, "computed_rows": 6, "known_rows": 4, "rows": 10}  # eval: 500 ms a row
+    assert _teacher_ms(ctx, str(tmp_path / "a"), info) == pytest.approx((6 * 500 + 4 * 200) / 10)
+    everything_known = {"compute_s": 0.0, "computed_rows": 0, "known_rows": 10, "rows": 10}
+    assert _teacher_ms(ctx, str(tmp_path / "b"), everything_known) == 200.0
+    nothing_known = {"compute_s": 3.0, "computed_rows": 6, "known_rows": 0, "rows": 6}
+    assert _teacher_ms(ctx, str(tmp_path / "c"), nothing_known) == pytest.approx(500.0)
+
+
 def test_known_sketches_round_trip_and_belong_to_one_teacher(tmp_path):
     """score/teacher_sketches.parquet gives back each row's raw sketch by its texts (None where the
     teacher rejected the row), and nothing to a job whose teacher differs (another adapter seed)."""
@@ -473,7 +490,9 @@ def test_known_sketches_round_trip_and_belong_to_one_teacher(tmp_path):
     np.testing.assert_array_equal(known[("Q?", "A.")], mats["queries"][0])
     np.testing.assert_array_equal(known[("P0", "R0")], mats["rows"][0])
     assert known[("P1", "")] is None
-    other = load_job(data={**_minimal_job(tmp_path), "sketch": {"proj_dim": 8}, "teacher": {"lora_seed": job.lora_seed + 1}})
+    other = load_job(
+        data={**_minimal_job(tmp_path), "sketch": {"proj_dim": 8}, "teacher": {"lora_seed": job.lora_seed + 1}}
+    )
     assert read_known_sketches(other, path) == {}
     assert read_known_sketches(job, str(tmp_path / "absent.parquet")) == {}
 

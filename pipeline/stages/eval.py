@@ -236,12 +236,19 @@ def _score_stage_sketches(ctx: StageRun) -> dict:
 
 
 def _teacher_ms(ctx: StageRun, shard_dir: str, info: dict[str, Any]) -> float:
-    """The teacher's ms per row: measured on the rows eval computed (across resumed runs), else (every
-    row came from the score stage) the score stage's own measurement."""
-    ms = teacher_ms_per_row(shard_dir, info["compute_s"], info["computed_rows"])
-    if math.isnan(ms):
-        ms = float(((ctx.upstream.get("score") or {}).get("cascade") or {}).get("teacher_ms_per_row") or ms)
-    return ms
+    """The teacher's ms per row over all of eval's teacher rows: the rows eval computed at the rate it
+    measured (across resumed runs), the rows taken from the score stage at the rate the score stage
+    measured on them. (The two sets differ in length: the score cascade's rows are the encoder's top
+    rows, so either rate alone would misstate the teacher's cost per row.)"""
+    own_ms = teacher_ms_per_row(shard_dir, info["compute_s"], info["computed_rows"])
+    known = info["known_rows"]
+    score_ms = ((ctx.upstream.get("score") or {}).get("cascade") or {}).get("teacher_ms_per_row")
+    if not known or score_ms is None:
+        return own_ms
+    own_rows = info["rows"] - known
+    if math.isnan(own_ms) or own_rows == 0:
+        return float(score_ms)
+    return (own_ms * own_rows + float(score_ms) * known) / info["rows"]
 
 
 # --------------------------------------------------------------------------- metrics

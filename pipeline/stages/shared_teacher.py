@@ -264,7 +264,7 @@ def teacher_sketch_groups(
     (prompt, response); None where it rejected the row) skips the teacher for the rows it holds.
     Returns per group (ids, sketches [n, proj_dim] float32 with zero rows where rejected, valid
     mask) in the given row order, and
-    {compute_s, computed_rows, known_rows, shards, resumed_shards}. The shards hold raw sketches; the
+    {compute_s, computed_rows, known_rows, rows, shards, resumed_shards}. The shards hold raw sketches; the
     returned ones are centred by `center` (`read_teacher_center`) when given.
     """
     from pipeline.distill import center_sketches  # here: distill imports torch, which a fragment writer never needs
@@ -346,6 +346,7 @@ def teacher_sketch_groups(
         "compute_s": float(compute_s),
         "computed_rows": computed_rows,
         "known_rows": known_rows,
+        "rows": sum(len(recs) for recs in canonical.values()),
         "shards": len(shards),
         "resumed_shards": len(shards) - len(pending),
     }
