@@ -367,15 +367,17 @@ def _text_key(row: dict[str, Any]) -> tuple[str, str]:
 
 def teacher_key(job: JobConfig) -> str:
     """Names the teacher a sketch came from: the sketch stage's identity (its model, weights and
-    settings), the precision it chose, the adapter and sketch seeds. Equal keys, equal sketches."""
+    settings) and the precision it chose (what `auto` resolves to), the teacher's settings, the adapter
+    and sketch seeds. Equal keys, equal sketches."""
     from pipeline.artifacts import read_manifest
     from pipeline.config import stable_hash, to_dict
 
-    resolved = sketch_stage_precision(job)
+    manifest = read_manifest(job, "sketch") or {}
     return stable_hash(
         {
-            "sketch_identity": (read_manifest(job, "sketch") or {}).get("identity"),
-            "teacher": to_dict(resolved.teacher, for_hash=True),
+            "sketch_identity": manifest.get("identity"),
+            "sketch_precision": (manifest.get("precision") or {}).get("chosen"),
+            "teacher": to_dict(job.teacher, for_hash=True),
             "proj_dim": job.sketch.proj_dim,
             "proj_seed": job.sketch.proj_seed,
             "lora_seed": job.lora_seed,
@@ -388,22 +390,20 @@ def write_known_sketches(
 ) -> int:
     """Write the raw sketches `teacher_sketch_groups` returned (called with no center) for `rows`
     (the same groups' canonical rows), keyed by the teacher; returns the rows written."""
-    ids, prompts, responses, flat, valid = [], [], [], [], []
-    for group, (g_ids, mat, ok) in groups.items():
-        for rid, rec, vec, good in zip(g_ids, rows[group], mat, ok):
-            ids.append(rid)
-            prompts.append(rec.get(PROMPT))
-            responses.append(rec.get(RESPONSE))
-            flat.append(vec)
-            valid.append(bool(good))
     d = job.sketch.proj_dim
-    values = np.concatenate(flat).astype(np.float32) if flat else np.zeros(0, np.float32)
+    recs = [rec for group in groups for rec in rows[group]]
+    ids = [rid for g_ids, _, _ in groups.values() for rid in g_ids]
+    mat = np.concatenate([m for _, m, _ in groups.values()]) if groups else np.zeros((0, d), np.float32)
+    valid = np.concatenate([ok for _, _, ok in groups.values()]) if groups else np.zeros(0, bool)
+    prompts = [rec.get(PROMPT) for rec in recs]
+    responses = [rec.get(RESPONSE) for rec in recs]
+    values = mat.astype(np.float32).reshape(-1)
     table = pa.table(
         {
             ID: pa.array(ids, pa.string()),
             PROMPT: pa.array(prompts, pa.string()),
             RESPONSE: pa.array(responses, pa.string()),
-            SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(values), d, mask=pa.array(~np.asarray(valid, bool))),
+            SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(values), d, mask=pa.array(~valid)),
         }
     ).replace_schema_metadata({_TEACHER_KEY: teacher_key(job).encode()})
     write_atomic(table, path)
@@ -415,7 +415,7 @@ def read_known_sketches(job: JobConfig, path: str) -> dict[tuple[str, str], Opti
     (`teacher_key`); empty when the file is absent or from another teacher."""
     if not storage.exists(path):
         return {}
-    table = storage.read_table(path)
+    table = storage.read_table(path, columns=[PROMPT, RESPONSE, SKETCH])
     if (table.schema.metadata or {}).get(_TEACHER_KEY) != teacher_key(job).encode():
         log.info("%s: not reused: its sketches come from another teacher", storage.redact(path))
         return {}
