@@ -12,6 +12,7 @@ Canonical rows (what `corpus.read_dataset` yields after column mapping):
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -79,6 +80,27 @@ def sketch_schema(proj_dim: int) -> pa.Schema:
             pa.field(SKETCH, pa.list_(pa.float32(), proj_dim), nullable=False),
         ]
     )
+
+
+def sketch_matrix(column: pa.Array | pa.ChunkedArray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A sketch column (fixed-size lists, nullable where the teacher rejected a row) as an
+    ``[n, width]`` float32 matrix with zero rows where null, and the valid-row mask.
+    ``width`` defaults to the column's list size; every reader of sketches goes through here."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = col.type.list_size if width is None else width
+    ok = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    mat = np.zeros((len(col), width), dtype=np.float32)
+    if ok.any():
+        values = col if ok.all() else col.filter(pa.array(ok))
+        mat[ok] = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
+    return mat, ok
+
+
+def split_in_id_order(table: pa.Table, split: str) -> pa.Table:
+    """One split (`train` | `eval`) of a sketch artifact side, sorted by id: what fit and eval read
+    must not depend on how the sketch stage sharded its output."""
+    rows = table.filter(pc.equal(table.column(SPLIT), split))
+    return rows.take(pc.sort_indices(rows, sort_keys=[(ID, "ascending")]))
 
 
 # The row's texts, which the sketch stage adds to its artifact so that `fit` need not re-read the

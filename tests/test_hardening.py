@@ -289,9 +289,43 @@ def test_one_definition_each():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef) and node.col_offset == 0:
                 defs.setdefault(node.name, []).append(path.name)
-    for name in ("utc_now", "spearman", "native_bf16", "plan_actors", "split_by_reason", "teacher_sketch_groups"):
+    for name in (
+        "utc_now",
+        "spearman",
+        "native_bf16",
+        "plan_actors",
+        "split_by_reason",
+        "teacher_sketch_groups",
+        "sketch_matrix",
+        "split_in_id_order",
+    ):
         assert len(defs.get(name, [])) == 1, (name, defs.get(name))
     assert "_spearman" not in defs and "plan_workers" not in defs and "_sketch_shards" not in defs
+    assert "_sketch_matrix" not in defs
+
+
+def test_sketch_matrix_reads_nulls_chunks_and_slices_in_place():
+    """The one reader of sketch columns: a null (rejected) row is a zero row and False in the mask,
+    chunks and sliced arrays keep their rows in order, and an empty column keeps its width."""
+    from pipeline.schema import sketch_matrix, split_in_id_order
+
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    typ = pa.list_(pa.float32(), 3)
+    chunks = pa.chunked_array(
+        [pa.array([rows[0].tolist(), None], typ), pa.array([rows[2].tolist(), rows[3].tolist()], typ)]
+    )
+    mat, ok = sketch_matrix(chunks)
+    assert ok.tolist() == [True, False, True, True]
+    assert np.array_equal(mat, np.stack([rows[0], np.zeros(3), rows[2], rows[3]]))
+    sliced = pa.array([r.tolist() for r in rows], typ).slice(1, 2)  # an offset into the values buffer
+    assert np.array_equal(sketch_matrix(sliced)[0], rows[1:3])
+    empty, ok = sketch_matrix(pa.array([], typ))
+    assert empty.shape == (0, 3) and ok.shape == (0,)
+    assert sketch_matrix(chunks, 3)[0].dtype == np.float32
+    table = pa.table({ID: ["b", "a", "c"], SPLIT: ["eval", "eval", "train"], SKETCH: pa.array(rows[:3].tolist(), typ)})
+    got = split_in_id_order(table, "eval")
+    assert got.column(ID).to_pylist() == ["a", "b"]
+    assert np.array_equal(sketch_matrix(got.column(SKETCH))[0], rows[[1, 0]])
 
 
 def test_the_method_list_is_one_constant():

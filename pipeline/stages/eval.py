@@ -40,7 +40,7 @@ from pipeline.errors import ConfigError, InputDataError
 from pipeline.ray_runtime import ensure_ray
 from pipeline.report import teacher_notes, verdict, verdict_text
 from pipeline.textview import table_views
-from pipeline.schema import ID, LABEL, SKETCH, SPLIT, TEXT
+from pipeline.schema import ID, LABEL, SKETCH, TEXT, sketch_matrix, split_in_id_order
 from pipeline.stages.shared_teacher import (
     KNOWN_SKETCHES_FILE,
     read_known_sketches,
@@ -149,11 +149,9 @@ def _queries(job: JobConfig) -> pa.Table:
 def _sketch_split(ctx: StageRun, role: str, center: Optional[np.ndarray]) -> tuple[list[str], pa.Table, np.ndarray]:
     """The held-out (eval) split of one side of the sketch artifact: ids, rows, sketches (id order),
     centred as fit centred its truth (`center`: fit.center_teacher)."""
-    t = storage.read_table(storage.join(ctx.upstream_dir("sketch"), role))
-    t = t.filter(pa.compute.equal(t.column(SPLIT), "eval"))
-    t = t.take(pa.compute.sort_indices(t, sort_keys=[(ID, "ascending")]))
+    t = split_in_id_order(storage.read_table(storage.join(ctx.upstream_dir("sketch"), role)), "eval")
     ids = t.column(ID).to_pylist()
-    mat = np.asarray(t.column(SKETCH).combine_chunks().flatten(), dtype=np.float32).reshape(len(ids), -1)
+    mat, _ = sketch_matrix(t.column(SKETCH))
     return ids, t.drop_columns([SKETCH]), center_sketches(mat, center)
 
 

@@ -29,7 +29,7 @@ from pipeline.distill import center_sketches, cosine_targets, teacher_center
 from pipeline.textview import EncoderInput, table_views
 from pipeline.errors import ArtifactMissingError, InputDataError
 from pipeline.sampling import order_key
-from pipeline.schema import ID, SKETCH, SKETCH_TEXTS, SPLIT, TEXT, sketch_schema
+from pipeline.schema import ID, SKETCH, SKETCH_TEXTS, SPLIT, TEXT, sketch_matrix, sketch_schema, split_in_id_order
 
 SIDES = ("anchors", "pool")
 SPLITS = ("train", "eval")
@@ -149,20 +149,13 @@ def _read_side(sketch_dir: str, side: str, lookup: Optional[TextLookup] = None) 
 
 
 def _split_rows(table: pa.Table, split: str, side: str, prefix: str) -> SplitRows:
-    rows = table.filter(pc.equal(table[SPLIT], split))
-    # Sort by id: the result must not depend on how the sketch stage sharded its output.
-    rows = rows.take(pc.sort_indices(rows, sort_keys=[(ID, "ascending")]))
+    rows = split_in_id_order(table, split)
     ids = rows[ID].to_pylist()
     texts = rows[TEXT].to_pylist()
     if any(t is None for t in texts):
         raise InputDataError(f"fit: {side} rows with a null `text` in the {split} split; fix the sketch artifact.")
     views = table_views(rows, prefix=prefix)
-    col = rows[SKETCH].combine_chunks()
-    if len(ids):
-        width = col.type.list_size
-        sketches = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), width)
-    else:
-        sketches = np.zeros((0, 1), dtype=np.float32)
+    sketches, _ = sketch_matrix(rows[SKETCH])  # a null sketch is a zero row: the norm check names it
     norms = np.linalg.norm(sketches, axis=1)
     if len(ids) and np.abs(norms - 1.0).max() > NORM_TOL:
         bad = int(np.argmax(np.abs(norms - 1.0)))

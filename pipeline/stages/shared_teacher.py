@@ -26,7 +26,7 @@ from pipeline.config import JobConfig, TeacherConfig
 from pipeline.errors import StageError
 from pipeline.progress import Progress
 from pipeline.ray_runtime import ActorPlan, plan_actors
-from pipeline.schema import ID, PROMPT, REASON, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT
+from pipeline.schema import ID, PROMPT, REASON, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT, sketch_matrix
 
 log = logging.getLogger("influcoder.teacher")
 
@@ -325,7 +325,7 @@ def teacher_sketch_groups(
             if not name.startswith(group + "-"):
                 continue
             t = storage.read_table(path(name), columns=[ID, SKETCH])
-            mat, ok = _sketch_matrix(t.column(SKETCH), d)
+            mat, ok = sketch_matrix(t.column(SKETCH), d)
             got = {rid: (mat[i] if ok[i] else None) for i, rid in enumerate(t.column(ID).to_pylist())}
             lost = [r[ID] for r in shard_recs if r[ID] not in got]
             if lost:
@@ -419,19 +419,9 @@ def read_known_sketches(job: JobConfig, path: str) -> dict[tuple[str, str], Opti
     if (table.schema.metadata or {}).get(_TEACHER_KEY) != teacher_key(job).encode():
         log.info("%s: not reused: its sketches come from another teacher", storage.redact(path))
         return {}
-    mat, ok = _sketch_matrix(table.column(SKETCH), job.sketch.proj_dim)
+    mat, ok = sketch_matrix(table.column(SKETCH), job.sketch.proj_dim)
     keys = zip(table.column(PROMPT).to_pylist(), table.column(RESPONSE).to_pylist())
     return {(p or "", r or ""): (mat[i] if ok[i] else None) for i, (p, r) in enumerate(keys)}
-
-
-def _sketch_matrix(column: pa.ChunkedArray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """A nullable fixed-size-list sketch column as ([n, d] float32 with zero rows where null, valid mask)."""
-    sk = column.combine_chunks()
-    ok = np.asarray(sk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    mat = np.zeros((len(sk), d), dtype=np.float32)
-    if ok.any():
-        mat[ok] = np.asarray(sk.filter(pa.array(ok)).flatten(), dtype=np.float32).reshape(-1, d)
-    return mat, ok
 
 
 # --------------------------------------------------------------------------- the teacher's center

@@ -37,6 +37,7 @@ from pipeline.schema import (
     SOURCE,
     SPLIT,
     sketch_artifact_schema,
+    sketch_matrix,
     split_by_reason,
 )
 from pipeline.stages.shared_teacher import finished_shards, shard_rows, sketch_shards
@@ -330,7 +331,7 @@ def _fidelity_check(
     for role in ROLES:
         t = storage.read_table(storage.join(out_dir, role, "part-00000.parquet"), columns=[ID, SKETCH])
         ids = t.column(ID).to_pylist()
-        mat = np.asarray(t.column(SKETCH).combine_chunks().flatten()).reshape(len(ids), -1) if ids else None
+        mat, _ = sketch_matrix(t.column(SKETCH))
         for i, rid in enumerate(ids):
             sketches[(role, rid)] = mat[i]
     present = [k for k, (role, r) in enumerate(keyed) if (role, r[ID]) in sketches]  # rejected rows have none
