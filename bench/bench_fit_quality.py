@@ -90,6 +90,16 @@ def subset_runner(src: Path, n_anchors: int, n_pool: int):
     return run
 
 
+# Every recipe starts from the library's defaults for the keys recipes vary, whatever the job file that
+# made the sketch run sets (the demo jobs set a blend and a centred teacher), so `classic` is classic.
+RECIPE_BASE: list[str] = [
+    "fit.dropout=null",
+    "fit.val_frac=0",
+    "fit.restore_best=false",
+    "fit.blend=[]",
+    "fit.center_teacher=false",
+]
+
 RECIPES: dict[str, list[str]] = {
     # Today's defaults: dropout as the model has it, every train row fitted, the last epoch exported.
     "classic": [],
@@ -269,6 +279,7 @@ def main() -> None:
                     f"seed={seed}",
                     f"sketch.train_anchors={n}",
                     f"sketch.train_pool={n_pool}",
+                    *RECIPE_BASE,
                     *RECIPES[recipe],
                     *args.fit_set,
                 ]
