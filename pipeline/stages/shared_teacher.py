@@ -135,10 +135,15 @@ def sketch_stage_precision(job: JobConfig) -> JobConfig:
         return job
     from pipeline.artifacts import read_manifest
 
-    chosen = ((read_manifest(job, "sketch") or {}).get("precision") or {}).get("chosen")
+    chosen = _chosen_precision(read_manifest(job, "sketch"))
     if chosen not in ("float32", "bfloat16"):
         return job
     return dataclasses.replace(job, teacher=dataclasses.replace(job.teacher, dtype=chosen))
+
+
+def _chosen_precision(sketch_manifest: Optional[dict[str, Any]]) -> Optional[str]:
+    """The precision the sketch stage chose and gated, as its manifest records it (None: no manifest)."""
+    return ((sketch_manifest or {}).get("precision") or {}).get("chosen")
 
 
 # --------------------------------------------------------------------------- shards
@@ -376,7 +381,7 @@ def teacher_key(job: JobConfig) -> str:
     return stable_hash(
         {
             "sketch_identity": manifest.get("identity"),
-            "sketch_precision": (manifest.get("precision") or {}).get("chosen"),
+            "sketch_precision": _chosen_precision(manifest),
             "teacher": to_dict(job.teacher, for_hash=True),
             "proj_dim": job.sketch.proj_dim,
             "proj_seed": job.sketch.proj_seed,
