@@ -272,7 +272,9 @@ class FitConfig:
     distilled one: the codes become [sqrt(1 - b) * distilled, sqrt(b) * plain], so a score is
     (1 - b) * distilled cosine + b * plain cosine, and b = 0 (the distilled encoder alone) is always a
     candidate. A chosen b > 0 keeps what the starting encoder knew where the teacher agrees with it
-    and costs twice the code width and two forward passes per encoded row. Needs val_frac > 0."""
+    and costs twice the code width and two forward passes per encoded row. Each blend's paired gain
+    over the distilled encoder alone on validation, with its 95 % CI, is in fit/metrics.json
+    (`candidates`: `gain`, `gain_ci`). Needs val_frac > 0."""
     center_teacher: bool = False
     """Remove the direction every teacher gradient shares before any influence cosine: sketches become
     normalise(sketch - mean train-pool sketch) for fit's targets, validation and held-out truth, eval's

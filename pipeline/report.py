@@ -226,6 +226,18 @@ def teacher_notes(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def blend_lead_text(gain: Optional[float], ci: Optional[list[float]]) -> str:
+    """How far a chosen blend led the distilled encoder alone on fit's validation split, and whether that
+    lead is beyond the noise (headline and report share it); "" when fit did not record it."""
+    if gain is None:
+        return ""
+    lo, hi = ci or (float("nan"), float("nan"))
+    return (
+        f", where its fidelity led the distilled encoder alone's by {gain:+.3f} [{lo:+.3f}, {hi:+.3f}], "
+        f"{'beyond' if lo > 0 else 'within'} the noise"
+    )
+
+
 def export_text(fit_metrics: dict[str, Any]) -> str:
     """What `influcoder` scores with: the fit's export, as fit/metrics.json records it."""
     sel = fit_metrics.get("selected_epoch")
@@ -235,10 +247,11 @@ def export_text(fit_metrics: dict[str, Any]) -> str:
         text += f", weight-interpolated {w:.2f} of the way from the starting encoder"
     b = fit_metrics.get("blend_weight") or 0.0
     if b:
+        chosen = next((c for c in fit_metrics.get("candidates") or [] if c.get("blend") == b), {})
         text += (
             f"; its scores blend the distilled encoder's cosine with the plain starting encoder's at weight "
-            f"{b:.2f} for the plain one, chosen on the validation split (codes of twice the width, two forward "
-            "passes per row)"
+            f"{b:.2f} for the plain one, chosen on the validation split{blend_lead_text(chosen.get('gain'), chosen.get('gain_ci'))} "
+            "(codes of twice the width, two forward passes per row)"
         )
     return text + "."
 

@@ -357,3 +357,33 @@ def test_blend_needs_a_validation_split_and_weights_in_the_open_unit_interval():
         with pytest.raises(_FieldError):
             FitConfig(val_frac=0.25, blend=bad)
     assert FitConfig(val_frac=0.25, blend=[0.2, 0.4]).blend == [0.2, 0.4]
+
+
+def test_a_chosen_blend_is_reported_with_its_validation_lead_and_whether_it_clears_the_noise():
+    """Headline and report say how far the chosen blend led the distilled encoder alone on validation,
+    and whether that lead is beyond the noise (its CI above 0) or within it."""
+    from pipeline.report import export_text
+    from pipeline.stages.eval import _headline
+
+    def headline(gain, ci):
+        influcoder = {"heldout": {"spearman_aggregated": 0.6}, "blend_weight": 0.1, "blend_gain": gain}
+        return _headline({"methods": {"influcoder": {**influcoder, "blend_gain_ci": ci}}, "speed": {}})
+
+    assert "weight 0.10 for the plain one (chosen on fit's validation split, where its fidelity led the " in (
+        headline(0.002, [-0.03, 0.029])
+    )
+    assert "by +0.002 [-0.030, +0.029], within the noise)." in headline(0.002, [-0.03, 0.029])
+    assert "by +0.070 [+0.010, +0.200], beyond the noise)." in headline(0.07, [0.01, 0.2])
+    assert "(chosen on fit's validation split)." in headline(None, None)  # a fit from before the lead was kept
+    fit_metrics = {
+        "selected_epoch": 8,
+        "blend_weight": 0.5,
+        "candidates": [
+            {"weight": 1.0, "validation": 0.54},
+            {"weight": 1.0, "blend": 0.5, "validation": 0.61, "gain": 0.07, "gain_ci": [-0.08, 0.2]},
+        ],
+    }
+    assert "at weight 0.50 for the plain one, chosen on the validation split, where its fidelity led the " in (
+        export_text(fit_metrics)
+    )
+    assert "by +0.070 [-0.080, +0.200], within the noise (codes of twice the width" in export_text(fit_metrics)

@@ -263,7 +263,13 @@ def test_two_workers_reach_the_same_quality_band_and_restore_best(resumed_fit, s
     assert two["splits"]["val_anchors"] == 6 and two["splits"]["train_anchors"] == SIZES["train_anchors"] - 6
     chosen = max(two["candidates"], key=lambda c: c["validation"])
     assert two["interpolation_weight"] == chosen["weight"] and two["exported"]["validation"] == chosen["validation"]
-    assert sorted(c["blend"] for c in two["candidates"] if "blend" in c) == [0.3, 0.6]
+    # Each blend carries its paired validation gain over the distilled encoder (the selected epoch) alone.
+    blends = [c for c in two["candidates"] if "blend" in c]
+    assert sorted(c["blend"] for c in blends) == [0.3, 0.6]
+    selected_validation = next(c["validation"] for c in two["candidates"] if "blend" not in c and c["weight"] == 1.0)
+    for c in blends:
+        assert c["gain"] == pytest.approx(c["validation"] - selected_validation, abs=1e-3)
+        assert c["gain_ci"][0] <= c["gain"] <= c["gain_ci"][1]
     assert two["blend_weight"] == chosen.get("blend", 0.0)
     blend_file = run_dir / "fit" / "encoder" / "influcoder_blend.json"
     assert blend_file.exists() == (two["blend_weight"] > 0)

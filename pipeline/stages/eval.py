@@ -38,7 +38,7 @@ from pipeline.config import JobConfig
 from pipeline.distill import center_sketches
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.ray_runtime import ensure_ray
-from pipeline.report import teacher_notes, verdict, verdict_text
+from pipeline.report import blend_lead_text, teacher_notes, verdict, verdict_text
 from pipeline.textview import table_views
 from pipeline.schema import ID, LABEL, SKETCH, TEXT, sketch_matrix, split_in_id_order
 from pipeline.stages.shared_teacher import (
@@ -433,7 +433,11 @@ def run(ctx: StageRun) -> None:
             "precision": precision,
         }
         if name == "influcoder":  # a blended export scores (1 - b) distilled + b plain cosine (fit.blend)
-            results[name]["blend_weight"] = ((ctx.upstream.get("fit") or {}).get("fit") or {}).get("blend_weight", 0.0)
+            fit_record = (ctx.upstream.get("fit") or {}).get("fit") or {}
+            results[name]["blend_weight"] = fit_record.get("blend_weight", 0.0)
+            if fit_record.get("blend_gain") is not None:
+                results[name]["blend_gain"] = fit_record["blend_gain"]
+                results[name]["blend_gain_ci"] = fit_record.get("blend_gain_ci")
     if "gradient" in methods:
         t0 = time.perf_counter()
         gq, gr, teacher = _gradient_method(ctx, rows, queries, center)
@@ -572,11 +576,12 @@ def _headline(out: dict[str, Any]) -> str:
             f"{r.get('ms_per_sample', float('nan')):>9.3f} {r.get('bytes_per_sample', 0):>7.0f}"
         )
     lines += verdict_text(out.get("verdict", {}))
-    blend = (out["methods"].get("influcoder") or {}).get("blend_weight")
-    if blend:
+    influ = out["methods"].get("influcoder") or {}
+    if influ.get("blend_weight"):
+        lead = blend_lead_text(influ.get("blend_gain"), influ.get("blend_gain_ci"))
         lines.append(
-            f"influcoder's scores blend the distilled encoder with the plain one, weight {blend:.2f} for the "
-            "plain one (chosen on fit's validation split)."
+            f"influcoder's scores blend the distilled encoder with the plain one, weight {influ['blend_weight']:.2f} "
+            f"for the plain one (chosen on fit's validation split{lead})."
         )
     lines += teacher_notes(out)
     ratio = out["speed"].get("influcoder_vs_gradient_ms_ratio")

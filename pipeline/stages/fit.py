@@ -40,6 +40,7 @@ from pipeline import storage
 from pipeline.artifacts import StageRun
 from pipeline.config import JobConfig, to_dict
 from pipeline.errors import ConfigError, StageError
+from pipeline.report import blend_lead_text
 from pipeline.models import resolve_encoder
 from pipeline.stages.fit_data import FitData, load_fit_data, texts_from_inputs
 from pipeline.stages import fit_worker
@@ -192,6 +193,9 @@ def run(ctx: StageRun) -> None:
             "restore_best": fit.restore_best,
             "interpolation_weight": choice["weight"],
             "blend_weight": choice["blend"],
+            # The chosen blend's validation lead over the distilled encoder alone, with its CI.
+            "blend_gain": choice["chosen"].get("gain"),
+            "blend_gain_ci": choice["chosen"].get("gain_ci"),
             "teacher_centered": data.teacher_center is not None,
             "spearman_aggregated": exported["spearman_aggregated"],
             "spearman_aggregated_ci": exported["spearman_aggregated_ci"],
@@ -210,7 +214,10 @@ def run(ctx: StageRun) -> None:
         else "the last epoch"
     )
     if choice["blend"]:
-        how += f"; scores blended with the starting encoder's, weight {choice['blend']:.2f} (chosen on validation)"
+        lead = blend_lead_text(choice["chosen"].get("gain"), choice["chosen"].get("gain_ci"))
+        how += (
+            f"; scores blended with the starting encoder's, weight {choice['blend']:.2f} (chosen on validation{lead})"
+        )
     diff = exported["vs_untrained"]
     log.info(
         "fit: exported epoch %d (%s); held-out spearman aggregated %.3f %s, per-anchor %.3f "
@@ -270,7 +277,7 @@ def _choose_and_export(
             pred = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
             candidates.append({"weight": w, "validation": _validation_score(pred, data, fit)})
     if weights and fit.blend and data.val_anchors is not None:
-        candidates += _blend_candidates(enc, start, tuned, data, fit)
+        candidates += _blend_candidates(enc, start, tuned, data, fit, job.seed)
     # Ties go to the earlier candidate: the selected epoch, then the start, then larger weights, then blends.
     chosen = max(candidates, key=lambda c: c["validation"] if c["validation"] is not None else -2.0)
     blend = chosen.get("blend", 0.0)
@@ -287,13 +294,22 @@ def _choose_and_export(
     # encoder toward the teacher beyond the noise of the split (the two marginal CIs overlap widely).
     exported["vs_untrained"] = fidelity_difference(pred, start_pred, data.ground_truth, seed=job.seed)
     _save_encoder(enc, out_dir)
-    return {"weight": chosen["weight"], "blend": blend, "candidates": candidates, "exported": exported}
+    return {
+        "weight": chosen["weight"],
+        "blend": blend,
+        "candidates": candidates,
+        "exported": exported,
+        "chosen": chosen,
+    }
 
 
-def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit) -> list[dict[str, Any]]:
-    """Validation scores of (1 - b) * selected + b * starting encoder's cosines, b in `fit.blend`."""
+def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit, seed: int) -> list[dict[str, Any]]:
+    """Validation scores of (1 - b) * selected + b * starting encoder's cosines, b in `fit.blend`, each
+    with its paired bootstrap gain over the selected (distilled) encoder alone: whether a blend's lead is
+    beyond the noise of the validation split (it is chosen on its point score)."""
     import torch
 
+    from pipeline.metrics import fidelity_difference
     from pipeline.stages.fit_worker import encoder_scores
 
     with torch.inference_mode():
@@ -301,10 +317,21 @@ def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit) -> list
         plain = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
         _load_mix(enc, start, tuned, 1.0)
         distilled = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
-    return [
-        {"weight": 1.0, "blend": b, "validation": _validation_score((1.0 - b) * distilled + b * plain, data, fit)}
-        for b in sorted(fit.blend)
-    ]
+    out = []
+    for b in sorted(fit.blend):
+        mix = (1.0 - b) * distilled + b * plain
+        gain = fidelity_difference(mix, distilled, data.val_truth, seed=seed)
+        key = f"spearman_{fit.select_best_on}_diff"
+        out.append(
+            {
+                "weight": 1.0,
+                "blend": b,
+                "validation": _validation_score(mix, data, fit),
+                "gain": gain[key],
+                "gain_ci": gain[key + "_ci"],
+            }
+        )
+    return out
 
 
 def _validation_score(pred, data: FitData, fit) -> float:
