@@ -86,6 +86,16 @@ def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "auprc_diff": diff,
                 "auprc_diff_ci": ci,
                 "influcoder_is": _state(ci, "better", "worse"),
+                # Recall@k and MRR, paired on the same resampled queries (eval's `vs`).
+                "per_query": {
+                    key[: -len("_diff")]: {
+                        "diff": value,
+                        "diff_ci": vs[other].get(key + "_ci"),
+                        "influcoder_is": _state(vs[other].get(key + "_ci"), "better", "worse"),
+                    }
+                    for key, value in vs[other].items()
+                    if key.endswith("_diff") and key != "auprc_diff"
+                },
             }
     return out
 
@@ -102,6 +112,17 @@ def verdict_text(verdict: dict[str, Any]) -> list[str]:
                 f"influcoder vs {v['method']}: AUPRC {v['auprc_diff']:+.3f}{_ci_text(v['auprc_diff_ci'])} "
                 f"(95 % CI): influcoder is {v['influcoder_is']}."
             )
+            per_query = v.get("per_query") or {}
+            if per_query:
+                shown = {("MRR" if name == "mrr" else name): d for name, d in per_query.items()}
+                figures = ", ".join(f"{name} {d['diff']:+.3f}{_ci_text(d['diff_ci'])}" for name, d in shown.items())
+                states = {d["influcoder_is"] for d in shown.values()}
+                state = (
+                    next(iter(states))
+                    if len(states) == 1
+                    else ", ".join(f"{d['influcoder_is']} on {name}" for name, d in shown.items())
+                )
+                lines.append(f"  per query: {figures} (95 % CI): influcoder is {state}.")
     f = verdict.get("fidelity_vs_plain_encoder")
     if f:
         lines.append(

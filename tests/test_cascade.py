@@ -605,6 +605,12 @@ def test_whole_job_with_the_cascade(tiny_run, tmp_path):
     assert n_queries < g["teacher_rows_from_score_stage"] <= kept.num_rows
     assert r["ms_per_sample"] == pytest.approx(i["ms_per_sample"] + c["k"] / n * g["ms_per_sample"])
     assert "cascade" in i["vs"]  # paired with influcoder's replicates
+    # ... and Recall@k and MRR paired on the same resampled queries, the cascade's per query ranking included.
+    for other in ("cascade", "untrained_encoder"):
+        vs = i["vs"][other]
+        assert vs["mrr_diff"] == pytest.approx(i["mrr"] - m["methods"][other]["mrr"])
+        assert vs["mrr_diff_ci"][0] <= vs["mrr_diff"] <= vs["mrr_diff_ci"][1]
+        assert {"recall@5_diff", "recall@5_diff_ci"} <= set(vs)
     cons = r["consistency_with_score_stage"]
     assert cons["checked"] and cons["block_overlap"] >= 0.8
     assert "cascade" in (Path(job.run_dir) / "eval" / "report" / "report.md").read_text()

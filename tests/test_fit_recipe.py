@@ -277,6 +277,10 @@ def test_verdict_reads_paired_cis_for_auprc_and_fidelity():
                 "untrained_encoder": {
                     "auprc_diff": -0.10,
                     "auprc_diff_ci": [-0.20, -0.01],
+                    "recall@10_diff": 0.01,
+                    "recall@10_diff_ci": [-0.02, 0.04],
+                    "mrr_diff": -0.2,
+                    "mrr_diff_ci": [-0.3, -0.1],
                     "heldout": {
                         "spearman_aggregated_diff": 0.04,
                         "spearman_aggregated_diff_ci": [0.01, 0.07],
@@ -298,6 +302,12 @@ def test_verdict_reads_paired_cis_for_auprc_and_fidelity():
     text = " ".join(verdict_text(v))
     assert "AUPRC -0.100 [-0.200, -0.010]" in text and "influcoder is worse" in text
     assert "aggregated rho +0.040 [+0.010, +0.070]" in text and f"influcoder is {both}" in text
+    # Recall@k and MRR, paired on the same queries, each read on its own CI.
+    assert v["vs_plain_encoder"]["per_query"]["mrr"]["influcoder_is"] == "worse"
+    assert (
+        "per query: recall@10 +0.010 [-0.020, +0.040], MRR -0.200 [-0.300, -0.100] (95 % CI): influcoder is "
+        "level (within the noise) on recall@10, worse on MRR." in text
+    )
     # A CI straddling 0 is level, whichever way the point leans; two that agree read as one.
     heldout = results["influcoder"]["vs"]["untrained_encoder"]["heldout"]
     heldout["spearman_aggregated_diff_ci"] = [-0.01, 0.07]
@@ -387,3 +397,23 @@ def test_a_chosen_blend_is_reported_with_its_validation_lead_and_whether_it_clea
         export_text(fit_metrics)
     )
     assert "by +0.070 [-0.080, +0.200], within the noise (codes of twice the width" in export_text(fit_metrics)
+
+
+def test_paired_recall_and_mrr_differences_resample_the_same_queries():
+    """a - b per query metric, its CI from resampling queries: a constant gap has a point CI; a method
+    against itself differs by exactly 0."""
+    from pipeline.stages.eval import PairedSamples, _paired_vs
+
+    reps = np.linspace(0.4, 0.6, 50)
+    a = PairedSamples(reps + 0.1, {"mrr": np.array([1.0, 0.5, 1.0, 0.25]), "recall@10": np.array([0.2, 0.1, 0.3, 0.0])})
+    b = PairedSamples(reps, {"mrr": np.array([0.5, 0.0, 0.5, -0.25]), "recall@10": np.array([0.2, 0.1, 0.3, 0.0])})
+    ra = {"auprc": 0.6, "mrr": 0.6875, "recall@10": 0.15}
+    rb = {"auprc": 0.5, "mrr": 0.1875, "recall@10": 0.15}
+    vs = _paired_vs(ra, a, rb, b, seed=0)
+    assert vs["auprc_diff"] == pytest.approx(0.1) and vs["auprc_diff_ci"] == pytest.approx([0.1, 0.1])
+    assert vs["mrr_diff"] == pytest.approx(0.5) and vs["mrr_diff_ci"] == pytest.approx([0.5, 0.5])
+    assert vs["recall@10_diff"] == 0.0 and vs["recall@10_diff_ci"] == pytest.approx([0.0, 0.0])
+    c = PairedSamples(reps, {"mrr": np.array([1.0, 0.0, 0.0, 0.0]), "recall@10": np.zeros(4)})
+    spread = _paired_vs(ra, a, {"auprc": 0.5, "mrr": 0.25, "recall@10": 0.0}, c, seed=0)
+    lo, hi = spread["mrr_diff_ci"]
+    assert lo < spread["mrr_diff"] < hi  # the gap varies by query: resampling queries spreads it

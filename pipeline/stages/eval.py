@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -55,7 +56,8 @@ log = logging.getLogger("influcoder.eval")
 
 # Raised when what eval computes from the same inputs changes, so finished evals are recomputed
 # instead of skipped with old figures. 2: rows that entered distillation are left out of the metrics.
-METHOD_VERSION = 2
+# 3: influcoder's Recall@k and MRR are compared with every method's through paired CIs (`vs`).
+METHOD_VERSION = 3
 
 
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
@@ -255,11 +257,21 @@ def _teacher_ms(ctx: StageRun, shard_dir: str, info: dict[str, Any]) -> float:
 BOOTSTRAP_RESAMPLES = 1000
 
 
+@dataclass
+class PairedSamples:
+    """What one method's application metrics leave for paired comparisons with another's (`vs`)."""
+
+    auprc: np.ndarray
+    """AUPRC bootstrap replicates: every method's resample the same queries and rows (same seed, shape)."""
+    per_query: dict[str, np.ndarray]
+    """Recall@k and MRR of each query, in query order (the same queries for every method)."""
+
+
 def _application_metrics(
     per_query: np.ndarray, labels: np.ndarray | None, ids: list[str], recall_k: list[int], seed: int
-) -> tuple[dict[str, Any], np.ndarray | None]:
+) -> tuple[dict[str, Any], PairedSamples | None]:
     """AUPRC of the mean-over-queries score, Recall@k and MRR per query, each with a bootstrap CI;
-    also the AUPRC replicates (paired across methods: same seed, same resampled queries and rows)."""
+    also what paired comparisons across methods need (`PairedSamples`)."""
     if labels is None or labels.sum() == 0:
         return {}, None
     mean_scores = per_query.mean(axis=0)
@@ -287,7 +299,28 @@ def _application_metrics(
     n_pos = int(labels.sum())
     top = np.argsort(-mean_scores, kind="stable")[:n_pos]
     out["precision@n_pos"] = float(labels[top].mean())
-    return out, auprc_reps
+    return out, PairedSamples(auprc_reps, per_query_values)
+
+
+def _paired_vs(
+    a: dict[str, Any], a_samples: PairedSamples, b: dict[str, Any], b_samples: PairedSamples, seed: int
+) -> dict[str, Any]:
+    """a's application metrics minus b's, each with its paired 95 % CI: AUPRC from the paired replicates,
+    Recall@k and MRR from the same resampled queries."""
+    out: dict[str, Any] = {
+        "auprc_diff": a["auprc"] - b["auprc"],
+        "auprc_diff_ci": metrics.paired_difference(a_samples.auprc, b_samples.auprc),
+    }
+    for key, va in a_samples.per_query.items():
+        vb = b_samples.per_query[key]
+        out[key + "_diff"] = a[key] - b[key]
+        out[key + "_diff_ci"] = metrics.bootstrap_ci(
+            lambda iq, va=va, vb=vb: metrics._nanmean(va[iq]) - metrics._nanmean(vb[iq]),
+            [len(va)],
+            BOOTSTRAP_RESAMPLES,
+            seed,
+        )
+    return out
 
 
 def _fidelity(pred: np.ndarray, gt: np.ndarray, seed: int) -> dict[str, Any]:
@@ -470,13 +503,13 @@ def run(ctx: StageRun) -> None:
         )
 
     curves = {}
-    auprc_reps: dict[str, np.ndarray] = {}
+    paired: dict[str, PairedSamples] = {}
     for name, scores in per_query.items():
         res = results[name]
-        app, reps = _application_metrics(scores, labels, ids, job.eval.recall_k, seed)
+        app, samples = _application_metrics(scores, labels, ids, job.eval.recall_k, seed)
         res.update(app)
-        if reps is not None:
-            auprc_reps[name] = reps
+        if samples is not None:
+            paired[name] = samples
         if "gradient" in per_query and name != "gradient":
             res["corpus_vs_gradient"] = _fidelity(scores, per_query["gradient"], seed)
         if labels is not None and labels.sum() > 0:
@@ -496,7 +529,7 @@ def run(ctx: StageRun) -> None:
             p_ids,
             results,
             curves,
-            auprc_reps,
+            paired,
             center,
         )
     consistency = _check_against_score_stage(ctx, ids, per_query.get("influcoder"))
@@ -505,13 +538,10 @@ def run(ctx: StageRun) -> None:
         speed = {"influcoder_vs_gradient_ms_ratio": ms_g / ms_i if ms_i else None}
     else:
         speed = {}
-    if "influcoder" in auprc_reps:  # paired: every method's replicates resampled the same queries and rows
+    if "influcoder" in paired:  # paired: every method resampled the same queries and rows
         results["influcoder"]["vs"] = {
-            name: {
-                "auprc_diff": results["influcoder"]["auprc"] - results[name]["auprc"],
-                "auprc_diff_ci": metrics.paired_difference(auprc_reps["influcoder"], reps),
-            }
-            for name, reps in auprc_reps.items()
+            name: _paired_vs(results["influcoder"], paired["influcoder"], results[name], samples, seed)
+            for name, samples in paired.items()
             if name != "influcoder"
         }
     if "influcoder" in heldout_pred:  # paired on the same resampled held-out anchors and pool rows
@@ -677,10 +707,10 @@ def _cascade_method(
     pool_ids: list[str],
     results: dict[str, dict[str, Any]],
     curves: dict[str, Any],
-    auprc_reps: dict[str, np.ndarray],
+    paired: dict[str, PairedSamples],
     center: Optional[np.ndarray],
 ) -> None:
-    """Evaluate the cascade (see the section comment); fills results/curves/auprc_reps["cascade"].
+    """Evaluate the cascade (see the section comment); fills results/curves/paired["cascade"].
     `center`: the teacher's center (fit.center_teacher) for the rows the teacher still has to score."""
     from pipeline import cascade
 
@@ -711,12 +741,14 @@ def _cascade_method(
     per_q = cascade.per_query_cascade_scores(ids, enc, teach, k, by)
 
     res: dict[str, Any] = {}
-    app_q, _ = _application_metrics(per_q, labels, ids, job.eval.recall_k, seed)
-    app_a, reps = _application_metrics(np.broadcast_to(agg, enc.shape), labels, ids, job.eval.recall_k, seed)
+    app_q, per_query_samples = _application_metrics(per_q, labels, ids, job.eval.recall_k, seed)
+    app_a, aggregate_samples = _application_metrics(
+        np.broadcast_to(agg, enc.shape), labels, ids, job.eval.recall_k, seed
+    )
     res.update({key: v for key, v in app_q.items() if key not in _AGGREGATE_KEYS})
     res.update({key: app_a[key] for key in _AGGREGATE_KEYS if key in app_a})
-    if reps is not None:
-        auprc_reps["cascade"] = reps
+    if aggregate_samples is not None and per_query_samples is not None:
+        paired["cascade"] = PairedSamples(aggregate_samples.auprc, per_query_samples.per_query)
         precision, recall, _ = metrics.pr_curve(labels, agg)
         curves["cascade"] = {"precision": precision.round(5).tolist(), "recall": recall.round(5).tolist()}
     if "gradient" in per_query:
