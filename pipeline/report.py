@@ -116,11 +116,13 @@ def verdict_text(verdict: dict[str, Any]) -> list[str]:
             if per_query:
                 shown = {("MRR" if name == "mrr" else name): d for name, d in per_query.items()}
                 figures = ", ".join(f"{name} {d['diff']:+.3f}{_ci_text(d['diff_ci'])}" for name, d in shown.items())
-                states = {d["influcoder_is"] for d in shown.values()}
+                by_state: dict[str, list[str]] = {}  # the metrics that read the same, in order
+                for name, d in shown.items():
+                    by_state.setdefault(d["influcoder_is"], []).append(name)
                 state = (
-                    next(iter(states))
-                    if len(states) == 1
-                    else ", ".join(f"{d['influcoder_is']} on {name}" for name, d in shown.items())
+                    next(iter(by_state))
+                    if len(by_state) == 1
+                    else ", ".join(f"{st} on {' and '.join(names)}" for st, names in by_state.items())
                 )
                 lines.append(f"  per query: {figures} (95 % CI): influcoder is {state}.")
     f = verdict.get("fidelity_vs_plain_encoder")

@@ -281,6 +281,8 @@ def test_verdict_reads_paired_cis_for_auprc_and_fidelity():
                     "recall@10_diff_ci": [-0.02, 0.04],
                     "mrr_diff": -0.2,
                     "mrr_diff_ci": [-0.3, -0.1],
+                    "recall@50_diff": 0.0,
+                    "recall@50_diff_ci": [-0.01, 0.01],
                     "heldout": {
                         "spearman_aggregated_diff": 0.04,
                         "spearman_aggregated_diff_ci": [0.01, 0.07],
@@ -305,8 +307,8 @@ def test_verdict_reads_paired_cis_for_auprc_and_fidelity():
     # Recall@k and MRR, paired on the same queries, each read on its own CI.
     assert v["vs_plain_encoder"]["per_query"]["mrr"]["influcoder_is"] == "worse"
     assert (
-        "per query: recall@10 +0.010 [-0.020, +0.040], MRR -0.200 [-0.300, -0.100] (95 % CI): influcoder is "
-        "level (within the noise) on recall@10, worse on MRR." in text
+        "per query: recall@10 +0.010 [-0.020, +0.040], MRR -0.200 [-0.300, -0.100], recall@50 +0.000 [-0.010, "
+        "+0.010] (95 % CI): influcoder is level (within the noise) on recall@10 and recall@50, worse on MRR." in text
     )
     # A CI straddling 0 is level, whichever way the point leans; two that agree read as one.
     heldout = results["influcoder"]["vs"]["untrained_encoder"]["heldout"]
