@@ -327,7 +327,9 @@ def write_report(
         "Recall@k, MRR: queries; held-out ρ: anchors and pool rows).",
         "",
     ]
-    lines += ["**Verdict.** " + " ".join(verdict_text(metrics.get("verdict", {}))), ""]
+    # One paragraph: the headline's indented sub-lines ("  per query: ...") become sentences of it.
+    sentences = [line.strip() for line in verdict_text(metrics.get("verdict", {}))]
+    lines += ["**Verdict.** " + " ".join(t[:1].upper() + t[1:] for t in sentences), ""]
     lines += [export_text(fit_metrics), ""] if fit_metrics else [""]
     notes = teacher_notes(metrics)
     lines += [" ".join(notes), ""] if notes else []

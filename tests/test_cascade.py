@@ -613,7 +613,12 @@ def test_whole_job_with_the_cascade(tiny_run, tmp_path):
         assert {"recall@5_diff", "recall@5_diff_ci"} <= set(vs)
     cons = r["consistency_with_score_stage"]
     assert cons["checked"] and cons["block_overlap"] >= 0.8
-    assert "cascade" in (Path(job.run_dir) / "eval" / "report" / "report.md").read_text()
+    report = (Path(job.run_dir) / "eval" / "report" / "report.md").read_text()
+    assert "cascade" in report
+    # The verdict is one paragraph: the headline's indented per-query line is a sentence of it.
+    verdict_paragraph = next(line for line in report.splitlines() if line.startswith("**Verdict.**"))
+    assert ". Per query: " in verdict_paragraph
+    assert "  " not in verdict_paragraph
 
     # fit.center_teacher (on in this run): fit wrote the mean of its train pool's sketches, and eval
     # and the score cascade took their teacher cosines between sketches centred by it.
