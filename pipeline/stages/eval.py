@@ -262,7 +262,7 @@ class PairedSamples:
     """What one method's application metrics leave for paired comparisons with another's (`vs`)."""
 
     auprc: np.ndarray
-    """AUPRC bootstrap replicates: every method's resample the same queries and rows (same seed, shape)."""
+    """AUPRC bootstrap replicates: every method's replicates resample the same queries and rows (same seed, shape)."""
     per_query: dict[str, np.ndarray]
     """Recall@k and MRR of each query, in query order (the same queries for every method)."""
 
