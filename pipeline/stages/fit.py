@@ -194,8 +194,8 @@ def run(ctx: StageRun) -> None:
             "interpolation_weight": choice["weight"],
             "blend_weight": choice["blend"],
             # The chosen blend's validation lead over the distilled encoder alone, with its CI.
-            "blend_gain": choice["chosen"].get("gain"),
-            "blend_gain_ci": choice["chosen"].get("gain_ci"),
+            "blend_gain": choice["blend_gain"],
+            "blend_gain_ci": choice["blend_gain_ci"],
             "teacher_centered": data.teacher_center is not None,
             "spearman_aggregated": exported["spearman_aggregated"],
             "spearman_aggregated_ci": exported["spearman_aggregated_ci"],
@@ -214,7 +214,7 @@ def run(ctx: StageRun) -> None:
         else "the last epoch"
     )
     if choice["blend"]:
-        lead = blend_lead_text(choice["chosen"].get("gain"), choice["chosen"].get("gain_ci"))
+        lead = blend_lead_text(choice["blend_gain"], choice["blend_gain_ci"])
         how += (
             f"; scores blended with the starting encoder's, weight {choice['blend']:.2f} (chosen on validation{lead})"
         )
@@ -299,7 +299,8 @@ def _choose_and_export(
         "blend": blend,
         "candidates": candidates,
         "exported": exported,
-        "chosen": chosen,
+        "blend_gain": chosen.get("gain"),
+        "blend_gain_ci": chosen.get("gain_ci"),
     }
 
 
@@ -309,7 +310,7 @@ def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit, seed: i
     beyond the noise of the validation split (it is chosen on its point score)."""
     import torch
 
-    from pipeline.metrics import fidelity_difference
+    from pipeline.metrics import fidelity_replicates, paired_difference
     from pipeline.stages.fit_worker import encoder_scores
 
     with torch.inference_mode():
@@ -317,18 +318,22 @@ def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit, seed: i
         plain = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
         _load_mix(enc, start, tuned, 1.0)
         distilled = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
+    # The distilled encoder's score and bootstrap replicates, once: every blend is paired with them.
+    which = 0 if fit.select_best_on == "aggregated" else 1  # fidelity_replicates: (aggregated, per-anchor)
+    alone = _validation_score(distilled, data, fit)
+    alone_reps = fidelity_replicates(distilled, data.val_truth, seed=seed)[which]
     out = []
     for b in sorted(fit.blend):
         mix = (1.0 - b) * distilled + b * plain
-        gain = fidelity_difference(mix, distilled, data.val_truth, seed=seed)
-        key = f"spearman_{fit.select_best_on}_diff"
+        validation = _validation_score(mix, data, fit)
+        mix_reps = fidelity_replicates(mix, data.val_truth, seed=seed)[which]
         out.append(
             {
                 "weight": 1.0,
                 "blend": b,
-                "validation": _validation_score(mix, data, fit),
-                "gain": gain[key],
-                "gain_ci": gain[key + "_ci"],
+                "validation": validation,
+                "gain": validation - alone,
+                "gain_ci": paired_difference(mix_reps, alone_reps),
             }
         )
     return out
