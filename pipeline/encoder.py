@@ -68,6 +68,12 @@ def read_blend(model_dir: str) -> Optional[dict[str, Any]]:
     return blend
 
 
+def blend_codes(distilled: torch.Tensor, plain: torch.Tensor, weight: float) -> torch.Tensor:
+    """A blended export's codes from its two halves' unit-norm embeddings: [sqrt(1 - b) * distilled,
+    sqrt(b) * plain], so that a dot product of two codes is (1 - b) * distilled cosine + b * plain cosine."""
+    return torch.cat([distilled * (1.0 - weight) ** 0.5, plain * weight**0.5], dim=-1)
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average of the token states that are not padding (pad states never leak into the mean)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -174,9 +180,7 @@ class TextEncoder(torch.nn.Module):
         codes = self._embed_with(self.model, enc)
         if self.plain_model is None:
             return codes
-        b = self.blend_weight
-        plain = self._embed_with(self.plain_model, enc)
-        return torch.cat([codes * (1.0 - b) ** 0.5, plain * b**0.5], dim=-1)
+        return blend_codes(codes, self._embed_with(self.plain_model, enc), self.blend_weight)
 
     @staticmethod
     def _embed_with(model, enc: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -124,6 +124,18 @@ def quiet_ray_data(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
 
+def stream_outputs(ds) -> Iterator:
+    """A mapped dataset's output blocks (pyarrow), each handed over as soon as its task returns.
+
+    Ray Data's `iter_batches` prefetches one block by default: it holds a finished block until the
+    next one is ready too. With the stages' actors a block is a shard of minutes of teacher work,
+    so each shard file was written (and progress counted) one shard late, and a crash lost a
+    finished shard besides the ones in flight. `prefetch_batches=0` hands a block over when it is
+    ready (Ray Data itself still holds one back now and then: tests/test_stream_outputs.py).
+    """
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
+
+
 ACTOR_MAX_RESTARTS = 4
 
 

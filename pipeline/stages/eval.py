@@ -160,37 +160,6 @@ def _sketch_split(ctx: StageRun, role: str, center: Optional[np.ndarray]) -> tup
 # --------------------------------------------------------------------------- methods
 
 
-def _embed_method(
-    model_dir: str, job: JobConfig, pairs: list[tuple[list, list]], threads: int, dtype: str = "float32"
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], float, float, int]:
-    """Load one encoder and embed every (queries, rows) pair of encoder inputs with it, computing in
-    `dtype` (the precision the encode stage chose and gated for the codes).
-
-    Returns the embeddings per pair, ms per row of the first pair's rows (timed after a warm-up,
-    model loading excluded), the load time in seconds, and the embedding dim.
-    """
-    import torch
-
-    from pipeline.encoder import TextEncoder
-
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    enc = TextEncoder(
-        model_dir, max_len=job.encoder.max_len, trust_remote_code=job.encoder.trust_remote_code, dtype=dtype
-    )
-    load_s = time.perf_counter() - t0
-    enc.embed(["warm-up"] * 2, batch_size=2)  # first-call kernels and allocations are not per-row cost
-    out, ms = [], float("nan")
-    for i, (query_inputs, row_inputs) in enumerate(pairs):
-        q = enc.embed(query_inputs, batch_size=32)
-        t0 = time.perf_counter()
-        rows = enc.embed(row_inputs, batch_size=32)
-        if i == 0:
-            ms = 1000 * (time.perf_counter() - t0) / max(len(row_inputs), 1)
-        out.append((q, rows))
-    return out, ms, load_s, enc.dim
-
-
 def _gradient_method(
     ctx: StageRun, rows: pa.Table, queries: pa.Table, center: Optional[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -358,6 +327,7 @@ def _leakage(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> dict[str, int]
 def run(ctx: StageRun) -> None:
     from pipeline.models import resolve_encoder
     from pipeline.report import write_report
+    from pipeline.stages.eval_encoders import EncoderPasses  # torch: imported when eval runs
 
     job = ctx.job
     ensure_ray(job.ray)
@@ -417,6 +387,7 @@ def run(ctx: StageRun) -> None:
     heldout_pred: dict[str, np.ndarray] = {}  # held-out predictions: the cascade re-ranks influcoder's
     setup_influcoder = float(ctx.upstream["sketch"].get("seconds", 0)) + float(ctx.upstream["fit"].get("seconds", 0))
     prefix = job.encoder.anchor_prefix
+    plain_dir = resolve_encoder(job.encoder.model)
     # (method, model, query inputs, row inputs, held-out anchor inputs, held-out pool inputs)
     encoders = [
         (
@@ -428,13 +399,13 @@ def run(ctx: StageRun) -> None:
             table_views(p_rows),
         ),
         # As its users run it: plain texts, no prefix (what SentenceTransformer.encode embeds).
-        ("untrained_encoder", resolve_encoder(job.encoder.model), q_texts, row_texts, a_texts, p_texts),
+        ("untrained_encoder", plain_dir, q_texts, row_texts, a_texts, p_texts),
     ]
     if prefix and "untrained_encoder" in methods:
         encoders.append(
             (
                 "untrained_encoder_prefixed",
-                resolve_encoder(job.encoder.model),
+                plain_dir,
                 [prefix + t for t in q_texts],
                 row_texts,
                 [prefix + t for t in a_texts],
@@ -444,13 +415,13 @@ def run(ctx: StageRun) -> None:
     # Every encoder method computes in the precision encode chose for the codes: influcoder's scores then
     # match the score stage's, and the encoders' costs compare like for like.
     precision = ((ctx.upstream.get("encode") or {}).get("precision") or {}).get("dtype") or "float32"
+    passes = EncoderPasses(job.encoder.max_len, job.encoder.trust_remote_code, precision, threads)
     for name, model_dir, q_in, r_in, a_in, p_in in encoders:
         if name not in methods and name != "untrained_encoder_prefixed":
             continue
         t0 = time.perf_counter()
-        ((q, r), (qa, pr)), ms, load_s, dim = _embed_method(
-            model_dir, job, [(q_in, r_in), (a_in, p_in)], threads, precision
-        )
+        emb = passes.method(model_dir, [(q_in, r_in), (a_in, p_in)], plain_dir=plain_dir)
+        ((q, r), (qa, pr)), ms, load_s, dim = emb.pairs, emb.ms_per_row, emb.load_s, emb.dim
         per_query[name] = q @ r.T
         heldout_pred[name] = qa @ pr.T
         # influcoder's codes are what encode stored; a plain encoder's would be float16 of its own width

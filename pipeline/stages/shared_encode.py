@@ -29,6 +29,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import ArtifactMissingError, StageError
 from pipeline.schema import CODE, ID, ROW, SOURCE, split_by_reason
 from pipeline.stages.shared_teacher import actor_failure, failure_marker
+from pipeline.ray_runtime import stream_outputs
 
 log = logging.getLogger("influcoder.encode")
 
@@ -173,7 +174,7 @@ def iter_stage(ds, stage: str) -> Iterator[pa.Table]:
     """Yield a mapped dataset's output batches; an actor's or task's failure becomes a StageError
     naming `stage` (and the input file, when the failing batch named it)."""
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in stream_outputs(ds):
             yield batch
     except Exception as e:  # noqa: BLE001 - Ray wraps the actor's error in its own types
         raise actor_failure(stage, e, [], kind="file") from e

@@ -25,7 +25,7 @@ from pipeline import storage
 from pipeline.config import JobConfig, TeacherConfig
 from pipeline.errors import StageError
 from pipeline.progress import Progress
-from pipeline.ray_runtime import ActorPlan, plan_actors
+from pipeline.ray_runtime import ActorPlan, plan_actors, stream_outputs
 from pipeline.schema import ID, PROMPT, REASON, RESPONSE, ROW, SKETCH, SOURCE, SPLIT, TEXT, sketch_matrix
 
 log = logging.getLogger("influcoder.teacher")
@@ -226,7 +226,7 @@ def sketch_shards(
     tokens, compute_s = 0, 0.0
     progress = Progress(f"{stage}: teacher gradients", sum(expected.values()))
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in stream_outputs(ds):
             progress.update(batch.num_rows)
             tokens += int(pa.compute.sum(batch.column("tokens")).as_py() or 0)
             compute_s += float(pa.compute.sum(batch.column("compute_s")).as_py() or 0.0)

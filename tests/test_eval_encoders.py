@@ -1,0 +1,63 @@
+"""Eval's encoder passes (pipeline/stages/eval_encoders.py): a blended influcoder export embedded as
+its distilled half beside the starting encoder's passes gives the codes the blend itself gives, and
+the passes the untrained baselines share with it run once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.encoder import TextEncoder
+from pipeline.stages.eval_encoders import EncoderPasses
+from tiny_models import build_blended_encoder, build_tiny_encoder
+
+MAX_LEN = 48
+
+
+def _inputs():
+    rows = [f"row {i} " + "river stone " * (i % 7) for i in range(23)]
+    queries = [f"query {i} about stones" for i in range(3)]
+    pool = [f"pool {i} " + "cloud " * (i % 5) for i in range(11)]
+    anchors = [f"anchor {i}" for i in range(4)]
+    return queries, rows, anchors, pool
+
+
+def test_blend_from_shared_plain_passes_equals_the_blended_encoder(tmp_path, tiny_encoder_dir):
+    export = str(build_blended_encoder(tmp_path / "export", tiny_encoder_dir, weight=0.3))
+    queries, rows, anchors, pool = _inputs()
+    prefixed = ["Query: " + q for q in queries]
+    passes = EncoderPasses(MAX_LEN, False, "float32", threads=2)
+
+    influ = passes.method(export, [(prefixed, rows), (anchors, pool)], plain_dir=tiny_encoder_dir)
+    assert passes.passes_run == 8  # 4 input lists x (distilled half, starting encoder)
+    whole = TextEncoder(export, max_len=MAX_LEN, dtype="float32")
+    for (q, r), (q_in, r_in) in zip(influ.pairs, [(prefixed, rows), (anchors, pool)]):
+        np.testing.assert_allclose(q, whole.embed(q_in, batch_size=32), atol=1e-5)
+        np.testing.assert_allclose(r, whole.embed(r_in, batch_size=32), atol=1e-5)
+    assert influ.dim == whole.dim == 2 * TextEncoder(tiny_encoder_dir, max_len=MAX_LEN).dim
+    assert influ.ms_per_row > 0
+
+    # The untrained encoder (plain queries) and its prefixed variant reuse the rows and pool passes
+    # (and the prefixed variant the blend's plain passes of the prefixed queries): 2 passes in all.
+    plain = passes.method(tiny_encoder_dir, [(queries, rows), (anchors, pool)])
+    assert passes.passes_run == 9
+    passes.method(tiny_encoder_dir, [(prefixed, rows), (anchors, pool)])
+    assert passes.passes_run == 9
+    alone = TextEncoder(tiny_encoder_dir, max_len=MAX_LEN, dtype="float32")
+    np.testing.assert_allclose(plain.pairs[0][1], alone.embed(rows, batch_size=32), atol=1e-5)
+    np.testing.assert_allclose(plain.pairs[0][0], alone.embed(queries, batch_size=32), atol=1e-5)
+    assert plain.dim == alone.dim
+
+
+def test_a_blend_whose_plain_half_is_another_model_runs_whole(tmp_path, tiny_encoder_dir):
+    """The starting encoder named by the job is not the blend's plain half: nothing is shared, and the
+    codes are still the blend's own."""
+    other = str(build_tiny_encoder(tmp_path / "other", seed=7))
+    export = str(build_blended_encoder(tmp_path / "export", tiny_encoder_dir, weight=0.4))
+    queries, rows, anchors, pool = _inputs()
+    passes = EncoderPasses(MAX_LEN, False, "float32", threads=2)
+    influ = passes.method(export, [(queries, rows)], plain_dir=other)
+    assert passes.passes_run == 2  # the blend as one model: queries, rows
+    whole = TextEncoder(export, max_len=MAX_LEN, dtype="float32")
+    np.testing.assert_allclose(influ.pairs[0][1], whole.embed(rows, batch_size=32), atol=1e-5)
+    passes.method(other, [(queries, rows)])
+    assert passes.passes_run == 4
