@@ -383,23 +383,29 @@ def test_no_credential_in_manifests_or_logs(two_runs, s3_server):
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_half_written_stage_on_s3_is_ignored_then_cleaned(two_runs, s3_server, monkeypatch):
+    """A filter run killed while writing (filter: the last stage, no actors, nothing downstream; the
+    same half-written rule holds for every stage, artifacts.run_stage)."""
     ep, fs = s3_server["endpoint"], s3_util.client(s3_server["endpoint"])
     prefix = two_runs["s3_run"][len(f"s3://{BUCKET}/") :]
-    before = _s3_table(ep, f"{prefix}/score/scores.parquet", ["rank"])
-    # A score run killed while writing: its files (and a stray one) without a manifest.
-    fs.delete_file(f"{BUCKET}/{prefix}/score/manifest.json")
-    with fs.open_output_stream(f"{BUCKET}/{prefix}/score/stray.parquet") as f:
+    corpus_keys = [k for k in s3_util.keys(ep, f"{prefix}/filter") if k.startswith("corpus/")]
+    before = {k: _s3_table(ep, f"{prefix}/filter/{k}", ["id"]) for k in corpus_keys}
+    assert before, "the filter stage wrote no corpus file"
+    # Its files (and a stray one) without a manifest.
+    fs.delete_file(f"{BUCKET}/{prefix}/filter/manifest.json")
+    with fs.open_output_stream(f"{BUCKET}/{prefix}/filter/stray.parquet") as f:
         f.write(b"half-written")
     for k, v in s3_server["env"].items():
         monkeypatch.setenv(k, v)
     states = {r["stage"]: r["state"] for r in artifacts.status(two_runs["s3_run"])}
-    assert states["score"] != "done" and states["encode"] == "done"
+    assert states["filter"] != "done" and states["score"] == "done"
 
     rerun = _run_job(two_runs["job"](two_runs["s3_run"]), two_runs["tmp"], s3_server["env"], "s3_rerun")
     assert rerun["rc"] == 0, rerun["out"][-6000:]
     assert "removing a half-written" in rerun["out"]
-    for stage in ("sketch", "fit", "encode", "filter", "eval"):  # score's identity did not change
+    for stage in ("sketch", "fit", "encode", "score", "eval"):  # filter's identity did not change
         assert f"{stage}: already finished" in rerun["out"], stage
-    keys = s3_util.keys(ep, f"{prefix}/score")
+    keys = s3_util.keys(ep, f"{prefix}/filter")
     assert "manifest.json" in keys and "stray.parquet" not in keys
-    _close(_s3_table(ep, f"{prefix}/score/scores.parquet", ["rank"]), before, 1e-6)
+    assert sorted(k for k in keys if k.startswith("corpus/")) == sorted(corpus_keys)
+    for k, table in before.items():
+        assert _s3_table(ep, f"{prefix}/filter/{k}", ["id"]).equals(table), k
