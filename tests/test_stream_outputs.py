@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from pipeline.ray_runtime import stream_outputs
 
 
+@pytest.mark.slow  # a Ray Data actor pool that waits on the driver (up to 10 s a block when Ray lags)
 def test_each_block_reaches_the_driver_before_the_next_one_is_computed(tmp_path, ray_local):
     ray = ray_local
     received = tmp_path / "received"

@@ -27,9 +27,9 @@ from pipeline.codes import numpy_dtype, quantize
 from pipeline.codestore import CODE_SCALE, code_array
 from pipeline.config import JobConfig
 from pipeline.errors import ArtifactMissingError, StageError
+from pipeline.ray_runtime import stream_outputs
 from pipeline.schema import CODE, ID, ROW, SOURCE, split_by_reason
 from pipeline.stages.shared_teacher import actor_failure, failure_marker
-from pipeline.ray_runtime import stream_outputs
 
 log = logging.getLogger("influcoder.encode")
 
