@@ -4,9 +4,10 @@ variant), each pass of one model over one list of inputs computed once per eval.
 A blended influcoder export scores with [sqrt(1 - b) distilled, sqrt(b) plain] (`encoder.blend_codes`),
 and its plain half is the starting encoder that the untrained baselines run. When the two hold the
 same weights, the blend is embedded as its distilled half beside the starting encoder's passes, and
-those passes serve the baselines too: the corpus rows and held-out pool rows were embedded three
-times by the same plain model before (about a third of eval's encoder time in the demo). Each pass
-is timed when it runs, after a warm-up, so a method's cost per row is the sum of its own passes,
+those passes serve the baselines too wherever their inputs are the same: with `encoder.anchor_prefix`
+set, the corpus rows and held-out pool rows were embedded three times by the same plain model before.
+(In the demo nothing is shared: the baselines read the raw texts, the blend the pair views.) Each
+pass is timed when it runs, after a warm-up, so a method's cost per row is the sum of its own passes,
 whichever method ran them first.
 """
 
