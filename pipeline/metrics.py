@@ -228,33 +228,91 @@ def paired_difference(reps_a: np.ndarray, reps_b: np.ndarray, level: float = 0.9
     return percentile_ci(np.asarray(reps_a) - np.asarray(reps_b), level)
 
 
-# Resamples per chunk of the fidelity bootstrap: chunk x anchors x pool float64 values, ~32 MB a side.
+# Values per chunk of the fidelity bootstrap: resamples x pool float64 values, ~32 MB an array.
 _FIDELITY_CHUNK_VALUES = 4_000_000
+# Pool sizes up to this rank each anchor's row with one [P, P] comparison matrix and a matmul per chunk of
+# resamples (fast, exact: the entries are halves); larger pools sort each resample instead.
+_RANK_MATMUL_MAX_POOL = 2048
+
+
+def _counts(indices: np.ndarray, n: int) -> np.ndarray:
+    """[resamples, n] multiplicity of each item in each resample of `indices` ([resamples, n])."""
+    r = indices.shape[0]
+    flat = (indices + n * np.arange(r)[:, None]).ravel()
+    return np.bincount(flat, minlength=r * n).reshape(r, n).astype(np.float64)
+
+
+def _average_ranks(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based, ties share their mean rank) that scipy's `rankdata` gives each item of
+    the list holding item j `counts[..., j]` times: the items before j's run of ties, plus the middle
+    of that run. Items with count 0 get a rank too, which weighted sums ignore."""
+    order = np.argsort(values, axis=-1, kind="stable")
+    sorted_values = np.take_along_axis(values, order, -1)
+    c = np.take_along_axis(counts, order, -1)
+    upto = np.cumsum(c, axis=-1)
+    starts = np.ones(sorted_values.shape, bool)
+    starts[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
+    ends = np.ones(sorted_values.shape, bool)
+    ends[..., :-1] = starts[..., 1:]
+    # `upto` never decreases along the axis, so carrying a run's first `before` forward (max) and its
+    # last `upto` backward (min) gives every member of a run of ties the run's bounds.
+    before = np.maximum.accumulate(np.where(starts, upto - c, 0.0), axis=-1)
+    after = np.flip(np.minimum.accumulate(np.flip(np.where(ends, upto, np.inf), -1), axis=-1), -1)
+    ranks = np.empty_like(upto)
+    np.put_along_axis(ranks, order, before + (after - before + 1) / 2, -1)
+    return ranks
+
+
+def _row_ranker(row: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """`_average_ranks` of one fixed row of values under any resamples' counts ([resamples, P])."""
+    if row.size > _RANK_MATMUL_MAX_POOL:
+        return lambda counts: _average_ranks(np.broadcast_to(row, counts.shape), counts)
+    # rank_j = sum_k count_k ([x_k < x_j] + [x_k == x_j] / 2) + 1/2, in float32: exact, as every term and
+    # partial sum is a multiple of 1/2 below 2 * pool size
+    below = ((row[:, None] < row[None, :]) + 0.5 * (row[:, None] == row[None, :])).astype(np.float32)
+    return lambda counts: (counts.astype(np.float32) @ below).astype(np.float64) + 0.5
+
+
+def _weighted_rank_correlation(rx: np.ndarray, ry: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Pearson correlation of two rank vectors over the list that holds item j counts[..., j] times;
+    NaN where either side is constant. Ranks of n listed items average (n + 1) / 2 exactly."""
+    mid = (counts.sum(axis=-1, keepdims=True) + 1) / 2
+    dx, dy = rx - mid, ry - mid
+    cov = (counts * dx * dy).sum(axis=-1)
+    denom = np.sqrt((counts * dx * dx).sum(axis=-1) * (counts * dy * dy).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, cov / denom, np.nan)
 
 
 def fidelity_replicates(
     pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(aggregated, per-anchor) Spearman on each bootstrap resample of anchors and pool items, the
-    resamples ranked together in chunks (one scipy call per chunk, not two per resample).
-    Aggregated is NaN where a resample's anchor means are constant; per-anchor counts a constant
-    row as 0, as `spearman_per_anchor` does."""
-    from scipy import stats
-
+    """(aggregated, per-anchor) Spearman on each bootstrap resample of anchors and pool items: the same
+    values as ranking each resampled [anchors, pool] matrix with scipy (tests/test_metrics_fast.py),
+    without materialising it. A resample is a multiset, so each statistic is a weighted one over the
+    original items, weighted by how often the resample drew them: per-anchor Spearman is a per-row
+    statistic under the pool's counts, averaged with the anchors' counts; aggregated ranks the
+    count-weighted anchor means. Aggregated is NaN where a resample's anchor means are constant;
+    per-anchor counts a constant row as 0, as `spearman_per_anchor` does."""
     pred, gt = _check_pair(pred, gt)
-    anchors, pool = bootstrap_indices(pred.shape, resamples, seed)
+    n_anchors, n_pool = pred.shape
+    anchor_idx, pool_idx = bootstrap_indices(pred.shape, resamples, seed)
+    anchor_counts, pool_counts = _counts(anchor_idx, n_anchors), _counts(pool_idx, n_pool)
+    step = max(1, _FIDELITY_CHUNK_VALUES // n_pool)
+    chunks = [slice(s, s + step) for s in range(0, resamples, step)]
     aggregated = np.empty(resamples, dtype=np.float64)
-    per_anchor = np.empty(resamples, dtype=np.float64)
-    step = max(1, _FIDELITY_CHUNK_VALUES // pred.size)
-    for start in range(0, resamples, step):
-        chunk = slice(start, start + step)
-        rows, cols = anchors[chunk][:, :, None], pool[chunk][:, None, :]
-        p, g = pred[rows, cols], gt[rows, cols]  # [chunk, anchors, pool]
-        per_anchor[chunk] = spearman_rows(p, g).mean(axis=-1)
-        aggregated[chunk] = _rank_correlation(
-            stats.rankdata(p.mean(axis=1), axis=-1), stats.rankdata(g.mean(axis=1), axis=-1)
-        )
-    return aggregated, per_anchor
+    for chunk in chunks:
+        w = pool_counts[chunk]
+        mean_pred, mean_gt = anchor_counts[chunk] @ pred / n_anchors, anchor_counts[chunk] @ gt / n_anchors
+        aggregated[chunk] = _weighted_rank_correlation(_average_ranks(mean_pred, w), _average_ranks(mean_gt, w), w)
+    per_anchor = np.zeros(resamples, dtype=np.float64)
+    for a in range(n_anchors):
+        rank_pred, rank_gt = _row_ranker(pred[a]), _row_ranker(gt[a])
+        for chunk in chunks:
+            w = pool_counts[chunk]
+            rho = _weighted_rank_correlation(rank_pred(w), rank_gt(w), w)
+            per_anchor[chunk] += anchor_counts[chunk, a] * np.nan_to_num(rho, nan=0.0)
+    return aggregated, per_anchor / n_anchors
 
 
 def spearman_with_ci(pred: np.ndarray, gt: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict[str, object]:

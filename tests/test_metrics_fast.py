@@ -56,14 +56,17 @@ def _scipy_replicate(pred, gt, ia, ip) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_fidelity_replicates_equal_scipy_resample_by_resample(ties: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("rank_by", ["matmul", "sort"])
+def test_fidelity_replicates_equal_scipy_resample_by_resample(ties: bool, rank_by: str, monkeypatch) -> None:
     rng = np.random.default_rng(1)
     pred = rng.normal(size=(6, 15))
     gt = pred + rng.normal(size=pred.shape)
     if ties:
         pred, gt = np.round(pred, 0), np.round(gt, 0)
         pred[2] = 0.5  # a constant anchor row: per-anchor counts it 0
-    monkeypatch.setattr(metrics, "_FIDELITY_CHUNK_VALUES", pred.size * 7)  # several chunks
+    monkeypatch.setattr(metrics, "_FIDELITY_CHUNK_VALUES", pred.shape[1] * 7)  # several chunks of resamples
+    if rank_by == "sort":  # the path pools larger than _RANK_MATMUL_MAX_POOL take
+        monkeypatch.setattr(metrics, "_RANK_MATMUL_MAX_POOL", 1)
     agg, per_anchor = metrics.fidelity_replicates(pred, gt, resamples=40, seed=3)
     anchors, pool = metrics.bootstrap_indices(pred.shape, 40, seed=3)
     for r in range(40):
@@ -73,6 +76,22 @@ def test_fidelity_replicates_equal_scipy_resample_by_resample(ties: bool, monkey
         else:
             assert agg[r] == pytest.approx(want_agg, abs=1e-12)
         assert per_anchor[r] == pytest.approx(want_pa, abs=1e-12)
+
+
+def test_average_ranks_under_counts_equal_rankdata_of_the_repeated_list() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    values = np.round(rng.normal(size=(30, 12)), 0)  # many ties
+    counts = rng.integers(0, 4, size=values.shape).astype(float)
+    counts[0] = 0
+    counts[0, 3] = 12  # one item drawn every time
+    ranks = metrics._average_ranks(values, counts)
+    for v, c, r in zip(values, counts, ranks):
+        listed = np.repeat(np.arange(v.size), c.astype(int))
+        want = stats.rankdata(v[listed])
+        got = r[listed]
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bootstrap_indices_are_the_seeded_draws_in_order() -> None:
