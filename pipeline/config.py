@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import types
@@ -28,6 +29,14 @@ import yaml
 from pipeline.errors import ConfigError
 
 EXEC_ONLY = {"hash": False}  # metadata marker: does not change results
+
+# Keys that did nothing or no longer do anything: accepted with a warning that says why, so a job
+# written for an older release still runs. Listed by dotted name.
+RETIRED_KEYS = {
+    "eval.timing_rows": "eval times every method on all the rows it scores (ms_per_sample); this key was never read",
+}
+
+log = logging.getLogger("influcoder.config")
 
 DEFAULT_ANCHOR_PREFIX = "Instruct: Given a sample, find the passages closest to that sample.\nQuery: "
 
@@ -461,8 +470,6 @@ class EvalConfig:
     max_rows: Optional[int] = None
     """Evaluate on a seeded sample of this many corpus rows (every method sees the same rows);
     default: all rows. The gradient method costs a teacher backward pass per row."""
-    timing_rows: int = field(default=64, metadata=EXEC_ONLY)
-    """Rows used to time ms per scored sample (after a warm-up)."""
 
     def __post_init__(self) -> None:
         known = set(EVAL_METHODS)
@@ -477,7 +484,7 @@ class EvalConfig:
         )
         for k in self.recall_k:
             _require(isinstance(k, int) and k > 0, "recall_k", self.recall_k, "positive integers")
-        _positive(self, "max_rows", "timing_rows")
+        _positive(self, "max_rows")
 
 
 @dataclass(frozen=True)
@@ -634,6 +641,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in [n for n in data if prefix + n in RETIRED_KEYS]:
+        log.warning("config key `%s%s` is ignored: %s. Remove it from the job.", prefix, name, RETIRED_KEYS[prefix + name])
+        data = {k: v for k, v in data.items() if k != name}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config key `{prefix}{unknown[0]}`; allowed keys here: {', '.join(sorted(fields))}.")
