@@ -402,20 +402,30 @@ def test_a_chosen_blend_is_reported_with_its_validation_lead_and_whether_it_clea
 
 
 def test_paired_recall_and_mrr_differences_resample_the_same_queries():
-    """a - b per query metric, its CI from resampling queries: a constant gap has a point CI; a method
-    against itself differs by exactly 0."""
-    from pipeline.stages.eval import PairedSamples, _paired_vs
+    """a - b per application metric, its CI from replicates of a and b on the same resamples: equal to
+    resampling the queries once and measuring both methods on them; a method against itself is 0."""
+    from pipeline.stages.eval import BOOTSTRAP_RESAMPLES, _application_metrics, _paired_vs
 
-    reps = np.linspace(0.4, 0.6, 50)
-    a = PairedSamples(reps + 0.1, {"mrr": np.array([1.0, 0.5, 1.0, 0.25]), "recall@10": np.array([0.2, 0.1, 0.3, 0.0])})
-    b = PairedSamples(reps, {"mrr": np.array([0.5, 0.0, 0.5, -0.25]), "recall@10": np.array([0.2, 0.1, 0.3, 0.0])})
-    ra = {"auprc": 0.6, "mrr": 0.6875, "recall@10": 0.15}
-    rb = {"auprc": 0.5, "mrr": 0.1875, "recall@10": 0.15}
-    vs = _paired_vs(ra, a, rb, b, seed=0)
-    assert vs["auprc_diff"] == pytest.approx(0.1) and vs["auprc_diff_ci"] == pytest.approx([0.1, 0.1])
-    assert vs["mrr_diff"] == pytest.approx(0.5) and vs["mrr_diff_ci"] == pytest.approx([0.5, 0.5])
-    assert vs["recall@10_diff"] == 0.0 and vs["recall@10_diff_ci"] == pytest.approx([0.0, 0.0])
-    c = PairedSamples(reps, {"mrr": np.array([1.0, 0.0, 0.0, 0.0]), "recall@10": np.zeros(4)})
-    spread = _paired_vs(ra, a, {"auprc": 0.5, "mrr": 0.25, "recall@10": 0.0}, c, seed=0)
-    lo, hi = spread["mrr_diff_ci"]
-    assert lo < spread["mrr_diff"] < hi  # the gap varies by query: resampling queries spreads it
+    rng = np.random.default_rng(5)
+    ids = [f"r{i}" for i in range(40)]
+    labels = (rng.random(40) < 0.25).astype(int)
+    labels[:2] = 1
+    a_scores = rng.normal(size=(6, 40)) + labels  # a finds the positives; b guesses
+    b_scores = rng.normal(size=(6, 40))
+    ra, sa = _application_metrics(a_scores, labels, ids, [5], seed=3)
+    rb, sb = _application_metrics(b_scores, labels, ids, [5], seed=3)
+    vs = _paired_vs(ra, sa, rb, sb)
+    assert list(vs) == ["auprc_diff", "auprc_diff_ci", "mrr_diff", "mrr_diff_ci", "recall@5_diff", "recall@5_diff_ci"]
+
+    def per_query_mrr(scores):
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.array([1.0 / (1 + np.flatnonzero(labels[row] == 1)[0]) for row in order])
+
+    (queries,) = metrics.bootstrap_indices([6], BOOTSTRAP_RESAMPLES, seed=3)
+    gaps = [per_query_mrr(a_scores)[q].mean() - per_query_mrr(b_scores)[q].mean() for q in queries]
+    assert vs["mrr_diff"] == pytest.approx(per_query_mrr(a_scores).mean() - per_query_mrr(b_scores).mean())
+    assert vs["mrr_diff_ci"] == pytest.approx(metrics.percentile_ci(np.array(gaps)))
+    assert vs["auprc_diff"] > 0 and vs["auprc_diff_ci"][0] < vs["auprc_diff"] < vs["auprc_diff_ci"][1]
+    itself = _paired_vs(ra, sa, ra, sa)
+    assert all(itself[k] == 0.0 for k in itself if k.endswith("_diff"))
+    assert all(itself[k] == [0.0, 0.0] for k in itself if k.endswith("_diff_ci"))

@@ -230,10 +230,10 @@ BOOTSTRAP_RESAMPLES = 1000
 class PairedSamples:
     """What one method's application metrics leave for paired comparisons with another's (`vs`)."""
 
-    auprc: np.ndarray
-    """AUPRC bootstrap replicates: every method's replicates resample the same queries and rows (same seed, shape)."""
-    per_query: dict[str, np.ndarray]
-    """Recall@k and MRR of each query, in query order (the same queries for every method)."""
+    replicates: dict[str, np.ndarray]
+    """Bootstrap replicates by metric: `auprc` resamples queries and rows, Recall@k and MRR resample
+    queries. Every method draws the same resamples (same seed and shapes), so replicate r of two
+    methods is measured on the same queries and rows: their difference is a paired replicate."""
 
 
 def _application_metrics(
@@ -251,10 +251,10 @@ def _application_metrics(
     def auprc_of(iq: np.ndarray, ir: np.ndarray) -> float:
         return metrics.auprc(labels[ir], per_query[np.ix_(iq, ir)].mean(axis=0))
 
-    auprc_reps = metrics.bootstrap_replicates(auprc_of, per_query.shape, BOOTSTRAP_RESAMPLES, seed)
+    replicates = {"auprc": metrics.bootstrap_replicates(auprc_of, per_query.shape, BOOTSTRAP_RESAMPLES, seed)}
     out: dict[str, Any] = {
         "auprc": metrics.auprc(labels, mean_scores),
-        "auprc_ci": metrics.percentile_ci(auprc_reps),
+        "auprc_ci": metrics.percentile_ci(replicates["auprc"]),
         "average_precision": metrics.average_precision(labels, mean_scores),
     }
     per_query_values = {"mrr": metrics.reciprocal_ranks(ranked, [relevant] * len(ranked))}
@@ -262,33 +262,24 @@ def _application_metrics(
         per_query_values[f"recall@{k}"] = metrics.recall_at_k_per_query(ranked, [relevant] * len(ranked), k)
     for name, values in per_query_values.items():
         out[name] = metrics._nanmean(values)
-        out[name + "_ci"] = metrics.bootstrap_ci(
+        replicates[name] = metrics.bootstrap_replicates(
             lambda iq, v=values: metrics._nanmean(v[iq]), [len(values)], BOOTSTRAP_RESAMPLES, seed
         )
+        out[name + "_ci"] = metrics.percentile_ci(replicates[name])
     n_pos = int(labels.sum())
     top = np.argsort(-mean_scores, kind="stable")[:n_pos]
     out["precision@n_pos"] = float(labels[top].mean())
-    return out, PairedSamples(auprc_reps, per_query_values)
+    return out, PairedSamples(replicates)
 
 
 def _paired_vs(
-    a: dict[str, Any], a_samples: PairedSamples, b: dict[str, Any], b_samples: PairedSamples, seed: int
+    a: dict[str, Any], a_samples: PairedSamples, b: dict[str, Any], b_samples: PairedSamples
 ) -> dict[str, Any]:
-    """a's application metrics minus b's, each with its paired 95 % CI: AUPRC from the paired replicates,
-    Recall@k and MRR from the same resampled queries."""
-    out: dict[str, Any] = {
-        "auprc_diff": a["auprc"] - b["auprc"],
-        "auprc_diff_ci": metrics.paired_difference(a_samples.auprc, b_samples.auprc),
-    }
-    for key, va in a_samples.per_query.items():
-        vb = b_samples.per_query[key]
+    """a's application metrics minus b's, each with its 95 % CI from the paired replicates."""
+    out: dict[str, Any] = {}
+    for key, reps in a_samples.replicates.items():
         out[key + "_diff"] = a[key] - b[key]
-        out[key + "_diff_ci"] = metrics.bootstrap_ci(
-            lambda iq, va=va, vb=vb: metrics._nanmean(va[iq]) - metrics._nanmean(vb[iq]),
-            [len(va)],
-            BOOTSTRAP_RESAMPLES,
-            seed,
-        )
+        out[key + "_diff_ci"] = metrics.paired_difference(reps, b_samples.replicates[key])
     return out
 
 
@@ -511,7 +502,7 @@ def run(ctx: StageRun) -> None:
         speed = {}
     if "influcoder" in paired:  # paired: every method resampled the same queries and rows
         results["influcoder"]["vs"] = {
-            name: _paired_vs(results["influcoder"], paired["influcoder"], results[name], samples, seed)
+            name: _paired_vs(results["influcoder"], paired["influcoder"], results[name], samples)
             for name, samples in paired.items()
             if name != "influcoder"
         }
@@ -719,7 +710,10 @@ def _cascade_method(
     res.update({key: v for key, v in app_q.items() if key not in _AGGREGATE_KEYS})
     res.update({key: app_a[key] for key in _AGGREGATE_KEYS if key in app_a})
     if aggregate_samples is not None and per_query_samples is not None:
-        paired["cascade"] = PairedSamples(aggregate_samples.auprc, per_query_samples.per_query)
+        # AUPRC ranks the aggregate scores; Recall@k and MRR each query's own re-ranked list
+        paired["cascade"] = PairedSamples(
+            {**per_query_samples.replicates, "auprc": aggregate_samples.replicates["auprc"]}
+        )
         precision, recall, _ = metrics.pr_curve(labels, agg)
         curves["cascade"] = {"precision": precision.round(5).tolist(), "recall": recall.round(5).tolist()}
     if "gradient" in per_query:
