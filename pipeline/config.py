@@ -36,6 +36,8 @@ RETIRED_KEYS = {
     "eval.timing_rows": "eval times every method on all the rows it scores (ms_per_sample); this key was never read",
 }
 
+_retired_warned: set[str] = set()
+
 log = logging.getLogger("influcoder.config")
 
 DEFAULT_ANCHOR_PREFIX = "Instruct: Given a sample, find the passages closest to that sample.\nQuery: "
@@ -642,7 +644,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in [n for n in data if prefix + n in RETIRED_KEYS]:
-        log.warning("config key `%s%s` is ignored: %s. Remove it from the job.", prefix, name, RETIRED_KEYS[prefix + name])
+        if prefix + name not in _retired_warned:  # once per process: finished runs' manifests hold it too
+            _retired_warned.add(prefix + name)
+            log.warning(
+                "config key `%s%s` is ignored: %s; remove it from your job file.",
+                prefix,
+                name,
+                RETIRED_KEYS[prefix + name],
+            )
         data = {k: v for k, v in data.items() if k != name}
     unknown = sorted(set(data) - set(fields))
     if unknown:

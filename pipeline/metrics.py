@@ -295,6 +295,10 @@ def fidelity_replicates(
     count-weighted anchor means. Aggregated is NaN where a resample's anchor means are constant;
     per-anchor counts a constant row as 0, as `spearman_per_anchor` does."""
     pred, gt = _check_pair(pred, gt)
+    if not (np.isfinite(pred).all() and np.isfinite(gt).all()):
+        # A weighted sum with a zero count would still carry a NaN or inf into the means, and ranks would
+        # order it as a number: wrong figures, silently. Scores here are cosines, so this is a bug upstream.
+        raise ValueError("fidelity bootstrap: pred and gt must be finite; found NaN or inf")
     n_anchors, n_pool = pred.shape
     anchor_idx, pool_idx = bootstrap_indices(pred.shape, resamples, seed)
     anchor_counts, pool_counts = _counts(anchor_idx, n_anchors), _counts(pool_idx, n_pool)

@@ -78,6 +78,23 @@ def test_fidelity_replicates_equal_scipy_resample_by_resample(ties: bool, rank_b
         assert per_anchor[r] == pytest.approx(want_pa, abs=1e-12)
 
 
+def test_fidelity_replicates_nan_where_undefined_and_refuse_non_finite_scores() -> None:
+    """Two pool items: a resample that draws one item twice has constant anchor means (aggregated NaN,
+    as scipy's) and constant rows (per-anchor 0); the others correlate exactly (+1 here)."""
+    pred = np.array([[0.1, 0.9], [0.2, 0.4], [0.3, 0.8]])
+    agg, per_anchor = metrics.fidelity_replicates(pred, pred * 2, resamples=50, seed=0)
+    _, pool = metrics.bootstrap_indices(pred.shape, 50, seed=0)
+    one_item = pool[:, 0] == pool[:, 1]
+    assert one_item.any() and (~one_item).any()
+    assert np.isnan(agg[one_item]).all() and (per_anchor[one_item] == 0).all()
+    assert (agg[~one_item] == pytest.approx(1.0)) and (per_anchor[~one_item] == pytest.approx(1.0))
+    for bad in (np.nan, np.inf):
+        broken = pred.copy()
+        broken[1, 0] = bad
+        with pytest.raises(ValueError, match="finite"):
+            metrics.fidelity_replicates(broken, pred, resamples=5)
+
+
 def test_average_ranks_under_counts_equal_rankdata_of_the_repeated_list() -> None:
     from scipy import stats
 
