@@ -246,18 +246,31 @@ def _average_ranks(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Average ranks (1-based, ties share their mean rank) that scipy's `rankdata` gives each item of
     the list holding item j `counts[..., j]` times: the items before j's run of ties, plus the middle
     of that run. Items with count 0 get a rank too, which weighted sums ignore."""
+    return _ranks_in_order(_sorted_runs(values), counts)
+
+
+def _sorted_runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, first, last): the sorting permutation along the last axis and, in sorted order, whether
+    each position starts or ends a run of equal values."""
     order = np.argsort(values, axis=-1, kind="stable")
     sorted_values = np.take_along_axis(values, order, -1)
+    first = np.ones(sorted_values.shape, bool)
+    first[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
+    last = np.ones(sorted_values.shape, bool)
+    last[..., :-1] = first[..., 1:]
+    return order, first, last
+
+
+def _ranks_in_order(runs: tuple[np.ndarray, np.ndarray, np.ndarray], counts: np.ndarray) -> np.ndarray:
+    """`_average_ranks` from `_sorted_runs` (which may broadcast against counts: one row's runs serve
+    every resample of it)."""
+    order, first, last = (np.broadcast_to(x, counts.shape) for x in runs)
     c = np.take_along_axis(counts, order, -1)
     upto = np.cumsum(c, axis=-1)
-    starts = np.ones(sorted_values.shape, bool)
-    starts[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
-    ends = np.ones(sorted_values.shape, bool)
-    ends[..., :-1] = starts[..., 1:]
     # `upto` never decreases along the axis, so carrying a run's first `before` forward (max) and its
     # last `upto` backward (min) gives every member of a run of ties the run's bounds.
-    before = np.maximum.accumulate(np.where(starts, upto - c, 0.0), axis=-1)
-    after = np.flip(np.minimum.accumulate(np.flip(np.where(ends, upto, np.inf), -1), axis=-1), -1)
+    before = np.maximum.accumulate(np.where(first, upto - c, 0.0), axis=-1)
+    after = np.flip(np.minimum.accumulate(np.flip(np.where(last, upto, np.inf), -1), axis=-1), -1)
     ranks = np.empty_like(upto)
     np.put_along_axis(ranks, order, before + (after - before + 1) / 2, -1)
     return ranks
@@ -266,7 +279,8 @@ def _average_ranks(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def _row_ranker(row: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """`_average_ranks` of one fixed row of values under any resamples' counts ([resamples, P])."""
     if row.size > _RANK_MATMUL_MAX_POOL:
-        return lambda counts: _average_ranks(np.broadcast_to(row, counts.shape), counts)
+        runs = _sorted_runs(row)  # sorted once; each resample only re-counts
+        return lambda counts: _ranks_in_order(runs, counts)
     # rank_j = sum_k count_k ([x_k < x_j] + [x_k == x_j] / 2) + 1/2, in float32: exact, as every term and
     # partial sum is a multiple of 1/2 below 2 * pool size
     below = ((row[:, None] < row[None, :]) + 0.5 * (row[:, None] == row[None, :])).astype(np.float32)
