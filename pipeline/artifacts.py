@@ -185,7 +185,7 @@ def input_fingerprint(job: JobConfig, stage: str) -> dict[str, Any]:
     """What besides the config makes a stage's output change (input files, model weights)."""
     from pipeline.stages import stage as stage_of
 
-    return stage_of(stage).input_fingerprint(job)
+    return stage_of(stage).fingerprint(job)
 
 
 def stage_identity(job: JobConfig, stage: str, upstream: dict[str, dict[str, Any]], input_fp: dict[str, Any]) -> str:
@@ -307,7 +307,7 @@ def run_stage(
     registered = stage_of(stage) if runner is None else None
     runner = runner or registered.run
     upstream = {s: require_manifest(job, s, f"`{stage}`") for s in STAGE_UPSTREAM[stage]}
-    input_fp = registered.input_fingerprint(job) if registered else {}
+    input_fp = registered.fingerprint(job) if registered else {}
     config_hash = stage_config_hash(job, stage)
     identity = stage_identity(job, stage, upstream, input_fp)
 

@@ -121,6 +121,32 @@ def test_overwrite_recomputes_only_what_changed(job_file, fake_stages, caplog):
     assert fake_stages == []
 
 
+def test_a_new_method_version_recomputes_the_stage_and_what_reads_it(job_file, fake_stages, monkeypatch, caplog):
+    """A stage whose code now computes something else (its `method_version` raised) reruns, with what reads
+    it, and needs no --overwrite; version 0 adds nothing to the fingerprint, so introducing it does not."""
+    import pipeline.stages as registry
+
+    _run_all(job_file)
+    job = load_job(job_file)
+    assert "method_version" not in artifacts.input_fingerprint(job, "fit")
+    assert artifacts.input_fingerprint(job, "eval")["method_version"] == registry.stage("eval").method_version >= 1
+
+    real = registry.stage
+    monkeypatch.setattr(
+        registry,
+        "stage",
+        lambda name: dataclasses.replace(real(name), method_version=1) if name == "fit" else real(name),
+    )
+    fake_stages.clear()
+    with caplog.at_level(logging.INFO, logger="influcoder"):
+        _run_all(job_file)
+    assert set(fake_stages) == _downstream("fit")
+    assert "fit: recomputing: inputs changed (method_version)" in caplog.text
+    fake_stages.clear()
+    _run_all(job_file)  # the new version is now the finished one
+    assert fake_stages == []
+
+
 def test_changed_input_file_reruns_without_overwrite_and_says_so(
     tmp_path, job_file, fixture_corpora, fake_stages, caplog
 ):

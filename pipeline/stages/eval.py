@@ -54,15 +54,9 @@ from pipeline.stages.shared_encode import fit_encoder_dir
 log = logging.getLogger("influcoder.eval")
 
 
-# Raised when what eval computes from the same inputs changes, so finished evals are recomputed
-# instead of skipped with old figures. 2: rows that entered distillation are left out of the metrics.
-# 3: influcoder's Recall@k and MRR are compared with every method's through paired CIs (`vs`).
-METHOD_VERSION = 3
-
-
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
+    """The corpus and query files (eval's method version lives in the stage registry, pipeline.stages)."""
     return {
-        "method_version": METHOD_VERSION,
         "corpus": corpus.files_fingerprint(corpus.discover(job.corpus, "corpus")),
         "queries": corpus.files_fingerprint(corpus.discover(job.score.queries, "score.queries")),
     }

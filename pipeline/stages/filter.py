@@ -59,9 +59,7 @@ def input_fingerprint(job: JobConfig) -> dict[str, Any]:
     """The corpus files, as encode fingerprints them: a new shard reruns filter, which filters only it."""
     from pipeline.stages.encode import input_fingerprint as corpus_fingerprint
 
-    # Raised when the output layout changes, so finished filters are redone rather than skipped.
-    # 2: the corpus moved to filter/corpus/.
-    return {**corpus_fingerprint(job), "method_version": 2}
+    return corpus_fingerprint(job)
 
 
 def output_rel(file: corpus.FileInfo) -> str:
