@@ -231,7 +231,8 @@ def paired_difference(reps_a: np.ndarray, reps_b: np.ndarray, level: float = 0.9
 # Values per chunk of the fidelity bootstrap: resamples x pool float64 values, ~32 MB an array.
 _FIDELITY_CHUNK_VALUES = 4_000_000
 # Pool sizes up to this rank each anchor's row with one [P, P] comparison matrix and a matmul per chunk of
-# resamples (fast, exact: the entries are halves); larger pools sort each resample instead.
+# resamples (fast, exact: the entries are halves); larger pools sort each row once and re-count it per
+# resample (the matrix would grow as P squared).
 _RANK_MATMUL_MAX_POOL = 2048
 
 
