@@ -27,14 +27,14 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.codes import numpy_dtype
+from pipeline.codes import dequantize, numpy_dtype
 from pipeline.errors import ArtifactMissingError, InputDataError
 from pipeline.schema import CODE, ID, ROW, SOURCE
 
@@ -325,6 +325,27 @@ class CodeStore:
             for i, src in zip(t.column(ID).to_pylist(), t.column(SOURCE).to_pylist()):
                 out.setdefault(src, []).append(i)
         return out
+
+    def codes_of(self, ids: Sequence[str], batch_rows: int = 65536) -> tuple[list[str], np.ndarray]:
+        """The stored codes of those of `ids` the table holds, de-quantised to float32 [found, dim], with
+        their ids (in table order). Streams (id, code[, scale]) and keeps only the wanted rows, so memory
+        follows `ids`, not the table."""
+        spec = self.check_spec()
+        columns = [ID, CODE, CODE_SCALE] if spec.code_dtype == "int8" else [ID, CODE]
+        found: list[str] = []
+        blocks = [np.zeros((0, spec.dim), np.float32)]
+        wanted = pa.array(list(ids), pa.string())
+        if len(wanted) == 0:
+            return found, blocks[0]
+        for batch in self.iter_batches(columns, batch_rows):
+            t = pa.Table.from_batches([batch])
+            t = t.filter(pc.is_in(t.column(ID), value_set=wanted))
+            if t.num_rows:
+                codes = codes_from_arrow(t.column(CODE), spec.code_dtype)
+                scales = t.column(CODE_SCALE).to_numpy() if spec.code_dtype == "int8" else None
+                blocks.append(dequantize(codes, scales))
+                found += t.column(ID).to_pylist()
+        return found, np.concatenate(blocks)
 
     def id_audit(self, max_rows: int = 2_000_000) -> Optional[dict[str, Any]]:
         """{"distinct": number of distinct ids, "duplicates": [(id, [sources]), ...] (at most 20)};

@@ -358,11 +358,24 @@ def write_report(
         f"{THRESHOLD} on character {SHINGLE_CHARS}-grams): " + ", ".join(f"{k} {v}" for k, v in leak.items()),
         "",
     ]
+    stored = (metrics.get("methods", {}).get("influcoder") or {}).get("stored_codes") or {}
+    if stored:
+        lines += [
+            f"influcoder is scored with the codes `encode` stored ({stored['rows']} rows"
+            + (f", {stored['embedded_here']} missing from the table embedded here" if stored["embedded_here"] else "")
+            + (
+                f"); against a fresh pass of the encoder over {stored['checked']} of them: min cosine "
+                f"{_fmt(stored['min_cosine'], '.6f')}, max |diff| {_fmt(stored['max_abs_diff'], '.2e')}."
+                if stored.get("checked")
+                else ")."
+            ),
+            "",
+        ]
     cons = metrics.get("consistency_with_score_stage", {})
     if cons.get("checked"):
         lines += [
-            f"Scores recomputed here match `score/scores.parquet` on {cons['rows']} rows "
-            f"(max |diff| {_fmt(cons['max_abs_diff'], '.2e')}, float16 codes).",
+            f"influcoder's scores here match `score/scores.parquet` on {cons['rows']} rows "
+            f"(max |diff| {_fmt(cons['max_abs_diff'], '.2e')}).",
             "",
         ]
     for png in plots:

@@ -61,3 +61,31 @@ def test_a_blend_whose_plain_half_is_another_model_runs_whole(tmp_path, tiny_enc
     np.testing.assert_allclose(influ.pairs[0][1], whole.embed(rows, batch_size=32), atol=1e-5)
     passes.method(other, [(queries, rows)])
     assert passes.passes_run == 4
+
+
+def test_timing_sample_is_seeded_sorted_and_bounded():
+    from pipeline.stages.eval_encoders import TIMED_ROWS, timing_sample
+
+    a = timing_sample(600, seed=3)
+    assert len(a) == TIMED_ROWS and np.all(np.diff(a) > 0) and a.max() < 600
+    np.testing.assert_array_equal(a, timing_sample(600, seed=3))  # every method times the same rows
+    assert not np.array_equal(a, timing_sample(600, seed=4))
+    np.testing.assert_array_equal(timing_sample(5, seed=0), np.arange(5))  # fewer rows: all of them
+
+
+def test_stored_codes_check_compares_the_timed_rows_it_holds(caplog):
+    from pipeline.stages.eval import STORED_CODES_MIN_COSINE, _stored_codes_check
+
+    rng = np.random.default_rng(0)
+    fresh = rng.standard_normal((10, 8)).astype(np.float32)
+    known = np.array([0, 2, 3, 5, 6, 7, 8, 9])  # rows 1 and 4 are not in the table
+    stored = fresh[known].astype(np.float16).astype(np.float32)
+    timed = np.array([1, 2, 5, 9])
+    out = _stored_codes_check(fresh, known, stored, timed)
+    assert out["rows"] == 8 and out["embedded_here"] == 2 and out["checked"] == 3  # 2, 5, 9
+    assert out["min_cosine"] > STORED_CODES_MIN_COSINE and 0 < out["max_abs_diff"] < 1e-2
+    assert "stale" not in caplog.text
+    stale = stored.copy()
+    stale[known.tolist().index(5)] = rng.standard_normal(8)  # a timed row whose stored code is another row's
+    assert _stored_codes_check(fresh, known, stale, timed)["min_cosine"] < STORED_CODES_MIN_COSINE
+    assert "stale" in caplog.text

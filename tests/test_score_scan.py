@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.codes import quantize
+from pipeline.codes import dequantize, quantize
 from pipeline.codestore import CodeSpec, CodeStore, code_array, write_code_fragments
 from pipeline.ranking import merge_runs
 from pipeline.stages.score_scan import fragment_groups, scan_in_process, scan_on_workers
@@ -76,3 +76,22 @@ def test_workers_scan_equals_driver_scan(tmp_path, ray_local, code_dtype):
     assert len(np.unique(scores)) < len(scores)  # the fixture really has ties
     for (ids_l, sc_l), (ids_r, sc_r) in zip(local.topk, remote.topk):
         assert list(ids_r) == list(ids_l) and np.array_equal(sc_r, sc_l)
+
+
+@pytest.mark.parametrize("code_dtype", ["float16", "int8"])
+def test_codes_of_reads_the_wanted_rows_dequantised(tmp_path, code_dtype):
+    """Eval reads influcoder's codes by id: exactly the wanted rows the table holds, across fragments and
+    batches, de-quantised as the scan de-quantises them; ids the table lacks are left out."""
+    store = _table(tmp_path, code_dtype)
+    everything = store.dataset().to_table(columns=["id", "code", "code_scale"])
+    by_id = {
+        i: dequantize(np.asarray(c, dtype=np.int8 if code_dtype == "int8" else np.float16)[None], np.array([s]))[0]
+        for i, c, s in zip(*(everything.column(k).to_pylist() for k in ("id", "code", "code_scale")))
+    }
+    wanted = ["row-0299", "row-0000", "absent", "row-0150", "row-0042"]
+    found, codes = store.codes_of(wanted, batch_rows=7)  # batches smaller than a fragment
+    assert sorted(found) == sorted(set(wanted) - {"absent"}) and codes.dtype == np.float32
+    for i, code in zip(found, codes):
+        np.testing.assert_array_equal(code, by_id[i])
+        assert abs(np.linalg.norm(code) - 1) < 1e-2  # unit rows (de-quantised int8 too)
+    assert store.codes_of([])[1].shape == (0, DIM)

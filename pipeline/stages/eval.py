@@ -1,7 +1,8 @@
 """The eval stage: is the encoder as good as the gradients, and how much cheaper?
 
 Every method scores the same corpus rows against the same queries:
-- influcoder: the distilled encoder's cosine (the product; cross-checked against score/scores.parquet)
+- influcoder: the distilled encoder's cosine over the codes encode stored (the product, as `score` ranks
+  it; cross-checked against score/scores.parquet, and a sample against a fresh pass of the encoder)
 - gradient: the teacher's own sketch cosine (LESS-style upper reference; a backward pass per row)
 - untrained_encoder: the starting encoder as its users run it (plain text, no prefix: exactly what
   `SentenceTransformer(model).encode` embeds), the control influcoder has to beat; with a non-empty
@@ -13,7 +14,8 @@ Metrics (pipeline.metrics, scipy/sklearn):
   find), Recall@k and MRR per query (relevant = label-1 rows)
 - fidelity to the teacher: per-anchor and aggregated Spearman on the sketch stage's held-out eval
   split (eval anchors x eval pool), and on the corpus against the gradient method's ranking
-- costs, measured in this run: setup_s, ms_per_sample after a warm-up, bytes_per_sample.
+- costs, measured in this run: setup_s, ms_per_sample after a warm-up (every encoder method on the same
+  seeded sample of rows, the teacher on every row), bytes_per_sample.
 Every quality figure carries a 95 % percentile-bootstrap CI (`*_ci`): AUPRC resamples queries and
 rows, Recall@k and MRR resample queries, held-out Spearman resamples anchors and pool rows; and
 influcoder's AUPRC is compared with every other method's through paired replicates (`vs`).
@@ -52,6 +54,9 @@ from pipeline.stages.shared_teacher import (
 from pipeline.stages.shared_encode import fit_encoder_dir
 
 log = logging.getLogger("influcoder.eval")
+# Below this cosine between a stored code and a fresh pass over the same row, eval warns (float16 codes
+# and bf16 passes stay above 0.999).
+STORED_CODES_MIN_COSINE = 0.999
 
 
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
@@ -152,6 +157,51 @@ def _sketch_split(ctx: StageRun, role: str, center: Optional[np.ndarray]) -> tup
 
 
 # --------------------------------------------------------------------------- methods
+
+
+def _stored_codes(ctx: StageRun, ids: list[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(positions in `ids`, float32 codes) of the eval rows whose codes the encode stage stored, or None
+    when the table holds another encoder's codes than the finished encode stage recorded."""
+    from pipeline.codestore import CodeStore
+
+    job = ctx.job
+    store = CodeStore(job.lancedb_uri, job.encode.table)
+    spec = store.stored_spec()
+    recorded = (ctx.upstream.get("encode") or {}).get("encoder_fingerprint")
+    if spec is None or spec.encoder_fingerprint != recorded:
+        log.warning(
+            "eval: LanceDB table `%s` does not hold the codes the finished encode stage recorded (%s); "
+            "influcoder's rows are embedded here instead. Rerun `influcoder encode JOB.yaml` to evaluate the codes "
+            "that `score` ranks.",
+            job.encode.table,
+            recorded,
+        )
+        return None
+    found, codes = store.codes_of(ids)
+    position = {i: k for k, i in enumerate(ids)}
+    return np.array([position[i] for i in found], dtype=np.int64), codes
+
+
+def _stored_codes_check(fresh: np.ndarray, known: np.ndarray, codes: np.ndarray, timed: np.ndarray) -> dict[str, Any]:
+    """How the stored codes of the timed rows compare with this run's fresh pass over them: they differ
+    by the codes' rounding (float16: ~1e-4 per component) unless the table is stale or corrupt."""
+    both, in_known, _ = np.intersect1d(known, timed, return_indices=True)
+    out: dict[str, Any] = {"rows": int(len(known)), "embedded_here": int(len(fresh) - len(known)), "checked": 0}
+    if len(both):
+        a, b = fresh[both], codes[in_known]
+        cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        out.update(
+            {"checked": int(len(both)), "max_abs_diff": float(np.abs(a - b).max()), "min_cosine": float(cos.min())}
+        )
+        if cos.min() < STORED_CODES_MIN_COSINE:
+            log.warning(
+                "eval: stored codes differ from a fresh pass of the same encoder (min cosine %.4f < %.3f over %d "
+                "rows): the table may be stale; rerun `influcoder encode JOB.yaml --overwrite`.",
+                cos.min(),
+                STORED_CODES_MIN_COSINE,
+                len(both),
+            )
+    return out
 
 
 def _gradient_method(
@@ -312,7 +362,7 @@ def _leakage(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> dict[str, int]
 def run(ctx: StageRun) -> None:
     from pipeline.models import resolve_encoder
     from pipeline.report import write_report
-    from pipeline.stages.eval_encoders import EncoderPasses  # torch: imported when eval runs
+    from pipeline.stages.eval_encoders import EncoderPasses, timing_sample  # torch: imported when eval runs
 
     job = ctx.job
     ensure_ray(job.ray)
@@ -401,12 +451,30 @@ def run(ctx: StageRun) -> None:
     # match the score stage's, and the encoders' costs compare like for like.
     precision = ((ctx.upstream.get("encode") or {}).get("precision") or {}).get("dtype") or "float32"
     passes = EncoderPasses(job.encoder.max_len, job.encoder.trust_remote_code, precision, threads)
+    # Every encoder method is timed on the same seeded sample of the rows. influcoder's rows are scored
+    # with the codes encode stored (what `score` ranks); the sample is also embedded here, which times
+    # it and checks the stored codes against a fresh pass.
+    timed = timing_sample(len(ids), seed)
+    stored = _stored_codes(ctx, ids) if "influcoder" in methods else None
     for name, model_dir, q_in, r_in, a_in, p_in in encoders:
         if name not in methods and name != "untrained_encoder_prefixed":
             continue
         t0 = time.perf_counter()
-        emb = passes.method(model_dir, [(q_in, r_in), (a_in, p_in)], plain_dir=plain_dir)
-        ((q, r), (qa, pr)), ms, load_s, dim = emb.pairs, emb.ms_per_row, emb.load_s, emb.dim
+        known, known_codes = stored if name == "influcoder" and stored is not None else (np.zeros(0, np.int64), None)
+        rest = np.setdiff1d(np.arange(len(ids)), np.union1d(timed, known))
+        pairs = [(q_in, [r_in[i] for i in timed]), (q_in, [r_in[i] for i in rest]), (a_in, p_in)]
+        emb = passes.method(model_dir, pairs, plain_dir=plain_dir)
+        ((q, r_timed), (_, r_rest), (qa, pr)), ms, load_s, dim = emb.pairs, emb.ms_per_row, emb.load_s, emb.dim
+        r = np.empty((len(ids), dim), np.float32)
+        r[timed], r[rest] = r_timed, r_rest
+        if known_codes is not None:
+            if known_codes.shape[1] != dim:
+                raise InputDataError(
+                    f"eval: LanceDB table `{job.encode.table}` holds {known_codes.shape[1]}-dim codes, the fitted "
+                    f"encoder gives {dim}; rerun `influcoder encode JOB.yaml --overwrite`."
+                )
+            codes_check = _stored_codes_check(r, known, known_codes, timed)
+            r[known] = known_codes
         per_query[name] = q @ r.T
         heldout_pred[name] = qa @ pr.T
         # influcoder's codes are what encode stored; a plain encoder's would be float16 of its own width
@@ -420,7 +488,10 @@ def run(ctx: StageRun) -> None:
             "bytes_per_sample": float(code_bytes),
             "seconds": time.perf_counter() - t0,
             "precision": precision,
+            "timed_rows": len(timed),
         }
+        if known_codes is not None:
+            results[name]["stored_codes"] = codes_check
         if name == "influcoder":  # a blended export scores (1 - b) distilled + b plain cosine (fit.blend)
             fit_record = (ctx.upstream.get("fit") or {}).get("fit") or {}
             results[name]["blend_weight"] = fit_record.get("blend_weight", 0.0)

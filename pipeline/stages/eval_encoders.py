@@ -7,8 +7,9 @@ same weights, the blend is embedded as its distilled half beside the starting en
 those passes serve the baselines too wherever their inputs are the same: with `encoder.anchor_prefix`
 set, the corpus rows and held-out pool rows were embedded three times by the same plain model before.
 (In the demo nothing is shared: the baselines read the raw texts, the blend the pair views.) Each
-pass is timed when it runs, after a warm-up, so a method's cost per row is the sum of its own passes,
-whichever method ran them first.
+pass is timed when it runs, after a warm-up, so a method's cost per row is the sum of its own passes
+over the first pair's rows, whichever method ran them first; eval makes that pair the same seeded
+sample of corpus rows for every method (`timing_sample`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ import torch
 from pipeline.encoder import EncoderInput, TextEncoder, blend_codes
 
 Pair = tuple[Sequence[EncoderInput], Sequence[EncoderInput]]
+
+TIMED_ROWS = 128
+"""Corpus rows every encoder method is timed on: one seeded sample, the same rows for every method."""
+
+
+def timing_sample(n: int, seed: int, size: int = TIMED_ROWS) -> np.ndarray:
+    """Sorted positions of `min(n, size)` of `n` rows, drawn with `seed`."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(n, size), replace=False))
 
 
 @dataclass
