@@ -63,14 +63,27 @@ def test_a_blend_whose_plain_half_is_another_model_runs_whole(tmp_path, tiny_enc
     assert passes.passes_run == 4
 
 
-def test_timing_sample_is_seeded_sorted_and_bounded():
-    from pipeline.stages.eval_encoders import TIMED_ROWS, timing_sample
+def test_timing_sample_takes_whole_passes_spread_over_the_lengths():
+    from pipeline.stages.eval_encoders import PASS_BATCH, TIMED_ROWS, timing_sample
 
-    a = timing_sample(600, seed=3)
-    assert len(a) == TIMED_ROWS and np.all(np.diff(a) > 0) and a.max() < 600
-    np.testing.assert_array_equal(a, timing_sample(600, seed=3))  # every method times the same rows
-    assert not np.array_equal(a, timing_sample(600, seed=4))
-    np.testing.assert_array_equal(timing_sample(5, seed=0), np.arange(5))  # fewer rows: all of them
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(5, 20, 150), rng.integers(80, 400, 450)])  # short and long rows
+    rng.shuffle(lengths)
+    a = timing_sample(lengths)
+    assert len(a) == TIMED_ROWS and np.all(np.diff(a) > 0) and a.max() < len(lengths)
+    # Whole passes of the length-sorted rows: sorted again and cut into passes, the sample gives passes
+    # that each hold consecutive rows of the whole set's length order (the same padding).
+    rank = np.empty(len(lengths), np.int64)
+    rank[np.argsort(lengths, kind="stable")] = np.arange(len(lengths))
+    ranks = np.sort(rank[a])
+    for p in range(0, len(ranks), PASS_BATCH):
+        block = ranks[p : p + PASS_BATCH]
+        assert block[-1] - block[0] == PASS_BATCH - 1 and block[0] % PASS_BATCH == 0
+    # Spread over the lengths: the short rows' share and the mean length follow the whole set's.
+    assert abs(np.mean(lengths[a] < 50) - np.mean(lengths < 50)) < 0.05
+    assert abs(lengths[a].mean() / lengths.mean() - 1) < 0.1
+    np.testing.assert_array_equal(timing_sample([3, 1, 2]), [0, 1, 2])  # fewer rows: all of them
+    assert len(timing_sample([])) == 0
 
 
 def test_stored_codes_check_compares_the_timed_rows_it_holds(caplog):

@@ -14,8 +14,9 @@ Metrics (pipeline.metrics, scipy/sklearn):
   find), Recall@k and MRR per query (relevant = label-1 rows)
 - fidelity to the teacher: per-anchor and aggregated Spearman on the sketch stage's held-out eval
   split (eval anchors x eval pool), and on the corpus against the gradient method's ranking
-- costs, measured in this run: setup_s, ms_per_sample after a warm-up (every encoder method on the same
-  seeded sample of rows, the teacher on every row), bytes_per_sample.
+- costs, measured in this run: setup_s, ms_per_sample after a warm-up (each encoder method on 128 rows
+  that time like all of them: whole passes of its length-sorted rows; the teacher on every row),
+  bytes_per_sample.
 Every quality figure carries a 95 % percentile-bootstrap CI (`*_ci`): AUPRC resamples queries and
 rows, Recall@k and MRR resample queries, held-out Spearman resamples anchors and pool rows; and
 influcoder's AUPRC is compared with every other method's through paired replicates (`vs`).
@@ -451,15 +452,16 @@ def run(ctx: StageRun) -> None:
     # match the score stage's, and the encoders' costs compare like for like.
     precision = ((ctx.upstream.get("encode") or {}).get("precision") or {}).get("dtype") or "float32"
     passes = EncoderPasses(job.encoder.max_len, job.encoder.trust_remote_code, precision, threads)
-    # Every encoder method is timed on the same seeded sample of the rows. influcoder's rows are scored
-    # with the codes encode stored (what `score` ranks); the sample is also embedded here, which times
-    # it and checks the stored codes against a fresh pass.
-    timed = timing_sample(len(ids), seed)
+    # Every encoder method is timed on a sample of the rows that times like all of them (whole passes of
+    # its length-sorted rows, spread over the lengths). influcoder's rows are scored with the codes
+    # encode stored (what `score` ranks); its sample is also embedded here, which times it and checks the
+    # stored codes against a fresh pass.
     stored = _stored_codes(ctx, ids) if "influcoder" in methods else None
     for name, model_dir, q_in, r_in, a_in, p_in in encoders:
         if name not in methods and name != "untrained_encoder_prefixed":
             continue
         t0 = time.perf_counter()
+        timed = timing_sample(passes.token_lengths(model_dir, r_in))
         known, known_codes = stored if name == "influcoder" and stored is not None else (np.zeros(0, np.int64), None)
         rest = np.setdiff1d(np.arange(len(ids)), np.union1d(timed, known))
         pairs = [(q_in, [r_in[i] for i in timed]), (q_in, [r_in[i] for i in rest]), (a_in, p_in)]
