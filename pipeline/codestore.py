@@ -326,10 +326,10 @@ class CodeStore:
                 out.setdefault(src, []).append(i)
         return out
 
-    def codes_of(self, ids: Sequence[str], batch_rows: int = 65536) -> tuple[list[str], np.ndarray]:
-        """The stored codes of those of `ids` the table holds, de-quantised to float32 [found, dim], with
-        their ids (in table order). Streams (id, code[, scale]) and keeps only the wanted rows, so memory
-        follows `ids`, not the table."""
+    def codes_of(self, ids: Sequence[str], batch_rows: int = 65536, dataset=None) -> tuple[list[str], np.ndarray]:
+        """The stored codes of those of `ids` the table (or the `dataset` snapshot of it) holds, de-quantised
+        to float32 [found, dim], with their ids (in table order). Streams (id, code[, scale]) and keeps only
+        the wanted rows, so memory follows `ids`, not the table."""
         spec = self.check_spec()
         columns = [ID, CODE, CODE_SCALE] if spec.code_dtype == "int8" else [ID, CODE]
         found: list[str] = []
@@ -337,7 +337,7 @@ class CodeStore:
         wanted = pa.array(list(ids), pa.string())
         if len(wanted) == 0:
             return found, blocks[0]
-        for batch in self.iter_batches(columns, batch_rows):
+        for batch in self.iter_batches(columns, batch_rows, dataset=dataset):
             t = pa.Table.from_batches([batch])
             t = t.filter(pc.is_in(t.column(ID), value_set=wanted))
             if t.num_rows:

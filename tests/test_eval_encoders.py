@@ -63,22 +63,20 @@ def test_a_blend_whose_plain_half_is_another_model_runs_whole(tmp_path, tiny_enc
     assert passes.passes_run == 4
 
 
-def test_timing_sample_takes_whole_passes_spread_over_the_lengths():
+def test_timing_sample_takes_whole_passes_of_the_full_pass_spread_over_the_lengths():
+    from pipeline.batching import token_budget_batches
     from pipeline.stages.eval_encoders import PASS_BATCH, TIMED_ROWS, timing_sample
 
     rng = np.random.default_rng(0)
-    lengths = np.concatenate([rng.integers(5, 20, 150), rng.integers(80, 400, 450)])  # short and long rows
+    lengths = np.concatenate([rng.integers(5, 20, 150), rng.integers(80, 400, 455)])  # 605: a short last pass
     rng.shuffle(lengths)
     a = timing_sample(lengths)
     assert len(a) == TIMED_ROWS and np.all(np.diff(a) > 0) and a.max() < len(lengths)
-    # Whole passes of the length-sorted rows: sorted again and cut into passes, the sample gives passes
-    # that each hold consecutive rows of the whole set's length order (the same padding).
-    rank = np.empty(len(lengths), np.int64)
-    rank[np.argsort(lengths, kind="stable")] = np.arange(len(lengths))
-    ranks = np.sort(rank[a])
-    for p in range(0, len(ranks), PASS_BATCH):
-        block = ranks[p : p + PASS_BATCH]
-        assert block[-1] - block[0] == PASS_BATCH - 1 and block[0] % PASS_BATCH == 0
+    # Each pass `embed` makes of the sample is a pass it makes of all the rows (the same padding).
+    full = {tuple(sorted(p)) for p in token_budget_batches(list(lengths), None, PASS_BATCH)}
+    sample_passes = token_budget_batches(list(lengths[a]), None, PASS_BATCH)
+    assert len(sample_passes) == TIMED_ROWS // PASS_BATCH
+    assert all(tuple(sorted(a[p])) in full for p in sample_passes)
     # Spread over the lengths: the short rows' share and the mean length follow the whole set's.
     assert abs(np.mean(lengths[a] < 50) - np.mean(lengths < 50)) < 0.05
     assert abs(lengths[a].mean() / lengths.mean() - 1) < 0.1
@@ -87,18 +85,47 @@ def test_timing_sample_takes_whole_passes_spread_over_the_lengths():
 
 
 def test_stored_codes_check_compares_the_timed_rows_it_holds(caplog):
-    from pipeline.stages.eval import STORED_CODES_MIN_COSINE, _stored_codes_check
+    from pipeline.stages.eval_encoders import STORED_CODES_MIN_COSINE, stored_codes_check
 
     rng = np.random.default_rng(0)
     fresh = rng.standard_normal((10, 8)).astype(np.float32)
     known = np.array([0, 2, 3, 5, 6, 7, 8, 9])  # rows 1 and 4 are not in the table
     stored = fresh[known].astype(np.float16).astype(np.float32)
     timed = np.array([1, 2, 5, 9])
-    out = _stored_codes_check(fresh, known, stored, timed)
+    out = stored_codes_check(fresh, known, stored, timed)
     assert out["rows"] == 8 and out["embedded_here"] == 2 and out["checked"] == 3  # 2, 5, 9
     assert out["min_cosine"] > STORED_CODES_MIN_COSINE and 0 < out["max_abs_diff"] < 1e-2
     assert "stale" not in caplog.text
     stale = stored.copy()
     stale[known.tolist().index(5)] = rng.standard_normal(8)  # a timed row whose stored code is another row's
-    assert _stored_codes_check(fresh, known, stale, timed)["min_cosine"] < STORED_CODES_MIN_COSINE
+    assert stored_codes_check(fresh, known, stale, timed)["min_cosine"] < STORED_CODES_MIN_COSINE
     assert "stale" in caplog.text
+
+
+def test_embed_rows_uses_the_stored_codes_and_embeds_the_rest(tmp_path, tiny_encoder_dir):
+    """More rows than the timed sample, some absent from the table: stored rows get their stored codes
+    (even the timed ones), every other row its own fresh embedding, and the check reads the timed ones."""
+    from pipeline.stages.eval_encoders import TIMED_ROWS, embed_rows
+
+    export = str(build_blended_encoder(tmp_path / "export", tiny_encoder_dir, weight=0.3))
+    rows = [f"row {i} " + "river stone " * (i % 9) for i in range(150)]
+    queries, anchors, pool = ["query about stones", "another query"], ["anchor"], ["pool a", "pool b"]
+    whole = TextEncoder(export, max_len=MAX_LEN, dtype="float32")
+    truth = whole.embed(rows, batch_size=32)
+    known = np.array([i for i in range(150) if i % 7])  # every 7th row is not in the table
+    codes = truth[known].astype(np.float16).astype(np.float32)  # what a float16 table gives back
+    passes = EncoderPasses(MAX_LEN, False, "float32", threads=2)
+
+    emb = embed_rows(passes, export, queries, rows, (anchors, pool), plain_dir=tiny_encoder_dir, stored=(known, codes))
+    assert emb.timed_rows == TIMED_ROWS and emb.rows.shape == truth.shape and np.isfinite(emb.rows).all()
+    np.testing.assert_array_equal(emb.rows[known], codes)
+    missing = np.setdiff1d(np.arange(150), known)
+    np.testing.assert_allclose(emb.rows[missing], truth[missing], atol=1e-5)
+    np.testing.assert_allclose(emb.queries, whole.embed(queries, batch_size=32), atol=1e-5)
+    check = emb.stored_check
+    assert check["rows"] == len(known) and check["embedded_here"] == len(missing)
+    assert 0 < check["checked"] <= TIMED_ROWS and check["min_cosine"] > 0.999
+
+    plain = embed_rows(passes, tiny_encoder_dir, queries, rows, (anchors, pool))  # no table: every row fresh
+    assert plain.stored_check is None and plain.ms_per_row > 0
+    np.testing.assert_allclose(plain.rows, TextEncoder(tiny_encoder_dir, max_len=MAX_LEN).embed(rows), atol=1e-5)

@@ -42,7 +42,7 @@ def stage(name: str) -> Stage:
         "score": Stage(score.run, score.input_fingerprint),
         # 2: rows that entered distillation are left out of the metrics. 3: influcoder's Recall@k and MRR
         # are compared with every method's through paired CIs (`vs`). 4: influcoder is scored with the codes
-        # encode stored; every encoder method is timed on one seeded sample of the rows.
+        # encode stored; every encoder method is timed on a sample of the rows (eval_encoders.timing_sample).
         "eval": Stage(eval_stage.run, eval_stage.input_fingerprint, method_version=4),
         # 2: the filtered corpus moved to filter/corpus/ (the output layout changed).
         "filter": Stage(filter_stage.run, filter_stage.input_fingerprint, method_version=2),

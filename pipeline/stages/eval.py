@@ -55,9 +55,6 @@ from pipeline.stages.shared_teacher import (
 from pipeline.stages.shared_encode import fit_encoder_dir
 
 log = logging.getLogger("influcoder.eval")
-# Below this cosine between a stored code and a fresh pass over the same row, eval warns (float16 codes
-# and bf16 passes stay above 0.999).
-STORED_CODES_MIN_COSINE = 0.999
 
 
 def input_fingerprint(job: JobConfig) -> dict[str, Any]:
@@ -178,31 +175,11 @@ def _stored_codes(ctx: StageRun, ids: list[str]) -> Optional[tuple[np.ndarray, n
             recorded,
         )
         return None
-    found, codes = store.codes_of(ids)
+    version = ((ctx.upstream.get("encode") or {}).get("lancedb") or {}).get("version")
+    snapshot = store.dataset().checkout_version(version) if version else None  # what score ranked
+    found, codes = store.codes_of(ids, dataset=snapshot)
     position = {i: k for k, i in enumerate(ids)}
     return np.array([position[i] for i in found], dtype=np.int64), codes
-
-
-def _stored_codes_check(fresh: np.ndarray, known: np.ndarray, codes: np.ndarray, timed: np.ndarray) -> dict[str, Any]:
-    """How the stored codes of the timed rows compare with this run's fresh pass over them: they differ
-    by the codes' rounding (float16: ~1e-4 per component) unless the table is stale or corrupt."""
-    both, in_known, _ = np.intersect1d(known, timed, return_indices=True)
-    out: dict[str, Any] = {"rows": int(len(known)), "embedded_here": int(len(fresh) - len(known)), "checked": 0}
-    if len(both):
-        a, b = fresh[both], codes[in_known]
-        cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        out.update(
-            {"checked": int(len(both)), "max_abs_diff": float(np.abs(a - b).max()), "min_cosine": float(cos.min())}
-        )
-        if cos.min() < STORED_CODES_MIN_COSINE:
-            log.warning(
-                "eval: stored codes differ from a fresh pass of the same encoder (min cosine %.4f < %.3f over %d "
-                "rows): the table may be stale; rerun `influcoder encode JOB.yaml --overwrite`.",
-                cos.min(),
-                STORED_CODES_MIN_COSINE,
-                len(both),
-            )
-    return out
 
 
 def _gradient_method(
@@ -363,7 +340,7 @@ def _leakage(ctx: StageRun, rows: pa.Table, queries: pa.Table) -> dict[str, int]
 def run(ctx: StageRun) -> None:
     from pipeline.models import resolve_encoder
     from pipeline.report import write_report
-    from pipeline.stages.eval_encoders import EncoderPasses, timing_sample  # torch: imported when eval runs
+    from pipeline.stages.eval_encoders import EncoderPasses, embed_rows  # torch: imported when eval runs
 
     job = ctx.job
     ensure_ray(job.ray)
@@ -456,44 +433,29 @@ def run(ctx: StageRun) -> None:
     # its length-sorted rows, spread over the lengths). influcoder's rows are scored with the codes
     # encode stored (what `score` ranks); its sample is also embedded here, which times it and checks the
     # stored codes against a fresh pass.
-    stored = _stored_codes(ctx, ids) if "influcoder" in methods else None
+    stored_codes = _stored_codes(ctx, ids) if "influcoder" in methods else None
     for name, model_dir, q_in, r_in, a_in, p_in in encoders:
         if name not in methods and name != "untrained_encoder_prefixed":
             continue
         t0 = time.perf_counter()
-        timed = timing_sample(passes.token_lengths(model_dir, r_in))
-        known, known_codes = stored if name == "influcoder" and stored is not None else (np.zeros(0, np.int64), None)
-        rest = np.setdiff1d(np.arange(len(ids)), np.union1d(timed, known))
-        pairs = [(q_in, [r_in[i] for i in timed]), (q_in, [r_in[i] for i in rest]), (a_in, p_in)]
-        emb = passes.method(model_dir, pairs, plain_dir=plain_dir)
-        ((q, r_timed), (_, r_rest), (qa, pr)), ms, load_s, dim = emb.pairs, emb.ms_per_row, emb.load_s, emb.dim
-        r = np.empty((len(ids), dim), np.float32)
-        r[timed], r[rest] = r_timed, r_rest
-        if known_codes is not None:
-            if known_codes.shape[1] != dim:
-                raise InputDataError(
-                    f"eval: LanceDB table `{job.encode.table}` holds {known_codes.shape[1]}-dim codes, the fitted "
-                    f"encoder gives {dim}; rerun `influcoder encode JOB.yaml --overwrite`."
-                )
-            codes_check = _stored_codes_check(r, known, known_codes, timed)
-            r[known] = known_codes
-        per_query[name] = q @ r.T
-        heldout_pred[name] = qa @ pr.T
+        known = stored_codes if name == "influcoder" else None
+        emb = embed_rows(passes, model_dir, q_in, r_in, (a_in, p_in), plain_dir=plain_dir, stored=known)
+        per_query[name] = emb.queries @ emb.rows.T
+        heldout_pred[name] = emb.heldout[0] @ emb.heldout[1].T
         # influcoder's codes are what encode stored; a plain encoder's would be float16 of its own width
         # (a blended influcoder export is twice as wide as the plain encoder it started from).
-        stored = (ctx.upstream.get("encode") or {}).get("bytes_per_row") if name == "influcoder" else None
-        code_bytes = stored or dim * 2
+        stored_bytes = (ctx.upstream.get("encode") or {}).get("bytes_per_row") if name == "influcoder" else None
         results[name] = {
-            "heldout": _fidelity(qa @ pr.T, heldout_gt, seed),
-            "ms_per_sample": ms,
-            "setup_s": load_s + (setup_influcoder if name == "influcoder" else 0.0),
-            "bytes_per_sample": float(code_bytes),
+            "heldout": _fidelity(heldout_pred[name], heldout_gt, seed),
+            "ms_per_sample": emb.ms_per_row,
+            "setup_s": emb.load_s + (setup_influcoder if name == "influcoder" else 0.0),
+            "bytes_per_sample": float(stored_bytes or emb.dim * 2),
             "seconds": time.perf_counter() - t0,
             "precision": precision,
-            "timed_rows": len(timed),
+            "timed_rows": emb.timed_rows,
         }
-        if known_codes is not None:
-            results[name]["stored_codes"] = codes_check
+        if emb.stored_check is not None:
+            results[name]["stored_codes"] = emb.stored_check
         if name == "influcoder":  # a blended export scores (1 - b) distilled + b plain cosine (fit.blend)
             fit_record = (ctx.upstream.get("fit") or {}).get("fit") or {}
             results[name]["blend_weight"] = fit_record.get("blend_weight", 0.0)
@@ -813,10 +775,10 @@ def _cascade_method(
 
 
 def _cascade_consistency(ctx: StageRun, ids: list[str], agg: np.ndarray, k: int) -> dict[str, Any]:
-    """When eval covers every scored row, its cascade block should be score/scores.parquet's block
-    (up to near-ties at the K boundary: eval embeds in float32, the score stage reads float16 codes).
-    The order inside the block can differ more: `fused` ranks rows by their encoder rank too, so a
-    near-tie in encoder scores that the two precisions break differently moves a row."""
+    """When eval covers every scored row, its cascade block should be score/scores.parquet's block: both
+    score the same stored codes, up to float rounding at the K boundary (and rows missing from the table,
+    which eval embeds itself). The order inside the block can still differ: `fused` ranks rows by their
+    encoder rank too, and a near-tie that the two computations break differently moves a row."""
     path = storage.join(ctx.upstream_dir("score"), "scores.parquet")
     if not storage.exists(path):
         return {"checked": False}

@@ -14,6 +14,7 @@ corpus rows that times like all of them (`timing_sample`, on the method's own to
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -21,19 +22,27 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from pipeline.batching import token_budget_batches
 from pipeline.encoder import EncoderInput, TextEncoder, blend_codes
+from pipeline.errors import InputDataError
+
+log = logging.getLogger("influcoder.eval")
 
 Pair = tuple[Sequence[EncoderInput], Sequence[EncoderInput]]
 
 PASS_BATCH = 32
 """Rows per forward pass of eval's encoder passes (after sorting by length)."""
+STORED_CODES_MIN_COSINE = 0.999
+"""Below this cosine between a stored code and a fresh pass over the same row, eval warns (float16 and
+int8 codes, and bf16 passes, stay above it)."""
 TIMED_ROWS = 128
-"""Corpus rows every encoder method is timed on: the same rows for every method (`timing_sample`)."""
+"""Corpus rows each encoder method is timed on (`timing_sample`, by the method's own token counts)."""
 
 
 def timing_sample(lengths: Sequence[int], size: int = TIMED_ROWS, batch: int = PASS_BATCH) -> np.ndarray:
     """Sorted positions of about `size` of the rows (all of them when there are no more): whole passes
-    of `batch` rows of the rows sorted by their token `lengths`, spread evenly over the lengths.
+    of `batch` rows, as `TextEncoder.embed` cuts all the rows by their token `lengths`, spread evenly
+    over the lengths.
 
     A row's cost grows with its length and with the padding of its pass. A random sample of this size
     misses both: on the demo's rows a seeded draw timed 30 % above the whole set (longer rows by chance,
@@ -43,8 +52,8 @@ def timing_sample(lengths: Sequence[int], size: int = TIMED_ROWS, batch: int = P
     n = len(lengths)
     if n <= size:
         return np.arange(n)
-    by_length = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
-    passes = [by_length[i : i + batch] for i in range(0, n - batch + 1, batch)]  # whole passes only
+    # The passes `TextEncoder.embed` makes of all the rows (longest first); a short last one is never taken.
+    passes = [p for p in token_budget_batches(list(lengths), None, batch, section="eval") if len(p) == batch]
     k = min(len(passes), max(1, size // batch))
     chosen = np.floor((np.arange(k) + 0.5) * len(passes) / k).astype(np.int64)
     return np.sort(np.concatenate([passes[i] for i in chosen]))
@@ -136,3 +145,76 @@ class EncoderPasses:
 
 def _blend(distilled: np.ndarray, plain: np.ndarray, weight: float) -> np.ndarray:
     return blend_codes(torch.from_numpy(distilled), torch.from_numpy(plain), weight).numpy()
+
+
+@dataclass
+class RowEmbeddings:
+    """An encoder method's embeddings of eval's queries, corpus rows and held-out split."""
+
+    queries: np.ndarray
+    rows: np.ndarray
+    """[rows, dim], in input order: the stored codes where given, a fresh pass elsewhere."""
+    heldout: tuple[np.ndarray, np.ndarray]
+    """(held-out anchors, held-out pool)."""
+    ms_per_row: float
+    """ms per row of the timed sample (`timing_sample`)."""
+    load_s: float
+    dim: int
+    timed_rows: int
+    stored_check: Optional[dict]
+    """With stored codes: `stored_codes_check` of the timed rows."""
+
+
+def embed_rows(
+    passes: EncoderPasses,
+    model_dir: str,
+    queries: Sequence[EncoderInput],
+    rows: Sequence[EncoderInput],
+    heldout: Pair,
+    plain_dir: Optional[str] = None,
+    stored: Optional[tuple[np.ndarray, np.ndarray]] = None,
+) -> RowEmbeddings:
+    """The encoder in `model_dir` on eval's inputs, timed on `timing_sample` of `rows`. `stored`:
+    (positions in `rows`, their float32 codes) read from the codes table, used for those rows instead
+    of a fresh pass; the timed rows are embedded anyway, which checks the stored codes."""
+    timed = timing_sample(passes.token_lengths(model_dir, rows))
+    known, codes = stored if stored is not None else (np.zeros(0, np.int64), None)
+    rest = np.setdiff1d(np.arange(len(rows)), np.union1d(timed, known))
+    pairs = [(queries, [rows[i] for i in timed]), (queries, [rows[i] for i in rest]), heldout]
+    emb = passes.method(model_dir, pairs, plain_dir=plain_dir)
+    (q, timed_codes), (_, rest_codes), held = emb.pairs
+    out = np.empty((len(rows), emb.dim), np.float32)
+    out[timed], out[rest] = timed_codes, rest_codes  # every row not in `known` is in one of the two
+    check = None
+    if codes is not None:
+        if codes.shape[1] != emb.dim:
+            raise InputDataError(
+                f"eval: the codes table holds {codes.shape[1]}-dim codes, the fitted encoder gives {emb.dim}; "
+                f"rerun `influcoder encode JOB.yaml --overwrite`."
+            )
+        check = stored_codes_check(out, known, codes, timed)
+        out[known] = codes
+    return RowEmbeddings(q, out, held, emb.ms_per_row, emb.load_s, emb.dim, len(timed), check)
+
+
+def stored_codes_check(fresh: np.ndarray, known: np.ndarray, codes: np.ndarray, timed: np.ndarray) -> dict:
+    """How the stored codes of the timed rows compare with a fresh pass over them (`fresh`, indexed like
+    the rows): they differ by the codes' rounding (float16: ~1e-4 per component) unless the table is
+    stale or corrupt. Only rows in both `known` and `timed` are read from `fresh`."""
+    both, in_known, _ = np.intersect1d(known, timed, return_indices=True)
+    out: dict = {"rows": int(len(known)), "embedded_here": int(len(fresh) - len(known)), "checked": 0}
+    if len(both):
+        a, b = fresh[both], codes[in_known]
+        cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        out.update(
+            {"checked": int(len(both)), "max_abs_diff": float(np.abs(a - b).max()), "min_cosine": float(cos.min())}
+        )
+        if cos.min() < STORED_CODES_MIN_COSINE:
+            log.warning(
+                "eval: stored codes differ from a fresh pass of the same encoder (min cosine %.4f < %.3f over %d "
+                "rows): the table may be stale; rerun `influcoder encode JOB.yaml --overwrite`.",
+                cos.min(),
+                STORED_CODES_MIN_COSINE,
+                len(both),
+            )
+    return out
