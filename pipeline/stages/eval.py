@@ -40,7 +40,7 @@ from pipeline.artifacts import StageRun
 from pipeline.baselines import BaselineScores, bm25_scores, random_scores
 from pipeline.config import JobConfig
 from pipeline.distill import center_sketches
-from pipeline.errors import ConfigError, InputDataError
+from pipeline.errors import ArtifactMissingError, ConfigError, InputDataError
 from pipeline.ray_runtime import ensure_ray
 from pipeline.report import blend_lead_text, teacher_notes, verdict, verdict_text
 from pipeline.textview import table_views
@@ -52,7 +52,7 @@ from pipeline.stages.shared_teacher import (
     teacher_ms_per_row,
     teacher_sketch_groups,
 )
-from pipeline.stages.shared_encode import fit_encoder_dir
+from pipeline.stages.shared_encode import encoded_codes, fit_encoder_dir
 
 log = logging.getLogger("influcoder.eval")
 
@@ -160,23 +160,11 @@ def _sketch_split(ctx: StageRun, role: str, center: Optional[np.ndarray]) -> tup
 def _stored_codes(ctx: StageRun, ids: list[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(positions in `ids`, float32 codes) of the eval rows whose codes the encode stage stored, or None
     when the table holds another encoder's codes than the finished encode stage recorded."""
-    from pipeline.codestore import CodeStore
-
-    job = ctx.job
-    store = CodeStore(job.lancedb_uri, job.encode.table)
-    spec = store.stored_spec()
-    recorded = (ctx.upstream.get("encode") or {}).get("encoder_fingerprint")
-    if spec is None or spec.encoder_fingerprint != recorded:
-        log.warning(
-            "eval: LanceDB table `%s` does not hold the codes the finished encode stage recorded (%s); "
-            "influcoder's rows are embedded here instead. Rerun `influcoder encode JOB.yaml` to evaluate the codes "
-            "that `score` ranks.",
-            job.encode.table,
-            recorded,
-        )
+    try:
+        store, _, snapshot = encoded_codes(ctx.job, ctx.upstream.get("encode") or {})
+    except (InputDataError, ArtifactMissingError) as e:
+        log.warning("eval: %s influcoder's rows are embedded here instead of read from the table.", e)
         return None
-    version = ((ctx.upstream.get("encode") or {}).get("lancedb") or {}).get("version")
-    snapshot = store.dataset().checkout_version(version) if version else None  # what score ranked
     found, codes = store.codes_of(ids, dataset=snapshot)
     position = {i: k for k, i in enumerate(ids)}
     return np.array([position[i] for i in found], dtype=np.int64), codes

@@ -66,7 +66,7 @@ from pipeline.schema import (
     TEXT,
     TOPK,
 )
-from pipeline.stages.shared_encode import encode_small, fit_encoder_path, split_output
+from pipeline.stages.shared_encode import encode_small, encoded_codes, fit_encoder_path, split_output
 from pipeline.stages.score_scan import choose_scan, scan_in_process, scan_on_workers
 from pipeline.stages.shared_teacher import (
     KNOWN_SKETCHES_FILE,
@@ -143,13 +143,7 @@ def run(ctx) -> None:
     ensure_ray(job.ray)  # before LanceDB starts its runtime threads: Ray forks helper processes
     gate = fidelity_gate(storage.join(ctx.upstream_dir("fit"), "metrics.json"))
     enc = ctx.upstream["encode"]
-    store = CodeStore(job.lancedb_uri, job.encode.table)
-    spec = store.check_spec()
-    if spec.encoder_fingerprint != enc.get("encoder_fingerprint"):
-        raise InputDataError(
-            f"LanceDB table `{job.encode.table}` holds codes of encoder {spec.encoder_fingerprint}, but the "
-            f"finished encode stage recorded {enc.get('encoder_fingerprint')}; rerun `influcoder encode JOB.yaml`."
-        )
+    store, spec, dataset = encoded_codes(job, enc)  # the snapshot the encode manifest describes
     model_dir = fit_encoder_path(job)  # the query-encoding actors open their node's copy
     # Queries in the codes' precision (a mismatch would skew scores silently); older encode
     # manifests without the record were made in float32.
@@ -158,8 +152,6 @@ def run(ctx) -> None:
     if queries.shape[1] != spec.dim:
         raise InputDataError(f"queries embed to dim {queries.shape[1]}, codes have dim {spec.dim}.")
 
-    version = (enc.get("lancedb") or {}).get("version") or store.version
-    dataset = store.dataset().checkout_version(version)  # the snapshot the encode manifest describes
     n_total = dataset.count_rows()
     use_ann = cfg.ann and store.has_vector_index()
     top_k = None if use_ann else cfg.top_k
@@ -196,7 +188,7 @@ def run(ctx) -> None:
         rows={"scored": scored, "queries": len(query_ids), "topk": topk_table.num_rows},
         lancedb={
             "table": job.encode.table,
-            "version": version,
+            "version": dataset.version,
             "code_dtype": spec.code_dtype,
             "encoder_fingerprint": spec.encoder_fingerprint,
         },

@@ -24,9 +24,9 @@ import pyarrow.compute as pc
 
 from pipeline import corpus, storage
 from pipeline.codes import numpy_dtype, quantize
-from pipeline.codestore import CODE_SCALE, code_array
+from pipeline.codestore import CODE_SCALE, CodeSpec, CodeStore, code_array
 from pipeline.config import JobConfig
-from pipeline.errors import ArtifactMissingError, StageError
+from pipeline.errors import ArtifactMissingError, InputDataError, StageError
 from pipeline.ray_runtime import stream_outputs
 from pipeline.schema import CODE, ID, ROW, SOURCE, split_by_reason
 from pipeline.stages.shared_teacher import actor_failure, failure_marker
@@ -365,3 +365,18 @@ def fit_encoder_dir(job: JobConfig) -> str:
     from pipeline.models import local_model_dir
 
     return local_model_dir(fit_encoder_path(job))
+
+
+def encoded_codes(job: JobConfig, encode_manifest: dict[str, Any]) -> tuple[CodeStore, CodeSpec, Any]:
+    """The codes table, its spec and the snapshot of it that the finished encode stage recorded: what
+    `score` ranks and eval reads. Fails when the table holds another encoder's codes than that stage's."""
+    store = CodeStore(job.lancedb_uri, job.encode.table)
+    spec = store.check_spec()
+    if spec.encoder_fingerprint != encode_manifest.get("encoder_fingerprint"):
+        raise InputDataError(
+            f"LanceDB table `{job.encode.table}` holds codes of encoder {spec.encoder_fingerprint}, but the "
+            f"finished encode stage recorded {encode_manifest.get('encoder_fingerprint')}; rerun "
+            f"`influcoder encode JOB.yaml`."
+        )
+    version = (encode_manifest.get("lancedb") or {}).get("version") or store.version
+    return store, spec, store.dataset().checkout_version(version)
