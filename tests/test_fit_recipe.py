@@ -429,3 +429,98 @@ def test_paired_recall_and_mrr_differences_resample_the_same_queries():
     itself = _paired_vs(ra, sa, ra, sa)
     assert all(itself[k] == 0.0 for k in itself if k.endswith("_diff"))
     assert all(itself[k] == [0.0, 0.0] for k in itself if k.endswith("_diff_ci"))
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def _split(rng, n: int, tag: str):
+    from pipeline.stages.fit_data import SplitRows
+
+    words = ["cats", "rain", "tax", "code", "music", "war", "bread", "sea", "law", "games"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(3, 9))) + f" {tag}{i}" for i in range(n)]
+    sketches = rng.standard_normal((n, 8)).astype(np.float32)
+    sketches /= np.linalg.norm(sketches, axis=1, keepdims=True)
+    return SplitRows([f"{tag}{i}" for i in range(n)], texts, texts, sketches)
+
+
+@pytest.mark.parametrize("recipe", ["blend", "restore_best"])
+def test_export_takes_the_workers_split_scores_and_reports_what_a_pass_here_gives(tmp_path, tiny_encoder_dir, recipe):
+    """The export reuses the split scores the worker kept for the start and the selected epoch
+    (fit_worker.PREDICTIONS, computed by the worker's own `evaluate_splits`) instead of embedding those
+    splits again, and reports what embedding them here gives: the same candidates, choice and held-out
+    figures, and the same exported encoder. Only interpolated weights are still embedded here."""
+    from safetensors.torch import save_file
+
+    from pipeline.config import load_job
+    from pipeline.encoder import TextEncoder
+    from pipeline.stages.fit import _choose_and_export
+    from pipeline.stages.fit_data import FitData
+    from pipeline.stages.fit_worker import evaluate_splits
+
+    rng = np.random.default_rng(0)
+    split = {
+        name: _split(rng, n, name) for name, n in [("ta", 4), ("tp", 6), ("ea", 5), ("ep", 9), ("va", 4), ("vp", 7)]
+    }
+    data = FitData(
+        split["ta"], split["tp"], split["ea"], split["ep"],
+        targets=split["ta"].sketches @ split["tp"].sketches.T,
+        ground_truth=split["ea"].sketches @ split["ep"].sketches.T,
+        val_anchors=split["va"], val_pool=split["vp"], val_truth=split["va"].sketches @ split["vp"].sketches.T,
+    )  # fmt: skip
+    fit = {"val_frac": 0.25, "blend": [0.3, 0.6]} if recipe == "blend" else {"val_frac": 0.25, "restore_best": True}
+    job = load_job(
+        data={
+            "run_dir": str(tmp_path / "run"),
+            "corpus": {"path": "unused"},
+            "anchors": {"path": "unused"},
+            "encoder": {"model": tiny_encoder_dir, "max_len": 32},
+            "fit": {"epochs": 2, **fit},
+        }
+    )
+    # A "trained" epoch: the starting weights moved by noise, as the worker would have checkpointed them.
+    enc = TextEncoder(tiny_encoder_dir, max_len=32)
+    torch.manual_seed(0)
+    tuned = {
+        k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in enc.model.state_dict().items()
+    }
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    kept: dict = {}
+    untrained = evaluate_splits(enc, data, 4, keep=kept)
+    kept = {f"0.{s}": p for s, p in kept.items()}
+    enc.model.load_state_dict(tuned)
+    last: dict = {}
+    epoch = evaluate_splits(enc, data, 4, keep=last)
+    kept.update({f"2.{s}": p for s, p in last.items()})
+    # With the blend recipe the epoch's recorded validation is put below every blend's, so that a blend is chosen.
+    epoch_val = -1.0 if recipe == "blend" else epoch["val_spearman_aggregated"]
+    history = {
+        "untrained": untrained,
+        "epochs": [{"epoch": 1}, {"epoch": 2, **epoch, "val_spearman_aggregated": epoch_val}],
+        "precision": enc.precision,
+    }
+
+    args = (job, data, tiny_encoder_dir, str(tmp_path / "tuned.safetensors"), history, 2)
+    reused = _choose_and_export(*args, str(tmp_path / "reused"), kept)
+    here = _choose_and_export(*args, str(tmp_path / "here"), None)
+    if recipe == "blend":
+        assert reused["blend"] in (0.3, 0.6) and reused["embedded_here"] == []
+        assert set(here["embedded_here"]) == {"w=0.00 val", "w=1.00 val", "w=0.00 heldout", "w=1.00 heldout"}
+    else:  # the interpolations are new weights: only those are embedded, and only on validation
+        assert sorted(reused["embedded_here"]) == ["w=0.25 val", "w=0.50 val", "w=0.75 val"]
+        assert len(here["embedded_here"]) == 5
+    assert (reused["weight"], reused["blend"]) == (here["weight"], here["blend"])
+    for a, b in zip(reused["candidates"], here["candidates"]):
+        assert a.keys() == b.keys() and a["validation"] == pytest.approx(b["validation"], abs=1e-6)
+    for key in ("spearman_aggregated", "spearman_per_anchor"):
+        assert reused["exported"][key] == pytest.approx(here["exported"][key], abs=1e-6)
+        np.testing.assert_allclose(reused["exported"][f"{key}_ci"], here["exported"][f"{key}_ci"], atol=1e-6)
+    for key, value in here["exported"]["vs_untrained"].items():
+        np.testing.assert_allclose(reused["exported"]["vs_untrained"][key], value, atol=1e-6, err_msg=key)
+    # Both folders hold the same encoder.
+    texts = [*data.eval_anchors.texts, *data.eval_pool.texts]
+    a, b = (TextEncoder(str(tmp_path / d), max_len=32).embed(texts) for d in ("reused", "here"))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # A worker that embedded in another precision: its scores are not reused.
+    other = _choose_and_export(*args[:4], {**history, "precision": "bfloat16"}, 2, str(tmp_path / "o"), kept)
+    assert len(other["embedded_here"]) == len(here["embedded_here"])

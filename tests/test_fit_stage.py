@@ -185,6 +185,9 @@ def test_fit_outputs_and_resume(resumed_fit):
     # Each epoch once, in order, although epoch 2 was interrupted: the run resumed from epoch 1.
     assert [e["epoch"] for e in m["epochs"]] == list(range(1, EPOCHS + 1))
     assert m["resumed_from_epochs"] == [1]
+    # The export embedded nothing itself: the starting encoder's held-out scores, kept by the first
+    # attempt's worker, came through the resume in the checkpoint (fit_worker.PREDICTIONS).
+    assert m["timings"]["export_passes"] == []
     assert m["selected_epoch"] == EPOCHS and m["restore_best"] is False
     assert m["splits"] == SIZES
     assert set(m["truncated"]) == {"max_len", *SIZES} and m["truncated"]["max_len"] == 64

@@ -160,7 +160,14 @@ def run(ctx: StageRun) -> None:
         # Epoch 0 is the starting encoder itself: no weights file, the model folder is the export.
         weights = None if selected == 0 else os.path.join(ckpt_dir, BEST_WEIGHTS if fit.restore_best else WEIGHTS)
         choice = _choose_and_export(
-            job, data, model_dir, weights, history, selected, storage.join(ctx.out_dir, "encoder")
+            job,
+            data,
+            model_dir,
+            weights,
+            history,
+            selected,
+            storage.join(ctx.out_dir, "encoder"),
+            fit_worker.load_predictions(ckpt_dir),
         )
     export_s = time.perf_counter() - t2
 
@@ -180,7 +187,13 @@ def run(ctx: StageRun) -> None:
         "truncated": truncated,
         "eval_texts_seen_in_train": leaked,
         "workers": {"num_workers": plan.num_actors, "use_gpu": plan.use_gpu, "cpus_per_worker": cpus_per_worker},
-        "timings": {"setup_s": round(setup_s, 3), "train_s": round(train_s, 3), "export_s": round(export_s, 3)},
+        "timings": {
+            "setup_s": round(setup_s, 3),
+            "train_s": round(train_s, 3),
+            "export_s": round(export_s, 3),
+            # The split passes the export ran itself (the worker's kept scores served the rest).
+            "export_passes": choice["embedded_here"],
+        },
     }
     metrics["teacher_center"] = write_teacher_center(ctx.out_dir, data.teacher_center, sizes["train_pool"])
     storage.write_json_atomic(storage.join(ctx.out_dir, "metrics.json"), metrics)
@@ -241,7 +254,14 @@ def _ci_text(ci: Optional[list[float]]) -> str:
 
 
 def _choose_and_export(
-    job, data: FitData, model_dir: str, weights: Optional[str], history: dict[str, Any], selected: int, out_dir: str
+    job,
+    data: FitData,
+    model_dir: str,
+    weights: Optional[str],
+    history: dict[str, Any],
+    selected: int,
+    out_dir: str,
+    kept: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Pick the exported weights on validation and export them; report the held-out figures with CIs.
 
@@ -252,47 +272,48 @@ def _choose_and_export(
     blends of the selected epoch with the starting encoder, (1 - b) * distilled + b * plain cosine
     (`pipeline.encoder`): their validation scores are mixes of two predictions, computed once.
     Only the validation split chooses; the held-out split is then measured once, on the exported
-    encoder.
+    encoder. `kept`: the worker's split scores (`fit_worker.PREDICTIONS`), used for the start and the
+    selected epoch instead of embedding their splits again.
     """
     import torch
     from safetensors.torch import load_file
 
     from pipeline.encoder import TextEncoder
     from pipeline.metrics import fidelity_difference, spearman_with_ci
-    from pipeline.stages.fit_worker import encoder_scores
 
     fit = job.fit
     enc = TextEncoder(model_dir, max_len=job.encoder.max_len, trust_remote_code=job.encoder.trust_remote_code)
     start = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
+    tuned = load_file(weights) if weights else start
+    scores = SplitScores(enc, start, tuned, data, fit.embed_batch_size, selected, kept, history.get("precision"))
     key = "val_spearman_aggregated" if fit.select_best_on == "aggregated" else "val_spearman_per_anchor"
     best_record = (
         history["untrained"] if selected == 0 else next(e for e in history["epochs"] if e["epoch"] == selected)
     )
     candidates = [{"weight": 1.0, "validation": best_record.get(key)}]
-    tuned = load_file(weights) if weights else start
     if weights and fit.restore_best and data.val_anchors is not None:
         candidates.append({"weight": 0.0, "validation": history["untrained"][key]})
         for w in sorted(fit.interpolate, reverse=True):
-            _load_mix(enc, start, tuned, w)
-            pred = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
-            candidates.append({"weight": w, "validation": _validation_score(pred, data, fit)})
+            candidates.append({"weight": w, "validation": _validation_score(scores.of(w, "val"), data, fit)})
     if weights and fit.blend and data.val_anchors is not None:
-        candidates += _blend_candidates(enc, start, tuned, data, fit, job.seed)
+        candidates += _blend_candidates(scores, data, fit, job.seed)
     # Ties go to the earlier candidate: the selected epoch, then the start, then larger weights, then blends.
     chosen = max(candidates, key=lambda c: c["validation"] if c["validation"] is not None else -2.0)
     blend = chosen.get("blend", 0.0)
-    with torch.inference_mode():
-        _load_mix(enc, start, tuned, 0.0)
-        start_pred = encoder_scores(enc, data.eval_anchors, data.eval_pool, fit.embed_batch_size)
-        if blend:
-            enc.blend_with(copy.deepcopy(enc.model), blend)  # the starting weights, kept beside the tuned ones
-        _load_mix(enc, start, tuned, chosen["weight"])
-        pred = encoder_scores(enc, data.eval_anchors, data.eval_pool, fit.embed_batch_size)
+    start_pred = scores.of(0.0, "heldout")
+    pred = scores.of(chosen["weight"], "heldout")
+    if blend:  # what the blended export's codes give: (1 - b) * distilled + b * plain cosine (blend_codes)
+        pred = (1.0 - blend) * pred + blend * start_pred
     exported = spearman_with_ci(pred, data.ground_truth, seed=job.seed)
     exported["validation"] = chosen["validation"]
     # Paired on the same resampled held-out anchors and pool rows: whether distillation moved the
     # encoder toward the teacher beyond the noise of the split (the two marginal CIs overlap widely).
     exported["vs_untrained"] = fidelity_difference(pred, start_pred, data.ground_truth, seed=job.seed)
+    with torch.inference_mode():
+        _load_mix(enc, start, tuned, 0.0)
+        if blend:
+            enc.blend_with(copy.deepcopy(enc.model), blend)  # the starting weights, kept beside the tuned ones
+        _load_mix(enc, start, tuned, chosen["weight"])
     _save_encoder(enc, out_dir)
     return {
         "weight": chosen["weight"],
@@ -301,23 +322,49 @@ def _choose_and_export(
         "exported": exported,
         "blend_gain": chosen.get("gain"),
         "blend_gain_ci": chosen.get("gain_ci"),
+        "embedded_here": scores.embedded,
     }
 
 
-def _blend_candidates(enc, start: dict, tuned: dict, data: FitData, fit, seed: int) -> list[dict[str, Any]]:
+class SplitScores:
+    """Encoder cosines of the validation (`val`) or held-out (`heldout`) split for the export candidate
+    (1 - w) * start + w * tuned. The start (w = 0) and the selected epoch (w = 1) take the scores the
+    worker kept for them (the same weights, embedded in the same precision: `kept` keys
+    `{epoch}.{split}`); any other candidate, or a split the worker did not keep, is embedded here."""
+
+    def __init__(self, enc, start, tuned, data: FitData, batch_size: int, selected: int, kept, precision):
+        self.enc, self.start, self.tuned, self.data, self.batch_size = enc, start, tuned, data, batch_size
+        self.selected = selected
+        self.kept = dict(kept or {}) if precision == enc.precision else {}
+        self.embedded: list[str] = []  # what had to be embedded here, e.g. ["w=1.00 heldout"]
+
+    def of(self, weight: float, split: str):
+        import torch
+
+        from pipeline.stages.fit_worker import encoder_scores
+
+        epoch = {0.0: 0, 1.0: self.selected}.get(weight)
+        key = f"{epoch}.{split}"
+        if epoch is not None and key in self.kept:
+            return self.kept[key]
+        d = self.data
+        anchors, pool = (d.val_anchors, d.val_pool) if split == "val" else (d.eval_anchors, d.eval_pool)
+        with torch.inference_mode():
+            _load_mix(self.enc, self.start, self.tuned, weight)
+            pred = encoder_scores(self.enc, anchors, pool, self.batch_size)
+        if epoch is not None:
+            self.kept[key] = pred
+        self.embedded.append(f"w={weight:.2f} {split}")
+        return pred
+
+
+def _blend_candidates(scores: SplitScores, data: FitData, fit, seed: int) -> list[dict[str, Any]]:
     """Validation scores of (1 - b) * selected + b * starting encoder's cosines, b in `fit.blend`, each
     with its paired bootstrap gain over the selected (distilled) encoder alone: whether a blend's lead is
     beyond the noise of the validation split (it is chosen on its point score)."""
-    import torch
-
     from pipeline.metrics import fidelity_replicates, paired_difference
-    from pipeline.stages.fit_worker import encoder_scores
 
-    with torch.inference_mode():
-        _load_mix(enc, start, tuned, 0.0)
-        plain = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
-        _load_mix(enc, start, tuned, 1.0)
-        distilled = encoder_scores(enc, data.val_anchors, data.val_pool, fit.embed_batch_size)
+    plain, distilled = scores.of(0.0, "val"), scores.of(1.0, "val")
     # The distilled encoder's score and bootstrap replicates, once: every blend is paired with them.
     which = 0 if fit.select_best_on == "aggregated" else 1  # fidelity_replicates: (aggregated, per-anchor)
     alone = _validation_score(distilled, data, fit)

@@ -2,9 +2,10 @@
 
 Every worker runs `train_loop` (DDP over anchor blocks). Rank 0 evaluates the validation and the
 held-out splits and writes a checkpoint after every epoch: weights as safetensors, optimiser/scheduler
-state (`torch.load(weights_only=True)` on resume: no pickle), the metric history and, with
-`restore_best`, the weights of the best epoch on validation (epoch 0, the starting encoder, is a
-candidate). Dropout (when enabled) is reseeded per (seed, epoch, rank), so a resumed epoch replays exactly.
+state (`torch.load(weights_only=True)` on resume: no pickle), the metric history, with
+`restore_best` the weights of the best epoch on validation (epoch 0, the starting encoder, is a
+candidate), and the split scores of the epochs the export may pick (`PREDICTIONS`), which the driver
+reuses instead of embedding those splits again. Dropout (when enabled) is reseeded per (seed, epoch, rank), so a resumed epoch replays exactly.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"
+# Encoder cosines of the validation and held-out splits, keyed `{epoch}.{split}` (split: `val`,
+# `heldout`), for epoch 0 (the starting encoder), the last epoch and, with restore_best, the best one.
+PREDICTIONS = "predictions.safetensors"
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -89,16 +93,22 @@ def train_loop(config: dict[str, Any]) -> None:
         "best_score": None,
     }
     best_state = None
+    predictions: dict[str, np.ndarray] = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             history, best_state = _load_checkpoint(ckpt_dir, enc, optimizer, scheduler, fit.restore_best)
+            predictions = load_predictions(ckpt_dir)
         history["resumed_from_epochs"].append(len(history["epochs"]))
+    # The driver reuses these split scores only if it embeds in the same precision.
+    history["precision"] = enc.precision
     model = ray.train.torch.prepare_model(enc)  # DDP when world > 1; weights broadcast from rank 0
 
     select_key = "val_" + ("spearman_aggregated" if fit.select_best_on == "aggregated" else "spearman_per_anchor")
     if history["untrained"] is None:  # epoch 0: the starting encoder, a candidate for export
-        untrained = evaluate_splits(enc, data, fit.embed_batch_size) if rank == 0 else {}
+        kept: dict[str, np.ndarray] = {}
+        untrained = evaluate_splits(enc, data, fit.embed_batch_size, keep=kept) if rank == 0 else {}
+        predictions.update({f"0.{split}": pred for split, pred in kept.items()})
         history["untrained"] = untrained or None
         if fit.restore_best and rank == 0:
             history["best_epoch"], history["best_score"] = 0, untrained[select_key]
@@ -138,7 +148,8 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report({"epoch": epoch, "loss": epoch_loss})
             continue
         t1 = time.perf_counter()
-        scores = evaluate_splits(enc, data, fit.embed_batch_size, heldout=fit.heldout_every_epoch)
+        kept = {}
+        scores = evaluate_splits(enc, data, fit.embed_batch_size, heldout=fit.heldout_every_epoch, keep=kept)
         record = {
             "epoch": epoch,
             "loss": epoch_loss,
@@ -152,8 +163,12 @@ def train_loop(config: dict[str, Any]) -> None:
         if fit.restore_best and (history["best_score"] is None or record[select_key] > history["best_score"]):
             history["best_epoch"], history["best_score"] = epoch, record[select_key]
             best_state = _cpu_state(enc)
+        # Kept: the start, this (so far the last) epoch and the best one; no other epoch is ever exported.
+        keep_epochs = {0, epoch, history["best_epoch"]}
+        predictions = {k: v for k, v in predictions.items() if int(k.split(".")[0]) in keep_epochs}
+        predictions.update({f"{epoch}.{split}": pred for split, pred in kept.items()})
         with tempfile.TemporaryDirectory() as tmp:
-            _save_checkpoint(tmp, enc, optimizer, scheduler, history, best_state)
+            _save_checkpoint(tmp, enc, optimizer, scheduler, history, best_state, predictions)
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         _tell_driver(config.get("progress"), {**record, "epochs": fit.epochs})
 
@@ -201,9 +216,12 @@ def encoder_scores(enc, anchors, pool, batch_size: int):
     return enc.embed(anchors.views, batch_size=batch_size) @ enc.embed(pool.views, batch_size=batch_size).T
 
 
-def evaluate_splits(enc, data: FitData, batch_size: int, heldout: bool = True) -> dict[str, float]:
+def evaluate_splits(
+    enc, data: FitData, batch_size: int, heldout: bool = True, keep: Optional[dict[str, np.ndarray]] = None
+) -> dict[str, float]:
     """Spearman of the encoder cosine against the teacher on the held-out eval split (reported, never
-    chosen on) and, when there is one, the validation split (keys prefixed `val_`: what choices use)."""
+    chosen on) and, when there is one, the validation split (keys prefixed `val_`: what choices use).
+    `keep`, where given, receives each split's encoder cosines under `heldout` and `val`."""
     from pipeline.metrics import spearman_aggregated, spearman_per_anchor
 
     out: dict[str, float] = {}
@@ -213,6 +231,8 @@ def evaluate_splits(enc, data: FitData, batch_size: int, heldout: bool = True) -
     for prefix, anchors, pool, truth in splits:
         pred = encoder_scores(enc, anchors, pool, batch_size)
         assert pred.shape == truth.shape  # that split's anchors x pool, nothing else
+        if keep is not None:
+            keep["val" if prefix else "heldout"] = pred
         mean, std = spearman_per_anchor(pred, truth)
         out.update(
             {
@@ -238,13 +258,20 @@ def _cpu_state(enc) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in enc.model.state_dict().items()}
 
 
-def _save_checkpoint(ckpt_dir: str, enc, optimizer, scheduler, history: dict, best_state: Optional[dict]) -> None:
-    """Weights as safetensors; optimiser/scheduler state via torch.save (our own transient state,
-    read back with weights_only=True); the metric history as JSON."""
+def _save_checkpoint(
+    ckpt_dir: str, enc, optimizer, scheduler, history: dict, best_state: Optional[dict], predictions: dict
+) -> None:
+    """Weights and split scores as safetensors; optimiser/scheduler state via torch.save (our own
+    transient state, read back with weights_only=True); the metric history as JSON."""
     import torch
+    from safetensors.numpy import save_file as save_arrays
     from safetensors.torch import save_file
 
     save_file(_cpu_state(enc), os.path.join(ckpt_dir, WEIGHTS))
+    save_arrays(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in predictions.items()},
+        os.path.join(ckpt_dir, PREDICTIONS),
+    )
     if best_state is not None:
         save_file(best_state, os.path.join(ckpt_dir, BEST_WEIGHTS))
     torch.save(
@@ -267,3 +294,11 @@ def _load_checkpoint(ckpt_dir: str, enc, optimizer, scheduler, restore_best: boo
     best_path = os.path.join(ckpt_dir, BEST_WEIGHTS)
     best = load_file(best_path) if restore_best and os.path.exists(best_path) else None
     return history, best
+
+
+def load_predictions(ckpt_dir: str) -> dict[str, np.ndarray]:
+    """A checkpoint's kept split scores (`PREDICTIONS`); empty for a checkpoint without them."""
+    from safetensors.numpy import load_file
+
+    path = os.path.join(ckpt_dir, PREDICTIONS)
+    return load_file(path) if os.path.exists(path) else {}
