@@ -129,6 +129,11 @@ def test_whole_job_end_to_end(tiny_run, capsys, tmp_path, ray_local):
     assert influ["stored_codes"]["rows"] == len(labels) and influ["stored_codes"]["embedded_here"] == 0
     assert influ["stored_codes"]["checked"] == timed and influ["stored_codes"]["min_cosine"] > 0.999
     assert 0 < influ["stored_codes"]["max_abs_diff"] < 1e-3  # float16 rounding, nothing more
+    # influcoder's held-out fidelity is computed from the scores fit measured its export by
+    # (fit/heldout_scores.parquet), so eval's figures are fit's; the plain encoder embeds its own.
+    assert influ["heldout_scores"] == "fit" and metrics["methods"]["untrained_encoder"]["heldout_scores"] == "embedded"
+    for key in ("spearman_aggregated", "spearman_aggregated_ci", "spearman_per_anchor"):
+        assert influ["heldout"][key] == pytest.approx(fit["exported"][key], abs=1e-9), key
     # The gradient method is the teacher itself: its held-out ranking is the ground truth.
     assert metrics["methods"]["gradient"]["heldout"]["spearman_aggregated"] == pytest.approx(1.0)
     assert metrics["leakage"] == {k: 0 for k in metrics["leakage"]}

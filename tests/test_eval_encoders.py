@@ -129,3 +129,32 @@ def test_embed_rows_uses_the_stored_codes_and_embeds_the_rest(tmp_path, tiny_enc
     plain = embed_rows(passes, tiny_encoder_dir, queries, rows, (anchors, pool))  # no table: every row fresh
     assert plain.stored_check is None and plain.ms_per_row > 0
     np.testing.assert_allclose(plain.rows, TextEncoder(tiny_encoder_dir, max_len=MAX_LEN).embed(rows), atol=1e-5)
+    np.testing.assert_allclose(plain.heldout[1], TextEncoder(tiny_encoder_dir, max_len=MAX_LEN).embed(pool), atol=1e-5)
+
+    # Without held-out inputs (influcoder's come from fit) no held-out pass runs.
+    before = passes.passes_run
+    again = embed_rows(passes, tiny_encoder_dir, queries, rows[:40], None)
+    assert again.heldout is None and again.rows.shape == (40, plain.rows.shape[1])
+    assert passes.passes_run - before == 2  # the timed rows and the rest: queries and held-out are cached or absent
+
+
+def test_fit_heldout_scores_are_read_in_evals_order_or_refused_with_the_reason(tmp_path):
+    """fit/heldout_scores.parquet round-trips into whatever id order eval holds, and is refused (None and
+    why) when missing, in another precision, or of other rows, so that eval embeds the split itself."""
+    from pipeline.stages.fit_data import HELDOUT_SCORES_FILE, read_heldout_scores, write_heldout_scores
+
+    rng = np.random.default_rng(0)
+    a_ids, p_ids = [f"a{i}" for i in range(5)], [f"p{i}" for i in range(7)]
+    scores = rng.standard_normal((5, 7)).astype(np.float32)
+    assert read_heldout_scores(str(tmp_path), a_ids, p_ids, "float32")[0] is None  # no file yet
+    write_heldout_scores(str(tmp_path), scores, a_ids, p_ids, "float32")
+    assert (tmp_path / HELDOUT_SCORES_FILE).exists()
+    a_order, p_order = rng.permutation(5), rng.permutation(7)
+    got, why = read_heldout_scores(str(tmp_path), [a_ids[i] for i in a_order], [p_ids[i] for i in p_order], "float32")
+    assert why == ""
+    np.testing.assert_array_equal(got, scores[np.ix_(a_order, p_order)])
+    got, why = read_heldout_scores(str(tmp_path), a_ids, p_ids, "bfloat16")
+    assert got is None and "float32" in why and "bfloat16" in why
+    for other_a, other_p in ((a_ids[:4], p_ids), (a_ids, [*p_ids, "p7"]), (a_ids[:4] + ["x"], p_ids)):
+        got, why = read_heldout_scores(str(tmp_path), other_a, other_p, "float32")
+        assert got is None and "not the sketch's held-out split" in why

@@ -329,6 +329,7 @@ def run(ctx: StageRun) -> None:
     from pipeline.models import resolve_encoder
     from pipeline.report import write_report
     from pipeline.stages.eval_encoders import EncoderPasses, embed_rows  # torch: imported when eval runs
+    from pipeline.stages.fit_data import read_heldout_scores
 
     job = ctx.job
     ensure_ray(job.ray)
@@ -422,14 +423,23 @@ def run(ctx: StageRun) -> None:
     # encode stored (what `score` ranks); its sample is also embedded here, which times it and checks the
     # stored codes against a fresh pass.
     stored_codes = _stored_codes(ctx, ids) if "influcoder" in methods else None
+    # influcoder's held-out scores are the ones fit measured its export by (the same encoder, inputs and
+    # precision), so eval's held-out figures are fit's; a pass here only where they cannot be used.
+    fit_heldout, why = (
+        read_heldout_scores(ctx.upstream_dir("fit"), a_ids, p_ids, precision) if "influcoder" in methods else (None, "")
+    )
+    if why:
+        log.info("eval: embedding the held-out split for influcoder: %s", why)
     for name, model_dir, q_in, r_in, a_in, p_in in encoders:
         if name not in methods and name != "untrained_encoder_prefixed":
             continue
         t0 = time.perf_counter()
         known = stored_codes if name == "influcoder" else None
-        emb = embed_rows(passes, model_dir, q_in, r_in, (a_in, p_in), plain_dir=plain_dir, stored=known)
+        reuse = name == "influcoder" and fit_heldout is not None
+        held_in = None if reuse else (a_in, p_in)
+        emb = embed_rows(passes, model_dir, q_in, r_in, held_in, plain_dir=plain_dir, stored=known)
         per_query[name] = emb.queries @ emb.rows.T
-        heldout_pred[name] = emb.heldout[0] @ emb.heldout[1].T
+        heldout_pred[name] = fit_heldout if reuse else emb.heldout[0] @ emb.heldout[1].T
         # influcoder's codes are what encode stored; a plain encoder's would be float16 of its own width
         # (a blended influcoder export is twice as wide as the plain encoder it started from).
         stored_bytes = (ctx.upstream.get("encode") or {}).get("bytes_per_row") if name == "influcoder" else None
@@ -441,6 +451,7 @@ def run(ctx: StageRun) -> None:
             "seconds": time.perf_counter() - t0,
             "precision": precision,
             "timed_rows": emb.timed_rows,
+            "heldout_scores": "fit" if reuse else "embedded",
         }
         if emb.stored_check is not None:
             results[name]["stored_codes"] = emb.stored_check

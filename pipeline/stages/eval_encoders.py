@@ -154,8 +154,8 @@ class RowEmbeddings:
     queries: np.ndarray
     rows: np.ndarray
     """[rows, dim], in input order: the stored codes where given, a fresh pass elsewhere."""
-    heldout: tuple[np.ndarray, np.ndarray]
-    """(held-out anchors, held-out pool)."""
+    heldout: Optional[tuple[np.ndarray, np.ndarray]]
+    """(held-out anchors, held-out pool); None where no held-out inputs were given."""
     ms_per_row: float
     """ms per row of the timed sample (`timing_sample`)."""
     load_s: float
@@ -170,19 +170,21 @@ def embed_rows(
     model_dir: str,
     queries: Sequence[EncoderInput],
     rows: Sequence[EncoderInput],
-    heldout: Pair,
+    heldout: Optional[Pair],
     plain_dir: Optional[str] = None,
     stored: Optional[tuple[np.ndarray, np.ndarray]] = None,
 ) -> RowEmbeddings:
-    """The encoder in `model_dir` on eval's inputs, timed on `timing_sample` of `rows`. `stored`:
-    (positions in `rows`, their float32 codes) read from the codes table, used for those rows instead
-    of a fresh pass; the timed rows are embedded anyway, which checks the stored codes."""
+    """The encoder in `model_dir` on eval's inputs (`heldout` None: not the held-out split), timed on
+    `timing_sample` of `rows`. `stored`: (positions in `rows`, their float32 codes) read from the codes
+    table, used for those rows instead of a fresh pass; the timed rows are embedded anyway, which
+    checks the stored codes."""
     timed = timing_sample(passes.token_lengths(model_dir, rows))
     known, codes = stored if stored is not None else (np.zeros(0, np.int64), None)
     rest = np.setdiff1d(np.arange(len(rows)), np.union1d(timed, known))
-    pairs = [(queries, [rows[i] for i in timed]), (queries, [rows[i] for i in rest]), heldout]
-    emb = passes.method(model_dir, pairs, plain_dir=plain_dir)
-    (q, timed_codes), (_, rest_codes), held = emb.pairs
+    pairs = [(queries, [rows[i] for i in timed]), (queries, [rows[i] for i in rest])]
+    emb = passes.method(model_dir, pairs + ([heldout] if heldout is not None else []), plain_dir=plain_dir)
+    (q, timed_codes), (_, rest_codes) = emb.pairs[:2]
+    held = emb.pairs[2] if heldout is not None else None
     out = np.empty((len(rows), emb.dim), np.float32)
     out[timed], out[rest] = timed_codes, rest_codes  # every row not in `known` is in one of the two
     check = None

@@ -11,11 +11,14 @@ held-out eval split (eval anchors x eval pool) after every epoch, and writes:
   candidates compared on validation and the one exported (`exported`: its held-out Spearman with
   bootstrap 95 % CIs, beside the starting encoder's), split sizes, timings, truncation counts;
 - `fit/curves.png`: loss and Spearman by epoch, the untrained level as a horizontal line;
+- `fit/heldout_scores.parquet`: the exported encoder's cosine of every held-out anchor x pool row
+  (`anchor_id`, `pool_id`, `score`; its precision in the schema metadata): eval's influcoder
+  held-out fidelity is computed from them, without embedding the split again;
 - `fit/teacher_center.json` (only with `fit.center_teacher`): the mean train-pool sketch that every
   influence cosine removes first (fit's targets and truth here; eval and the score cascade read it).
 
 Crash recovery: every epoch ends with a Ray Train checkpoint (weights as safetensors, optimiser and
-scheduler state, the metric history; dropout is reseeded per (seed, epoch, rank)) under the stage's work dir. A worker failure
+scheduler state, the metric history, the split scores the export reuses; dropout is reseeded per (seed, epoch, rank)) under the stage's work dir. A worker failure
 restarts the worker group from the latest checkpoint (`fit.max_failures`), and a rerun of a killed
 driver resumes the same run, because the run name and storage path are keyed by the stage identity.
 
@@ -42,7 +45,7 @@ from pipeline.config import JobConfig, to_dict
 from pipeline.errors import ConfigError, StageError
 from pipeline.report import blend_lead_text
 from pipeline.models import resolve_encoder
-from pipeline.stages.fit_data import FitData, load_fit_data, texts_from_inputs
+from pipeline.stages.fit_data import FitData, load_fit_data, texts_from_inputs, write_heldout_scores
 from pipeline.stages import fit_worker
 from pipeline.stages.fit_worker import BEST_WEIGHTS, HISTORY, WEIGHTS
 from pipeline.stages.shared_teacher import write_teacher_center
@@ -196,6 +199,9 @@ def run(ctx: StageRun) -> None:
         },
     }
     metrics["teacher_center"] = write_teacher_center(ctx.out_dir, data.teacher_center, sizes["train_pool"])
+    write_heldout_scores(
+        ctx.out_dir, choice["heldout_scores"], data.eval_anchors.ids, data.eval_pool.ids, choice["precision"]
+    )
     storage.write_json_atomic(storage.join(ctx.out_dir, "metrics.json"), metrics)
     _plot_curves(metrics, storage.join(ctx.out_dir, "curves.png"))
     exported = choice["exported"]
@@ -323,6 +329,8 @@ def _choose_and_export(
         "blend_gain": chosen.get("gain"),
         "blend_gain_ci": chosen.get("gain_ci"),
         "embedded_here": scores.embedded,
+        "heldout_scores": pred,
+        "precision": enc.precision,
     }
 
 
