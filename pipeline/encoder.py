@@ -135,6 +135,12 @@ class TextEncoder(torch.nn.Module):
         """The precision `embed` runs in: `bfloat16` (autocast) or `float32`."""
         return precision_name(self.autocast_dtype)
 
+    @property
+    def compute(self) -> str:
+        """Where and how `embed` computes, e.g. `float32 on cpu`: scores computed under the same
+        `compute` are interchangeable (fit's export and eval reuse the ones already computed)."""
+        return f"{self.precision} on {self.device_.type}"
+
     def fingerprint(self) -> str:
         return model_fingerprint(self.model_dir)
 

@@ -146,15 +146,17 @@ def test_fit_heldout_scores_are_read_in_evals_order_or_refused_with_the_reason(t
     rng = np.random.default_rng(0)
     a_ids, p_ids = [f"a{i}" for i in range(5)], [f"p{i}" for i in range(7)]
     scores = rng.standard_normal((5, 7)).astype(np.float32)
-    assert read_heldout_scores(str(tmp_path), a_ids, p_ids, "float32")[0] is None  # no file yet
-    write_heldout_scores(str(tmp_path), scores, a_ids, p_ids, "float32")
+    cpu = "float32 on cpu"
+    assert read_heldout_scores(str(tmp_path), a_ids, p_ids, cpu)[0] is None  # no file yet
+    write_heldout_scores(str(tmp_path), scores, a_ids, p_ids, cpu)
     assert (tmp_path / HELDOUT_SCORES_FILE).exists()
     a_order, p_order = rng.permutation(5), rng.permutation(7)
-    got, why = read_heldout_scores(str(tmp_path), [a_ids[i] for i in a_order], [p_ids[i] for i in p_order], "float32")
+    got, why = read_heldout_scores(str(tmp_path), [a_ids[i] for i in a_order], [p_ids[i] for i in p_order], cpu)
     assert why == ""
     np.testing.assert_array_equal(got, scores[np.ix_(a_order, p_order)])
-    got, why = read_heldout_scores(str(tmp_path), a_ids, p_ids, "bfloat16")
-    assert got is None and "float32" in why and "bfloat16" in why
+    for other in ("bfloat16 on cpu", "float32 on cuda"):
+        got, why = read_heldout_scores(str(tmp_path), a_ids, p_ids, other)
+        assert got is None and cpu in why and other in why
     for other_a, other_p in ((a_ids[:4], p_ids), (a_ids, [*p_ids, "p7"]), (a_ids[:4] + ["x"], p_ids)):
-        got, why = read_heldout_scores(str(tmp_path), other_a, other_p, "float32")
+        got, why = read_heldout_scores(str(tmp_path), other_a, other_p, cpu)
         assert got is None and "not the sketch's held-out split" in why

@@ -492,12 +492,14 @@ def test_export_takes_the_workers_split_scores_and_reports_what_a_pass_here_give
     last: dict = {}
     epoch = evaluate_splits(enc, data, 4, keep=last)
     kept.update({f"2.{s}": p for s, p in last.items()})
-    # With the blend recipe the epoch's recorded validation is put below every blend's, so that a blend is chosen.
-    epoch_val = -1.0 if recipe == "blend" else epoch["val_spearman_aggregated"]
+    # The choice is forced, so that each recipe's path is the one tested: with the blend recipe the
+    # epoch's recorded validation is put below every blend's (a blend is chosen), with restore_best above
+    # every interpolation's (the selected epoch is exported, w = 1).
+    epoch_val = -1.0 if recipe == "blend" else 2.0
     history = {
         "untrained": untrained,
         "epochs": [{"epoch": 1}, {"epoch": 2, **epoch, "val_spearman_aggregated": epoch_val}],
-        "precision": enc.precision,
+        "compute": enc.compute,
     }
 
     args = (job, data, tiny_encoder_dir, str(tmp_path / "tuned.safetensors"), history, 2)
@@ -507,8 +509,9 @@ def test_export_takes_the_workers_split_scores_and_reports_what_a_pass_here_give
         assert reused["blend"] in (0.3, 0.6) and reused["embedded_here"] == []
         assert set(here["embedded_here"]) == {"w=0.00 val", "w=1.00 val", "w=0.00 heldout", "w=1.00 heldout"}
     else:  # the interpolations are new weights: only those are embedded, and only on validation
+        assert reused["weight"] == 1.0 and reused["blend"] == 0.0
         assert sorted(reused["embedded_here"]) == ["w=0.25 val", "w=0.50 val", "w=0.75 val"]
-        assert len(here["embedded_here"]) == 5
+        assert sorted(here["embedded_here"]) == sorted(reused["embedded_here"] + ["w=0.00 heldout", "w=1.00 heldout"])
     assert (reused["weight"], reused["blend"]) == (here["weight"], here["blend"])
     for a, b in zip(reused["candidates"], here["candidates"]):
         assert a.keys() == b.keys() and a["validation"] == pytest.approx(b["validation"], abs=1e-6)
@@ -521,6 +524,6 @@ def test_export_takes_the_workers_split_scores_and_reports_what_a_pass_here_give
     texts = [*data.eval_anchors.texts, *data.eval_pool.texts]
     a, b = (TextEncoder(str(tmp_path / d), max_len=32).embed(texts) for d in ("reused", "here"))
     np.testing.assert_allclose(a, b, atol=1e-6)
-    # A worker that embedded in another precision: its scores are not reused.
-    other = _choose_and_export(*args[:4], {**history, "precision": "bfloat16"}, 2, str(tmp_path / "o"), kept)
+    # A worker that embedded otherwise (another precision or device): its scores are not reused.
+    other = _choose_and_export(*args[:4], {**history, "compute": "bfloat16 on cuda"}, 2, str(tmp_path / "o"), kept)
     assert len(other["embedded_here"]) == len(here["embedded_here"])

@@ -426,7 +426,9 @@ def run(ctx: StageRun) -> None:
     # influcoder's held-out scores are the ones fit measured its export by (the same encoder, inputs and
     # precision), so eval's held-out figures are fit's; a pass here only where they cannot be used.
     fit_heldout, why = (
-        read_heldout_scores(ctx.upstream_dir("fit"), a_ids, p_ids, precision) if "influcoder" in methods else (None, "")
+        read_heldout_scores(ctx.upstream_dir("fit"), a_ids, p_ids, passes.compute(fit_dir))
+        if "influcoder" in methods
+        else (None, "")
     )
     if why:
         log.info("eval: embedding the held-out split for influcoder: %s", why)

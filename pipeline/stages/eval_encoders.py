@@ -100,6 +100,10 @@ class EncoderPasses:
             self._encoders[model_dir] = enc
         return self._encoders[model_dir]
 
+    def compute(self, model_dir: str) -> str:
+        """How the encoder in `model_dir` embeds here (`TextEncoder.compute`)."""
+        return self._load(model_dir).compute
+
     def token_lengths(self, model_dir: str, inputs: Sequence[EncoderInput]) -> list[int]:
         """Tokens per input as the encoder in `model_dir` cuts them (what its passes sort and pad by)."""
         features, _ = self._load(model_dir).features(list(inputs))

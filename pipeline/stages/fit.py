@@ -12,13 +12,14 @@ held-out eval split (eval anchors x eval pool) after every epoch, and writes:
   bootstrap 95 % CIs, beside the starting encoder's), split sizes, timings, truncation counts;
 - `fit/curves.png`: loss and Spearman by epoch, the untrained level as a horizontal line;
 - `fit/heldout_scores.parquet`: the exported encoder's cosine of every held-out anchor x pool row
-  (`anchor_id`, `pool_id`, `score`; its precision in the schema metadata): eval's influcoder
-  held-out fidelity is computed from them, without embedding the split again;
+  (`anchor_id`, `pool_id`, `score`; how they were computed in the schema metadata): eval's
+  influcoder held-out fidelity is computed from them, without embedding the split again;
 - `fit/teacher_center.json` (only with `fit.center_teacher`): the mean train-pool sketch that every
   influence cosine removes first (fit's targets and truth here; eval and the score cascade read it).
 
 Crash recovery: every epoch ends with a Ray Train checkpoint (weights as safetensors, optimiser and
-scheduler state, the metric history, the split scores the export reuses; dropout is reseeded per (seed, epoch, rank)) under the stage's work dir. A worker failure
+scheduler state, the metric history, the split scores the export reuses; dropout is reseeded per
+(seed, epoch, rank)) under the stage's work dir. A worker failure
 restarts the worker group from the latest checkpoint (`fit.max_failures`), and a rerun of a killed
 driver resumes the same run, because the run name and storage path are keyed by the stage identity.
 
@@ -200,7 +201,7 @@ def run(ctx: StageRun) -> None:
     }
     metrics["teacher_center"] = write_teacher_center(ctx.out_dir, data.teacher_center, sizes["train_pool"])
     write_heldout_scores(
-        ctx.out_dir, choice["heldout_scores"], data.eval_anchors.ids, data.eval_pool.ids, choice["precision"]
+        ctx.out_dir, choice["heldout_scores"], data.eval_anchors.ids, data.eval_pool.ids, choice["compute"]
     )
     storage.write_json_atomic(storage.join(ctx.out_dir, "metrics.json"), metrics)
     _plot_curves(metrics, storage.join(ctx.out_dir, "curves.png"))
@@ -277,9 +278,10 @@ def _choose_and_export(
     costs one forward pass of the validation split per w. With `fit.blend`, also the score-space
     blends of the selected epoch with the starting encoder, (1 - b) * distilled + b * plain cosine
     (`pipeline.encoder`): their validation scores are mixes of two predictions, computed once.
-    Only the validation split chooses; the held-out split is then measured once, on the exported
-    encoder. `kept`: the worker's split scores (`fit_worker.PREDICTIONS`), used for the start and the
-    selected epoch instead of embedding their splits again.
+    Only the validation split chooses; the held-out split is then measured on the exported encoder:
+    its scores are the chosen weights' (a blend's, the mix of the selected epoch's and the start's).
+    `kept`: the worker's split scores (`fit_worker.PREDICTIONS`), used for the start and the selected
+    epoch instead of embedding their splits again where the worker embedded as this process does.
     """
     import torch
     from safetensors.torch import load_file
@@ -291,7 +293,7 @@ def _choose_and_export(
     enc = TextEncoder(model_dir, max_len=job.encoder.max_len, trust_remote_code=job.encoder.trust_remote_code)
     start = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
     tuned = load_file(weights) if weights else start
-    scores = SplitScores(enc, start, tuned, data, fit.embed_batch_size, selected, kept, history.get("precision"))
+    scores = SplitScores(enc, start, tuned, data, fit.embed_batch_size, selected, kept, history.get("compute"))
     key = "val_spearman_aggregated" if fit.select_best_on == "aggregated" else "val_spearman_per_anchor"
     best_record = (
         history["untrained"] if selected == 0 else next(e for e in history["epochs"] if e["epoch"] == selected)
@@ -330,20 +332,21 @@ def _choose_and_export(
         "blend_gain_ci": chosen.get("gain_ci"),
         "embedded_here": scores.embedded,
         "heldout_scores": pred,
-        "precision": enc.precision,
+        "compute": enc.compute,
     }
 
 
 class SplitScores:
     """Encoder cosines of the validation (`val`) or held-out (`heldout`) split for the export candidate
     (1 - w) * start + w * tuned. The start (w = 0) and the selected epoch (w = 1) take the scores the
-    worker kept for them (the same weights, embedded in the same precision: `kept` keys
-    `{epoch}.{split}`); any other candidate, or a split the worker did not keep, is embedded here."""
+    worker kept for them (the same weights, embedded the same way: `kept_compute` equal to
+    `enc.compute`; `kept` keys `{epoch}.{split}`); any other candidate, or a split the worker did not
+    keep, is embedded here."""
 
-    def __init__(self, enc, start, tuned, data: FitData, batch_size: int, selected: int, kept, precision):
+    def __init__(self, enc, start, tuned, data: FitData, batch_size: int, selected: int, kept, kept_compute):
         self.enc, self.start, self.tuned, self.data, self.batch_size = enc, start, tuned, data, batch_size
         self.selected = selected
-        self.kept = dict(kept or {}) if precision == enc.precision else {}
+        self.kept = dict(kept or {}) if kept_compute == enc.compute else {}
         self.embedded: list[str] = []  # what had to be embedded here, e.g. ["w=1.00 heldout"]
 
     def of(self, weight: float, split: str):

@@ -247,48 +247,45 @@ def _centered(rows: SplitRows, center: np.ndarray) -> SplitRows:
 
 
 # fit/heldout_scores.parquet: the exported encoder's cosines on the held-out split (one row per
-# held-out anchor x pool row), in the precision fit embedded them. Eval reports influcoder's held-out
-# fidelity from them instead of embedding the split again (the same figures as fit's `exported`).
+# held-out anchor x pool row), and how they were computed (`TextEncoder.compute`, schema metadata).
+# Eval reports influcoder's held-out fidelity from them instead of embedding the split again (the
+# same figures as fit's `exported`).
 HELDOUT_SCORES_FILE = "heldout_scores.parquet"
-_PRECISION_KEY = b"influcoder.precision"
+_COMPUTE_KEY = b"influcoder.compute"
 
 
 def write_heldout_scores(
-    fit_dir: str, scores: np.ndarray, anchor_ids: list[str], pool_ids: list[str], precision: str
+    fit_dir: str, scores: np.ndarray, anchor_ids: list[str], pool_ids: list[str], compute: str
 ) -> None:
-    a, p = np.meshgrid(np.arange(len(anchor_ids)), np.arange(len(pool_ids)), indexing="ij")
     table = pa.table(
         {
-            "anchor_id": pa.array(np.asarray(anchor_ids, dtype=object)[a.ravel()], pa.string()),
-            "pool_id": pa.array(np.asarray(pool_ids, dtype=object)[p.ravel()], pa.string()),
+            "anchor_id": pa.array(np.repeat(np.asarray(anchor_ids, dtype=object), len(pool_ids)), pa.string()),
+            "pool_id": pa.array(np.tile(np.asarray(pool_ids, dtype=object), len(anchor_ids)), pa.string()),
             "score": pa.array(np.asarray(scores, dtype=np.float32).ravel(), pa.float32()),
         }
-    ).replace_schema_metadata({_PRECISION_KEY: precision.encode()})
+    ).replace_schema_metadata({_COMPUTE_KEY: compute.encode()})
     fs, path = storage.filesystem(storage.join(fit_dir, HELDOUT_SCORES_FILE))
     pq.write_table(table, path, filesystem=fs)
 
 
 def read_heldout_scores(
-    fit_dir: str, anchor_ids: list[str], pool_ids: list[str], precision: str
+    fit_dir: str, anchor_ids: list[str], pool_ids: list[str], compute: str
 ) -> tuple[Optional[np.ndarray], str]:
-    """The exported encoder's held-out cosines as [anchor_ids, pool_ids], or None with the reason:
-    no file (a fit from before it was written), another precision than `precision`, or other rows."""
+    """The exported encoder's held-out cosines as [anchor_ids, pool_ids], or None with the reason: no
+    file (a fit from before it was written), computed otherwise than `compute`, or of other rows."""
     path = storage.join(fit_dir, HELDOUT_SCORES_FILE)
     if not storage.exists(path):
         return None, f"{HELDOUT_SCORES_FILE} not found (a fit from an older version)"
-    fs, local = storage.filesystem(path)
-    table = pq.read_table(local, filesystem=fs)
-    stored = (table.schema.metadata or {}).get(_PRECISION_KEY, b"").decode()
-    if stored != precision:
-        return None, f"fit embedded the held-out split in {stored or 'an unknown precision'}, eval runs in {precision}"
-    a_index = {i: k for k, i in enumerate(anchor_ids)}
-    p_index = {i: k for k, i in enumerate(pool_ids)}
-    a = np.asarray([a_index.get(i, -1) for i in table.column("anchor_id").to_pylist()])
-    p = np.asarray([p_index.get(i, -1) for i in table.column("pool_id").to_pylist()])
+    table = storage.read_table(path)
+    stored = (table.schema.metadata or {}).get(_COMPUTE_KEY, b"").decode()
+    if stored != compute:
+        return None, f"fit computed the held-out scores in {stored or 'an unknown precision'}, eval in {compute}"
     out = np.full((len(anchor_ids), len(pool_ids)), np.nan, dtype=np.float32)
-    if table.num_rows != out.size or (a < 0).any() or (p < 0).any():
+    a = pc.index_in(table.column("anchor_id"), value_set=pa.array(anchor_ids, pa.string()))
+    p = pc.index_in(table.column("pool_id"), value_set=pa.array(pool_ids, pa.string()))
+    if table.num_rows != out.size or a.null_count or p.null_count:
         return None, "its held-out rows are not the sketch's held-out split"
-    out[a, p] = table.column("score").to_numpy()
+    out[a.to_numpy().astype(np.int64), p.to_numpy().astype(np.int64)] = table.column("score").to_numpy()
     if np.isnan(out).any():  # a pair listed twice, another missing
         return None, "its held-out rows are not the sketch's held-out split"
     return out, ""

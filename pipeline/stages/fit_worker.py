@@ -4,8 +4,8 @@ Every worker runs `train_loop` (DDP over anchor blocks). Rank 0 evaluates the va
 held-out splits and writes a checkpoint after every epoch: weights as safetensors, optimiser/scheduler
 state (`torch.load(weights_only=True)` on resume: no pickle), the metric history, with
 `restore_best` the weights of the best epoch on validation (epoch 0, the starting encoder, is a
-candidate), and the split scores of the epochs the export may pick (`PREDICTIONS`), which the driver
-reuses instead of embedding those splits again. Dropout (when enabled) is reseeded per (seed, epoch, rank), so a resumed epoch replays exactly.
+candidate), and the split scores of the epochs the export may pick (`PREDICTIONS`), which the
+driver reuses instead of embedding those splits again. Dropout (when enabled) is reseeded per (seed, epoch, rank), so a resumed epoch replays exactly.
 """
 
 from __future__ import annotations
@@ -100,8 +100,10 @@ def train_loop(config: dict[str, Any]) -> None:
             history, best_state = _load_checkpoint(ckpt_dir, enc, optimizer, scheduler, fit.restore_best)
             predictions = load_predictions(ckpt_dir)
         history["resumed_from_epochs"].append(len(history["epochs"]))
-    # The driver reuses these split scores only if it embeds in the same precision.
-    history["precision"] = enc.precision
+        if history.get("compute") != enc.compute:  # kept on other hardware: scores of this run would differ
+            predictions = {}
+    # The driver reuses the kept split scores only where it embeds the same way (`TextEncoder.compute`).
+    history["compute"] = enc.compute
     model = ray.train.torch.prepare_model(enc)  # DDP when world > 1; weights broadcast from rank 0
 
     select_key = "val_" + ("spearman_aggregated" if fit.select_best_on == "aggregated" else "spearman_per_anchor")
