@@ -5,7 +5,8 @@ held-out splits and writes a checkpoint after every epoch: weights as safetensor
 state (`torch.load(weights_only=True)` on resume: no pickle), the metric history, with
 `restore_best` the weights of the best epoch on validation (epoch 0, the starting encoder, is a
 candidate), and the split scores of the epochs the export may pick (`PREDICTIONS`), which the
-driver reuses instead of embedding those splits again. Dropout (when enabled) is reseeded per (seed, epoch, rank), so a resumed epoch replays exactly.
+driver reuses instead of embedding those splits again. Dropout (when enabled) is reseeded per
+(seed, epoch, rank), so a resumed epoch replays exactly.
 """
 
 from __future__ import annotations
