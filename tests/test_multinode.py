@@ -99,6 +99,7 @@ def private_nodes(s3_server):
             "nodes": nodes,
             "client_env": client_env,
             "tmp": tmp,
+            "pids": lambda: {p.pid for p in proc_util.tagged(tag)},
         }
     finally:
         proc_util.kill_tagged(tag)
@@ -157,13 +158,15 @@ def test_two_node_cluster_jobs_match_in_process(
 
     proc_util.wait_for(both_nodes, 90, interval=2, what="both nodes in `ray status`")
 
-    # The dashboard listens on loopback only.
+    # The dashboard listens on loopback only. Only this cluster's processes count: another Ray on this
+    # machine (the other pytest worker's) may bind the same port number on another address.
     import psutil
 
+    ours = c["pids"]()
     listeners = [
         cn.laddr
         for cn in psutil.net_connections("tcp")
-        if cn.status == psutil.CONN_LISTEN and cn.laddr.port == c["dash_port"]
+        if cn.status == psutil.CONN_LISTEN and cn.laddr.port == c["dash_port"] and cn.pid in ours
     ]
     assert listeners and all(a.ip == "127.0.0.1" for a in listeners)
 
