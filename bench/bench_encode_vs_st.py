@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.encoder import TextEncoder  # noqa: E402
 from pipeline.hardware import native_bf16  # noqa: E402
 from pipeline.models import resolve_encoder  # noqa: E402
@@ -139,8 +140,8 @@ def main() -> int:
     )
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=250, help="rows per interleaved chunk")
-    ap.add_argument("--batch-size", type=int, default=64, help="encode.batch_size for our path")
-    ap.add_argument("--token-budget", type=int, default=8192, help="encode.token_budget for our path")
+    ap.add_argument("--batch-size", type=int, default=EncodeConfig.batch_size, help="encode.batch_size for our path")
+    ap.add_argument("--token-budget", type=int, default=EncodeConfig.token_budget, help="encode.token_budget (ours)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
         "--out", default=None, help="default: bench/out/encode_vs_st.json (t0), encode_vs_st_demo.json (demo)"

@@ -352,7 +352,7 @@ class EncodeConfig:
 
     batch_size: int = field(default=64, metadata=EXEC_ONLY)
     """Most texts per encoder forward pass."""
-    token_budget: int = field(default=8192, metadata=EXEC_ONLY)
+    token_budget: int = field(default=4096, metadata=EXEC_ONLY)
     """Most padded tokens (texts x longest text) per encoder forward pass. Each actor sorts a window of
     16 x batch_size rows by token count and packs them to it, so a pass pads only to its own longest
     row. Results do not depend on it (tested at atol 1e-5 in float32)."""

@@ -1,4 +1,4 @@
-"""The encoder's fast path: token-budget batching, bf16 autocast and its agreement gate.
+"""The encoder's fast path: token-budget batching, bf16 (a bf16 copy of the weights on a CPU) and its agreement gate.
 
 Logic runs on the tiny random encoder (tests/tiny_models.py); the bf16 fidelity claim is checked on
 the real all-MiniLM-L6-v2 (marked slow). The stage test runs the real encode and score stages (local
@@ -91,6 +91,43 @@ def test_bf16_embeddings_agree_with_float32_within_the_stated_tolerance(tiny) ->
     assert (bf16 * fp32).sum(1).min() >= BF16_MIN_COS
 
 
+def test_cpu_bf16_computes_what_autocast_does_and_follows_the_weights(tiny_encoder_dir) -> None:
+    """On a CPU, bf16 `embed` runs a copy with bf16 linear layers: the embeddings of autocast (the
+    module's float32 weights untouched), built again after a training step or a new blend half."""
+    items = texts(24, seed=4)
+    enc = TextEncoder(tiny_encoder_dir, max_len=MAX_LEN, dtype="bfloat16")
+    names = set(enc.state_dict())
+    first = enc.embed(items, 8, token_budget=128)
+    model, plain = enc._cpu_bf16_models()
+    assert plain is None and model is not enc.model
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert {b.dtype for n, b in model.named_buffers() if n.endswith(".weight")} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # embeddings, layer norms
+    assert all(p.dtype == torch.float32 for p in enc.parameters()) and set(enc.state_dict()) == names
+    enc_in, _ = enc.tokenize(items)  # one padded batch, through the float32 module under autocast
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = enc._forward_tokens(enc_in).numpy()
+    np.testing.assert_allclose(enc.embed(items, len(items)), autocast, atol=1e-6)
+    np.testing.assert_array_equal(enc.embed(items, 8, token_budget=128), first)
+    assert enc._cpu_bf16_models()[0] is model  # unchanged weights: the same copy
+
+    # A training step changes the weights: the next bf16 pass uses them.
+    optimizer = torch.optim.SGD(enc.parameters(), lr=0.5)
+    loss = enc.forward(items[:4]).sum()
+    loss.backward()
+    optimizer.step()
+    stepped = enc.embed(items, 8, token_budget=128)
+    assert enc._cpu_bf16_models()[0] is not model and not np.allclose(stepped, first, atol=1e-3)
+    assert (stepped * enc.embed(items, 8, token_budget=128, precision="float32")).sum(1).min() >= BF16_MIN_COS
+
+    # A blend's plain half gets its own copy.
+    enc.blend_with(TextEncoder(tiny_encoder_dir, max_len=MAX_LEN).model, 0.3)
+    assert enc._cpu_bf16_models()[1] is not None
+    blended = enc.embed(items, 8, token_budget=128)
+    assert blended.shape == (len(items), enc.dim)
+    assert (blended * enc.embed(items, 8, token_budget=128, precision="float32")).sum(1).min() >= BF16_MIN_COS
+
+
 def test_precision_agreement_measures_rank_and_top_k() -> None:
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(4, 50))
@@ -143,6 +180,11 @@ def test_bf16_ranks_like_float32_on_real_minilm(shared_data) -> None:
     assert agreement["spearman_min"] >= MIN_SPEARMAN, agreement
     assert agreement["topk_overlap_mean"] >= 0.9, agreement
     assert record["dtype"] == "bfloat16"
+    # The bf16 copy `embed` runs on a CPU computes what autocast computes, on the real model too.
+    enc_in, _ = enc.tokenize(rows[:16])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = enc._forward_tokens(enc_in).numpy()
+    np.testing.assert_allclose(enc.embed(rows[:16], 16), autocast, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the stages
