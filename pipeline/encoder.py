@@ -378,7 +378,7 @@ def bf16_linear_copy(model: torch.nn.Module) -> torch.nn.Module:
     bf16 one (`_Bf16Linear`), everything else stays float32. What CPU autocast computes (a linear
     layer's bf16 output meets the float32 residual stream, which layer norms keep in float32;
     attention and activations run on the bf16 outputs), without its casts and lookups per op:
-    identical embeddings on all-MiniLM-L6-v2 (max |diff| 0, tested), 1.06x autocast's rows/s on
+    identical embeddings on all-MiniLM-L6-v2 (max |diff| 0 measured, tested at 1e-6), 1.06x autocast's rows/s on
     an AMX host. A model whose matmuls are not `nn.Linear` computes those in float32: slower, not
     less exact."""
     import copy

@@ -99,7 +99,7 @@ def private_nodes(s3_server):
             "nodes": nodes,
             "client_env": client_env,
             "tmp": tmp,
-            "pids": lambda: {p.pid for p in proc_util.tagged(tag)},
+            "tag": tag,
         }
     finally:
         proc_util.kill_tagged(tag)
@@ -162,7 +162,7 @@ def test_two_node_cluster_jobs_match_in_process(
     # machine (the other pytest worker's) may bind the same port number on another address.
     import psutil
 
-    ours = c["pids"]()
+    ours = {p.pid for p in proc_util.tagged(c["tag"])}
     listeners = [
         cn.laddr
         for cn in psutil.net_connections("tcp")
